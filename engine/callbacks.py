@@ -1,0 +1,107 @@
+"""Trainer callbacks: metrics to JSONL, status.json progress, graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+from engine import rundir
+
+
+def memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM/SIGINT ask the run to finish its step, save a checkpoint and stop."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def _agreed(self) -> bool:
+        # Every rank must stop at the same step, or the next collective hangs.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if self.requested else 0.0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.requested
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed():
+            self.requested = True
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class RunReporter(TrainerCallback):
+    """Appends one row per log step to metrics.jsonl and keeps status.json current (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, config_text: str):
+        self.run_dir = Path(run_dir)
+        self.metrics = self.run_dir / rundir.METRICS
+        self.config_text = config_text
+        self.t0 = time.time()
+        self.step0 = 0
+        self.tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.t0, self.step0, self.tokens0 = time.time(), state.global_step, state.num_input_tokens_seen
+        rundir.update_status(self.run_dir, state="running", step=state.global_step, total_steps=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.time()
+        elapsed = now - self.t0
+        done = state.global_step - self.step0
+        tokens = state.num_input_tokens_seen - self.tokens0
+        row = {"step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4)}
+        for key, value in logs.items():
+            if key in ("epoch", "total_flos") or key.startswith("train_"):
+                continue
+            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+                row[key] = value
+        if "loss" in logs or not any(k.startswith("eval_") for k in logs):
+            row.update(
+                tokens=state.num_input_tokens_seen,
+                tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else None,
+                elapsed_s=round(elapsed, 2),
+                eta_s=round(elapsed / done * (state.max_steps - state.global_step), 1) if done else None,
+                memory_mb=round(memory_mb(), 1),
+            )
+        row["time"] = now
+        rundir.append_jsonl(self.metrics, row)
+        rundir.update_status(self.run_dir, step=state.global_step, total_steps=state.max_steps)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = self.run_dir / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            (ckpt / rundir.CONFIG).write_text(self.config_text, encoding="utf-8")
+
+
+def copy_config(run_dir: Path, dest: Path) -> None:
+    if dest.is_dir():
+        shutil.copy(run_dir / rundir.CONFIG, dest / rundir.CONFIG)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))

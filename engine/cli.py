@@ -1,0 +1,88 @@
+"""`workbench` command line: the same functions the web UI calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.config import ConfigError
+
+
+def _train(args) -> int:
+    from engine import launch
+    from engine.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = launch.start(cfg, args.workspace)
+    print(f"run directory: {run_dir}")
+    if not args.foreground:
+        print(f"started in the background; follow it with: tail -f {run_dir}/train.log")
+        return 0
+    try:
+        status = launch.follow(run_dir)
+    except KeyboardInterrupt:
+        print("\n[workbench] stopping: finishing the current step and saving a checkpoint...", flush=True)
+        launch.stop(run_dir)
+        status = launch.follow(run_dir)
+    print(f"[workbench] {status.state}" + (f": {status.error}" if status.error else ""))
+    return 0 if status.state in ("completed", "stopped") else 1
+
+
+def _stop(args) -> int:
+    from engine import launch
+
+    if not launch.stop(args.run_dir, force=args.force):
+        print(f"{args.run_dir} is not running", file=sys.stderr)
+        return 1
+    status = launch.wait(args.run_dir, timeout=args.timeout)
+    print(status.state if status else "unknown")
+    return 0
+
+
+def _prepare_model(args) -> int:
+    from engine.prepare import prepare_model
+
+    print(f"default model ready at {prepare_model(args.output, force=args.force)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Fine-tune open LLMs: one run config, one engine.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="validate a run config and start it under the DeepSpeed launcher")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. training.max_steps=30")
+    p.add_argument("--workspace", default=None, help="where runs live when output.run_dir is empty (default ./workspace)")
+    p.add_argument("--foreground", "-f", action="store_true", help="wait for the run and stream its log; Ctrl-C stops it gracefully")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("stop", help="stop a run gracefully (finish the step, save a checkpoint)")
+    p.add_argument("run_dir")
+    p.add_argument("--force", action="store_true", help="SIGKILL instead of a graceful stop")
+    p.add_argument("--timeout", type=float, default=120)
+    p.set_defaults(func=_stop)
+
+    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a local HF model (idempotent)")
+    p.add_argument("--output", default="models/SmolLM2-135M-Instruct")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_prepare_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        for field, message in err.problems:
+            where = f"{err.source}: " if err.source else ""
+            print(f"error: {where}{field + ': ' if field else ''}{message}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

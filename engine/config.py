@@ -1,0 +1,205 @@
+"""The run config: the one contract between the web UI, the CLI and the engine.
+
+Every field has a type, a default and a one-line description. The web UI builds its
+form from these fields (bounds, defaults and help come from here), the CLI loads the
+same model from YAML, and the engine reads it back from ``<run_dir>/config.yaml``.
+
+This module imports no torch, so the UI and the checks stay light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
+
+Stage = Literal["sft", "pt", "rm", "dpo", "kto", "orpo", "rl"]
+FinetuningType = Literal["full", "freeze", "lora", "qlora"]
+Quantization = Literal["none", "nf4", "fp4", "int8"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(DEFAULT_MODEL, description="Local Hugging Face model directory (config.json + weights + tokenizer).")
+    template: str = Field("auto", description="Chat template: 'auto' uses the tokenizer's own chat template, or a registry name such as chatml, llama3, alpaca.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype the weights are loaded in; 'auto' = float32 on CPU, bfloat16 on GPUs that support it.")
+    quantization: Quantization = Field("none", description="Load the base weights quantized with bitsandbytes: 4-bit NF4 or FP4, or 8-bit. QLoRA needs nf4/fp4/int8.")
+    double_quant: bool = Field(True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight).")
+    trust_remote_code: bool = Field(False, description="Allow the model directory to run its own Python code. Off unless you trust the files.")
+
+
+class MethodConfig(_Section):
+    stage: Stage = Field("sft", description="Training stage: sft (supervised), pt (continued pretraining), rm, dpo, kto, orpo, rl.")
+    finetuning_type: FinetuningType = Field("lora", description="full: all weights; freeze: only the last N layers; lora: low-rank adapters; qlora: adapters on a quantized base.")
+    freeze_trainable_layers: int = Field(2, ge=1, le=1024, description="freeze only: how many of the last decoder layers are trained.")
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    lora_alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha; the update is scaled by alpha / rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target: str = Field("all-linear", description="Modules that get adapters: 'all-linear' or a comma-separated list such as q_proj,v_proj.")
+    modules_to_save: str = Field("", description="Comma-separated modules trained fully next to the adapters, e.g. embed_tokens,lm_head.")
+
+
+class DataConfig(_Section):
+    datasets: list[str] = Field(default_factory=lambda: ["identity"], description="Registered dataset names or paths to data files (json, jsonl, csv, parquet, txt).")
+    registry: str = Field("data/dataset_info.yaml", description="Dataset registry file that maps names to files, formats and columns.")
+    cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer examples are truncated.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples from each dataset (None: all).")
+    val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for evaluation (0: no validation).")
+    multiturn_loss: Literal["all", "last", "split"] = Field("all", description="Multi-turn loss: every assistant turn, only the last one, or each turn as its own example.")
+
+
+class TrainingConfig(_Section):
+    num_train_epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 uses num_train_epochs.")
+    per_device_train_batch_size: int = Field(2, ge=1, le=4096, description="Examples per device per forward pass.")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt", "cosine_with_restarts"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0.0, le=10.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Clip gradients to this norm (0: no clipping).")
+    optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = Field("adamw_torch", description="Optimizer; paged AdamW saves memory spikes with QLoRA on GPUs.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Compute precision: auto = bf16 autocast where the hardware supports it, else fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30% slower.")
+    seed: int = Field(42, description="Random seed for data order, dropout and initialisation.")
+    logging_steps: int = Field(1, ge=1, description="Write a metrics row every N optimizer steps.")
+    save_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation split every N steps (None: every save).")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints (None: keep all).")
+    resume_from: str | None = Field(None, description="Checkpoint to resume from: a checkpoint directory, or 'latest' for the run's newest one.")
+
+
+class DistributedConfig(_Section):
+    devices: str = Field("", description="GPU ids to use, e.g. '0,1'; empty uses every visible GPU (or the CPU when there is none).")
+    num_processes: int = Field(1, ge=1, le=1024, description="Processes (ranks) on this machine; on GPUs one per device.")
+    zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 off, 2 shards optimizer state and gradients, 3 also shards weights.")
+    offload: bool = Field(False, description="ZeRO 2/3: keep optimizer state (and ZeRO-3 weights) in CPU memory.")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for training across several machines.")
+    master_port: int | None = Field(None, ge=1024, le=65535, description="Rendezvous port; None picks a free one.")
+
+
+class OutputConfig(_Section):
+    run_dir: str = Field("", description="Run directory; empty creates workspace/runs/<time>-<stage>.")
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``problems`` lists (field, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__("; ".join(f"{where}{field}: {msg}" if field else f"{where}{msg}" for field, msg in problems))
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                path = prefix + (str(key.value),)
+                lines[path] = key.start_mark.line + 1
+                walk(value, path)
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _problems(err: ValidationError, lines: dict[tuple[str, ...], int] | None = None) -> list[tuple[str, str]]:
+    out = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        field = ".".join(loc)
+        msg = "unknown field (not part of the run config)" if e["type"] == "extra_forbidden" else e["msg"]
+        line = None
+        if lines:
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in lines:
+                    line = lines[loc[:n]]
+                    break
+        out.append((f"{field} (line {line})" if line else field, msg))
+    return out
+
+
+def parse_config(data: dict[str, Any], source: str | None = None, text: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_problems(err, _yaml_lines(text) if text else None), source) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings (values parsed as YAML) to a config dict."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append((item, "overrides look like section.field=value, e.g. training.max_steps=30"))
+            continue
+        section, field = parts
+        if section not in RunConfig.model_fields:
+            problems.append((key, f"unknown section '{section}' (one of {', '.join(RunConfig.model_fields)})"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][field] = value
+    if problems:
+        raise ConfigError(problems, "command line")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("", f"config file not found: {path}")])
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([("", f"invalid YAML{where}: {getattr(err, 'problem', err)}")], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([("", "the file must hold a mapping of sections (model, method, data, ...)")], str(path))
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_config(data, str(path), text)
+
+
+def dump_config(cfg: RunConfig, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8")
+    return text
+
+
+def field_info(section: str, name: str):
+    """The pydantic FieldInfo of ``section.name`` (used by the UI to build widgets)."""
+    return RunConfig.model_fields[section].annotation.model_fields[name]

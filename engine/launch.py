@@ -1,0 +1,206 @@
+"""The one launcher: the CLI and the web UI both start runs through ``start()``.
+
+``start`` validates the config, creates the run directory and spawns, in a new process
+session, ``python -m engine.launch RUN_DIR`` (the supervisor). The supervisor runs the
+DeepSpeed launcher on ``engine.train`` with stdout/stderr going to ``train.log`` (never a
+pipe), waits for the whole process group, and records the exit code in ``status.json``.
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+
+from engine import rundir
+from engine.checks import check
+from engine.config import ConfigError, RunConfig, dump_config
+
+DEFAULT_WORKSPACE = "workspace"
+
+
+def workspace_dir(workspace: str | Path | None = None) -> Path:
+    return Path(workspace or os.environ.get("WORKBENCH_WORKSPACE") or DEFAULT_WORKSPACE).resolve()
+
+
+def new_run_dir(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
+    root = workspace_dir(workspace) / "runs"
+    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.stage}-{cfg.method.finetuning_type}"
+    path, n = root / stem, 1
+    while path.exists():
+        n += 1
+        path = root / f"{stem}-{n}"
+    return path
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Make every path in the config absolute, so the run directory's config.yaml stands alone."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.path = _absolute(cfg.model.path)
+    cfg.data.registry = _absolute(cfg.data.registry)
+    cfg.data.datasets = [_absolute(d) if Path(d).expanduser().exists() else d for d in cfg.data.datasets]
+    if cfg.distributed.hostfile:
+        cfg.distributed.hostfile = _absolute(cfg.distributed.hostfile)
+    if cfg.training.resume_from and cfg.training.resume_from != "latest":
+        cfg.training.resume_from = _absolute(cfg.training.resume_from)
+    return cfg
+
+
+def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[RunConfig, Path]:
+    """Check the config, choose and create the run directory, write config.yaml and a queued status."""
+    cfg = resolve_paths(cfg)
+    run_dir = Path(cfg.output.run_dir).expanduser().resolve() if cfg.output.run_dir else new_run_dir(cfg, workspace)
+    cfg.output.run_dir = str(run_dir)
+    problems = check(cfg, run_dir)
+    resuming = bool(cfg.training.resume_from)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        status = rundir.read_status(run_dir)
+        if not resuming:
+            problems.append(("output.run_dir", f"{run_dir} already exists and is not empty; choose another run directory, or resume it with training.resume_from=latest"))
+        elif status is not None and status.state in rundir.ACTIVE:
+            problems.append(("output.run_dir", f"{run_dir} is still {status.state} (pid {status.pid}); stop it before resuming"))
+    if problems:
+        raise ConfigError(problems)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / rundir.CONFIG)
+    rundir.write_status(run_dir, rundir.Status(state="queued"))
+    return cfg, run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_launcher() -> list[str]:
+    script = Path(sys.executable).with_name("deepspeed")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def build_command(cfg: RunConfig, run_dir: str | Path) -> list[str]:
+    """The DeepSpeed launcher command for a prepared run (pure: no side effects)."""
+    d = cfg.distributed
+    cmd = _deepspeed_launcher()
+    if d.hostfile:
+        cmd += ["--hostfile", d.hostfile]
+        if d.devices:
+            cmd += ["--include", f"localhost:{d.devices}"]
+    elif d.devices:
+        cmd += ["--include", f"localhost:{d.devices.replace(' ', '')}"]
+    else:
+        cmd += ["--num_gpus", str(d.num_processes)]
+    cmd += ["--master_port", str(d.master_port or free_port())]
+    cmd += ["--no_local_rank", "--module", "engine.train", str(Path(run_dir) / rundir.CONFIG)]
+    return cmd
+
+
+def start(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
+    """Validate, create the run directory and start the run in its own process session. Returns the run dir."""
+    cfg, run_dir = prepare_run(cfg, workspace)
+    log = open(run_dir / rundir.LOG, "ab")
+    try:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.launch", str(run_dir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, env=env, cwd=os.getcwd(),
+        )
+    finally:
+        log.close()
+    rundir.update_status(run_dir, state="starting", pid=proc.pid, pgid=proc.pid, started_at=time.time(),
+                         ended_at=None, exit_code=None, error=None, error_kind=None)
+    return run_dir
+
+
+def stop(run_dir: str | Path, force: bool = False) -> bool:
+    """Ask a run to stop: SIGTERM (finish the step, save, exit) or, with force, SIGKILL."""
+    status = rundir.read_status(run_dir)
+    if status is None or status.state not in rundir.ACTIVE:
+        return False
+    if status.state != "stopping":
+        rundir.update_status(run_dir, state="stopping")
+    return rundir.signal_run(run_dir, signal.SIGKILL if force else signal.SIGTERM)
+
+
+def wait(run_dir: str | Path, timeout: float | None = None, poll: float = 0.5) -> rundir.Status | None:
+    deadline = None if timeout is None else time.time() + timeout
+    while True:
+        status = rundir.read_status(run_dir)
+        if status is not None and status.state not in rundir.ACTIVE + ("queued",):
+            return status
+        if deadline is not None and time.time() > deadline:
+            return status
+        time.sleep(poll)
+
+
+def follow(run_dir: str | Path, out=sys.stdout) -> rundir.Status | None:
+    """Stream train.log until the run ends (the CLI's --foreground)."""
+    path = Path(run_dir) / rundir.LOG
+    offset = 0
+    while True:
+        status = rundir.read_status(run_dir)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        offset += len(chunk)
+        if chunk:
+            out.write(chunk.decode("utf-8", errors="replace"))
+            out.flush()
+        if status is not None and status.state not in rundir.ACTIVE + ("queued",):
+            return status
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- the supervisor process
+
+def _group_members() -> list[psutil.Process]:
+    me, pgid = os.getpid(), os.getpgid(0)
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != me and os.getpgid(p.pid) == pgid:
+                out.append(p)
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return out
+
+
+def supervise(run_dir: Path) -> int:
+    from engine.config import load_config
+
+    # The stop signal goes to the whole group: the supervisor itself keeps waiting for the workers.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    cfg = load_config(run_dir / rundir.CONFIG)
+    cmd = build_command(cfg, run_dir)
+    print(f"[workbench] {' '.join(cmd)}", flush=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    code = proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in _group_members()):
+        time.sleep(0.5)
+    status = rundir.read_status_raw(run_dir) or rundir.Status()
+    changes: dict = {"exit_code": code, "ended_at": status.ended_at or time.time()}
+    if status.state in rundir.ACTIVE or status.state == "queued":
+        changes.update(state="failed", error=status.error or rundir.guess_error(run_dir), error_kind=status.error_kind or "launcher")
+    rundir.update_status(run_dir, **changes)
+    print(f"[workbench] run ended: {changes.get('state', status.state)} (exit code {code})", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(Path(sys.argv[1])))

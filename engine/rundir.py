@@ -1,0 +1,212 @@
+"""The run directory: the only channel from the engine back to the UI and the CLI.
+
+Layout of ``<run_dir>``::
+
+    config.yaml      the resolved RunConfig
+    status.json      one Status object, replaced atomically (temp file + os.replace)
+    metrics.jsonl    one JSON object per log or eval step, only ever appended
+    train.log        stdout and stderr of every process of the run
+    checkpoint-<N>/  adapter or weights, tokenizer + chat template, run config, trainer state
+    final/           the final weights (same layout as a checkpoint)
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+State = Literal["queued", "starting", "running", "stopping", "completed", "failed", "stopped"]
+ACTIVE = ("starting", "running", "stopping")
+
+CONFIG = "config.yaml"
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+LOG = "train.log"
+FINAL = "final"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class Status(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    state: State = "queued"
+    pid: int | None = None
+    pgid: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    error_kind: str | None = None
+
+
+def atomic_write(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_status(run_dir: str | Path, status: Status) -> None:
+    atomic_write(Path(run_dir) / STATUS, status.model_dump_json(indent=1))
+
+
+def update_status(run_dir: str | Path, **changes: Any) -> Status:
+    """Read, change and atomically replace ``status.json``."""
+    status = read_status_raw(run_dir) or Status()
+    status = status.model_copy(update=changes)
+    write_status(run_dir, status)
+    return status
+
+
+def read_status_raw(run_dir: str | Path) -> Status | None:
+    path = Path(run_dir) / STATUS
+    try:
+        return Status.model_validate_json(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def group_alive(pgid: int | None) -> bool:
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def log_tail(run_dir: str | Path, lines: int = 40, max_bytes: int = 64_000) -> str:
+    path = Path(run_dir) / LOG
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def guess_error(run_dir: str | Path) -> str:
+    """The most telling line of a log whose process died without reporting."""
+    tail = log_tail(run_dir, lines=200).splitlines()
+    for line in reversed(tail):
+        s = line.strip()
+        if re.search(r"(Error|Exception|Killed|out of memory)\b", s) and not s.startswith("File "):
+            return s[-500:]
+    return "the run's processes ended without reporting a result (killed?); see train.log"
+
+
+def read_status(run_dir: str | Path) -> Status | None:
+    """Status with liveness reconciled: an active run whose process group is gone is failed."""
+    status = read_status_raw(run_dir)
+    if status is None or status.state not in ACTIVE or group_alive(status.pgid):
+        return status
+    status = read_status_raw(run_dir)  # it may have finished while we looked
+    if status is None or status.state not in ACTIVE or group_alive(status.pgid):
+        return status
+    return update_status(
+        run_dir,
+        state="failed",
+        ended_at=status.ended_at or time.time(),
+        error=status.error or guess_error(run_dir),
+        error_kind=status.error_kind or "killed",
+    )
+
+
+def signal_run(run_dir: str | Path, sig: int = signal.SIGTERM) -> bool:
+    status = read_status_raw(run_dir)
+    if status is None or not group_alive(status.pgid):
+        return False
+    os.killpg(status.pgid, sig)
+    return True
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    line = json.dumps(record, ensure_ascii=False, default=float) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+
+
+class JsonlTail:
+    """Reads new complete lines of a JSONL file from a byte offset (half-written lines wait)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.offset = 0
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        rows = []
+        for line in data[: end + 1].splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    return JsonlTail(Path(run_dir) / METRICS).read_new()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``checkpoint-N`` in the run, oldest first."""
+    out = []
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            m = _CKPT.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def list_runs(workspace: str | Path) -> list[Path]:
+    root = Path(workspace) / "runs"
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if (p / CONFIG).is_file()]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)

@@ -1,0 +1,183 @@
+"""`python -m engine.train RUN_DIR/config.yaml`: parse, check, build, train, save. Run by the DeepSpeed launcher.
+
+Reports only through the run directory: status.json, metrics.jsonl, train.log (stdout), checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from engine import rundir
+from engine.config import ConfigError, RunConfig, load_config
+
+log = logging.getLogger("engine.train")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def deepspeed_config(cfg: RunConfig) -> dict | None:
+    d = cfg.distributed
+    if d.zero_stage == 0:
+        return None
+    name = f"zero{d.zero_stage}{'_offload' if d.offload else ''}.json"
+    return json.loads((CONFIGS / "deepspeed" / name).read_text())
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    t = cfg.training
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a value below 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
+        report_to=[],
+        use_cpu=not cuda,
+        ddp_backend=None if cuda else "gloo",
+        ddp_find_unused_parameters=False,
+        deepspeed=deepspeed_config(cfg),
+        include_num_input_tokens_seen="all",  # batches are padding-free, so every input token is real
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _threads() -> None:
+    import torch
+
+    if "WORKBENCH_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["WORKBENCH_THREADS"]))
+    elif not torch.cuda.is_available():
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+
+
+def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
+    """Train; returns the final state ('completed' or 'stopped')."""
+    import torch
+    from transformers import set_seed
+
+    from engine.callbacks import GracefulStop, RunReporter
+    from engine.data.templates import get_template
+    from engine.models import load_base_model, load_tokenizer, resolve_precision, setup_finetuning
+    from engine.stages import STAGES, StageContext
+
+    stop = GracefulStop()
+    _threads()
+    set_seed(cfg.training.seed)
+    precision = resolve_precision(cfg.training)
+    log.info("precision %s, %d threads, world size %s", precision, torch.get_num_threads(), os.environ.get("WORLD_SIZE", "1"))
+
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template(cfg.model.template, tokenizer)
+    if cfg.model.template != "auto":
+        tokenizer.chat_template = template.jinja()  # saved with every checkpoint, so chat uses the same format
+
+    stage = STAGES[cfg.method.stage]
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template)
+    stage.prepare_data(ctx)
+    log.info("data: %s", json.dumps(ctx.stats))
+    if stop.requested:
+        return "stopped"
+
+    ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    model = load_base_model(cfg.model, compute_dtype)
+    model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing)
+    ctx.callbacks = [RunReporter(run_dir, config_text), stop]
+    trainer = stage.build_trainer(ctx, model)
+
+    resume = cfg.training.resume_from
+    if resume == "latest":
+        resume = str(rundir.latest_checkpoint(run_dir))
+    trainer.train(resume_from_checkpoint=resume)
+    if stop.requested:
+        return "stopped"
+    final = run_dir / rundir.FINAL
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
+        (final / rundir.CONFIG).write_text(config_text, encoding="utf-8")
+    return "completed"
+
+
+def classify(err: BaseException) -> tuple[str, str]:
+    """(kind, one-line message) for status.json."""
+    from engine.data.errors import DataError
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, ConfigError):
+        return "config", str(err)
+    if isinstance(err, DataError):
+        return "data", text
+    if type(err).__name__ == "TemplateError":
+        return "config", text
+    if "out of memory" in str(err).lower() or type(err).__name__ in ("OutOfMemoryError", "MemoryError"):
+        return "out_of_memory", f"out of memory: {text} (lower the batch size or cutoff_len, or use QLoRA / gradient checkpointing)"
+    return "runtime", f"{type(err).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = [a for a in argv if not a.startswith("--local_rank")]
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(args) != 1:
+        print("usage: python -m engine.train RUN_DIR/config.yaml", file=sys.stderr)
+        return 2
+    config_path = Path(args[0]).resolve()
+    run_dir = config_path.parent
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        cfg = load_config(config_path)
+        from engine.checks import check
+
+        problems = check(cfg, run_dir)
+        if problems:
+            raise ConfigError(problems, str(config_path))
+        state = run(cfg, run_dir, config_path.read_text(encoding="utf-8"))
+        if is_main:
+            rundir.update_status(run_dir, state=state, ended_at=time.time(), error=None, error_kind=None)
+        log.info("run %s", state)
+        return 0
+    except BaseException as err:  # noqa: BLE001 - every failure is reported in status.json
+        traceback.print_exc()
+        kind, message = classify(err)
+        current = rundir.read_status_raw(run_dir)
+        if current is None or current.state != "failed":
+            rundir.update_status(run_dir, state="failed", ended_at=time.time(), error=message, error_kind=kind)
+        print(f"[workbench] run failed ({kind}): {message}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
