@@ -109,7 +109,14 @@ def build_command(cfg: RunConfig, run_dir: str | Path) -> list[str]:
 
 def start(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
     """Validate, create the run directory and start the run in its own process session. Returns the run dir."""
-    cfg, run_dir = prepare_run(cfg, workspace)
+    _, run_dir = prepare_run(cfg, workspace)
+    spawn(run_dir)
+    return run_dir
+
+
+def spawn(run_dir: str | Path) -> int:
+    """Start the supervisor of a prepared run (config.yaml written) in a new process session; returns its pid."""
+    run_dir = Path(run_dir)
     log = open(run_dir / rundir.LOG, "ab")
     try:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
@@ -123,7 +130,7 @@ def start(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
         log.close()
     rundir.update_status(run_dir, state="starting", pid=proc.pid, pgid=proc.pid, started_at=time.time(),
                          ended_at=None, exit_code=None, error=None, error_kind=None)
-    return run_dir
+    return proc.pid
 
 
 def stop(run_dir: str | Path, force: bool = False) -> bool:
