@@ -96,6 +96,9 @@ def _csv(value: str) -> list[str]:
 
 def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool):
     """Apply full / freeze / lora / qlora to a loaded model; returns the model to train."""
+    # Training batches are packed (padding-free): transformers only keeps packed examples apart
+    # when no KV cache is built, so the cache must be off or examples attend to each other.
+    model.config.use_cache = False
     if method.finetuning_type in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
