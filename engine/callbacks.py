@@ -74,7 +74,7 @@ class RunReporter(TrainerCallback):
         tokens = state.num_input_tokens_seen - self.tokens0
         row = {"step": state.global_step, "total_steps": state.max_steps, "epoch": round(state.epoch or 0.0, 4)}
         for key, value in logs.items():
-            if key in ("epoch", "total_flos") or key.startswith("train_"):
+            if key in ("epoch", "total_flos", "num_input_tokens_seen") or key.startswith("train_"):
                 continue
             if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
                 row[key] = value

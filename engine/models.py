@@ -63,11 +63,13 @@ def quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype):
     )
 
 
-def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = None, device_map=None):
+def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = None, device_map=None, attn: str | None = None):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(model_cfg)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    if attn:
+        kwargs["attn_implementation"] = attn
     qcfg = quantization_config(model_cfg, compute_dtype or dtype)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg

@@ -42,7 +42,8 @@ def prepare_model(out: str | Path = DEFAULT_MODEL, force: bool = False) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # Rebuild a plain model from the dequantized state dict, so nothing GGUF-specific is saved.
-    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "model_type"},
+    skip = {"model_type", "quantization_config", "_attn_implementation", "dtype", "torch_dtype"}
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k not in skip},
                                   model_type=loaded.config.model_type)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)

@@ -36,9 +36,9 @@ def sft_trainer(ctx: StageContext, model):
     from transformers import DataCollatorWithFlattening, Trainer
 
     train, evaluation = ctx.data
-    # Padding-free batches: examples are concatenated into one row with restarting position_ids,
-    # and attention stays within each example, so no compute is spent on padding.
-    collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    # Padding-free batches: examples are concatenated into one row with restarting position_ids and
+    # their boundaries (cu_seq_lens); engine.attention attends within each example, so no compute goes to padding.
+    collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
     return Trainer(
         model=model,
         args=ctx.args,

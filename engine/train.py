@@ -112,7 +112,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
 
     ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None)
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = load_base_model(cfg.model, compute_dtype)
+    from engine.attention import register
+
+    model = load_base_model(cfg.model, compute_dtype, attn=register())
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing)
     ctx.callbacks = [RunReporter(run_dir, config_text), stop]
     trainer = stage.build_trainer(ctx, model)
