@@ -1,0 +1,304 @@
+"""Dataset formats: detect one from a record's keys and convert records to canonical examples.
+
+Canonical examples, by kind:
+
+* sft        ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+             (system first if any, then user/assistant alternating, ending with assistant)
+* preference ``{"prompt": [messages ending with user], "chosen": str, "rejected": str}``
+* kto        ``{"prompt": [messages ending with user], "completion": str, "label": bool}``
+* pretrain   ``{"text": str}``
+
+Problems raise :class:`DataError` naming the field; the loader adds the file and line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import DataError
+from .readers import read_records  # noqa: F401  (part of this module's public interface)
+
+KIND_OF_FORMAT: dict[str, str] = {
+    "alpaca": "sft", "sharegpt": "sft", "messages": "sft", "turns": "sft", "fastchat": "sft",
+    "firefly": "sft", "preference": "preference", "kto": "kto", "text": "pretrain",
+}
+FORMATS: tuple[str, ...] = tuple(KIND_OF_FORMAT)
+KINDS: tuple[str, ...] = ("sft", "preference", "kto", "pretrain")
+
+# Speaker names in sharegpt ("from") and OpenAI-style ("role") messages. Tool results are
+# input to the model (user side); function calls are its output (assistant side).
+ROLES = {
+    "system": "system", "human": "user", "user": "user", "observation": "user", "tool": "user",
+    "gpt": "assistant", "assistant": "assistant", "function": "assistant", "function_call": "assistant",
+}
+
+
+def detect_format(record: Any) -> str:
+    """The format of one record, from its keys (a top-level list is a ``turns`` conversation)."""
+    if isinstance(record, list):
+        return "turns"
+    if not isinstance(record, dict):
+        raise DataError(f"a record must be a JSON object, found {type(record).__name__}")
+    keys = set(record)
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if "label" in keys and keys & {"completion", "messages", "conversations"}:
+        return "kto"
+    if "conversation" in keys:
+        return "firefly"
+    if "conversations" in keys:
+        return "fastchat" if "id" in keys and "system" not in keys else "sharegpt"
+    if "messages" in keys:
+        return "messages"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"human", "assistant"} <= keys:
+        return "turns"  # one turn object of a .json file that holds a whole conversation
+    if "text" in keys:
+        return "text"
+    shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
+    raise DataError(f"cannot tell the format from the keys ({shown}); expected instruction+output (alpaca), "
+                    "conversations (sharegpt), messages, conversation (firefly), prompt+chosen+rejected "
+                    "(preference), label (kto) or text; or register the dataset with a format and columns")
+
+
+def normalize(record: Any, fmt: str, columns: dict[str, str] | None = None) -> dict:
+    """Rename mapped columns (canonical field -> file column), then convert to the canonical example."""
+    if fmt not in KIND_OF_FORMAT:
+        raise DataError(f"unknown format '{fmt}' (one of {', '.join(FORMATS)})", field="format")
+    if fmt == "turns":
+        return {"messages": _turns(record, "record")}
+    if not isinstance(record, dict):
+        raise DataError(f"{fmt} format needs a JSON object per record, found {type(record).__name__}")
+    rec = _Record(record, columns or {})
+    return _CONVERTERS[fmt](rec)
+
+
+class _Record:
+    """A record seen through a column mapping; errors name the file's own column."""
+
+    def __init__(self, record: dict, columns: dict[str, str]):
+        self.data, self.columns = record, columns
+
+    def name(self, field: str) -> str:
+        return self.columns.get(field, field)
+
+    def has(self, field: str) -> bool:
+        return self.data.get(self.name(field)) not in (None, "")
+
+    def get(self, field: str, default: Any = None) -> Any:
+        value = self.data.get(self.name(field))
+        return default if value is None else value
+
+    def require(self, field: str, why: str) -> Any:
+        col = self.name(field)
+        if col not in self.data or self.data[col] is None:
+            mapped = f", mapped from '{field}'" if col != field else ""
+            raise DataError(f"field '{col}' is missing{mapped} ({why})", field=col)
+        return self.data[col]
+
+    def text(self, field: str, why: str, allow_empty: bool = False) -> str:
+        return _text(self.require(field, why), self.name(field), allow_empty)
+
+    def optional_text(self, field: str) -> str:
+        return _text(self.get(field, ""), self.name(field), allow_empty=True)
+
+
+def _text(value: Any, field: str, allow_empty: bool = False) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"field '{field}' must be a string, found {type(value).__name__}", field=field)
+    value = str(value)
+    if not allow_empty and not value.strip():
+        raise DataError(f"field '{field}' is empty", field=field)
+    return value
+
+
+def _msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def check_chat(messages: list[dict], field: str, end: str = "assistant") -> list[dict]:
+    """Check system-first, user/assistant alternation, and that the last message is ``end``."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if not body:
+        raise DataError(f"field '{field}' has no user message", field=field)
+    offset = len(messages) - len(body)
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            where = "message 1" if offset + i == 0 else f"message {offset + i + 1}"
+            problem = ("a system message may only come first" if m["role"] == "system"
+                       else f"expected a {expected} message, found {m['role']} (turns must alternate user, assistant)")
+            raise DataError(f"field '{field}', {where}: {problem}", field=field)
+    if body[-1]["role"] != end:
+        raise DataError(f"field '{field}' must end with an {end} message, but it ends with a {body[-1]['role']} "
+                        "message", field=field)
+    for i, m in enumerate(body):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"field '{field}', message {offset + i + 1}: the assistant answer is empty", field=field)
+    return messages
+
+
+def _speakers(items: Any, field: str, role_key: str, content_key: str) -> list[dict]:
+    """Messages from a list of {from, value} (sharegpt) or {role, content} (OpenAI) objects."""
+    if not isinstance(items, list) or not items:
+        raise DataError(f"field '{field}' must be a non-empty list of messages", field=field)
+    out = []
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, dict) or role_key not in item or content_key not in item:
+            raise DataError(f"field '{field}', message {i}: expected an object with '{role_key}' and "
+                            f"'{content_key}'", field=field)
+        role = ROLES.get(str(item[role_key]).lower())
+        if role is None:
+            raise DataError(f"field '{field}', message {i}: unknown role '{item[role_key]}' "
+                            f"(one of {', '.join(ROLES)})", field=field)
+        out.append(_msg(role, _text(item[content_key], f"{field}", allow_empty=True)))
+    return out
+
+
+def _with_system(rec: _Record, messages: list[dict]) -> list[dict]:
+    system = rec.optional_text("system")
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [_msg("system", system)] + messages
+    return messages
+
+
+def _chat_of(rec: _Record, why: str) -> tuple[list[dict], str]:
+    """The conversation of a record in sharegpt (conversations) or OpenAI (messages) style."""
+    if rec.has("conversations"):
+        return _with_system(rec, _speakers(rec.get("conversations"), rec.name("conversations"), "from", "value")), \
+            rec.name("conversations")
+    if rec.has("messages"):
+        return _with_system(rec, _speakers(rec.get("messages"), rec.name("messages"), "role", "content")), \
+            rec.name("messages")
+    rec.require("messages", why)
+    raise AssertionError  # require raised
+
+
+def _alpaca(rec: _Record) -> dict:
+    why = "alpaca format needs instruction and output"
+    instruction = rec.text("instruction", why, allow_empty=True)
+    extra = rec.optional_text("input")
+    output = rec.text("output", why)
+    query = "\n".join(part for part in (instruction, extra) if part.strip())
+    if not query.strip():
+        raise DataError(f"field '{rec.name('instruction')}' is empty (and there is no input)",
+                        field=rec.name("instruction"))
+    messages = []
+    history = rec.get("history", [])
+    if not isinstance(history, list):
+        raise DataError(f"field '{rec.name('history')}' must be a list of [user, assistant] pairs",
+                        field=rec.name("history"))
+    for i, pair in enumerate(history, 1):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise DataError(f"field '{rec.name('history')}', item {i}: expected a [user, assistant] pair",
+                            field=rec.name("history"))
+        messages += [_msg("user", _text(pair[0], rec.name("history"))), _msg("assistant", _text(pair[1], rec.name("history")))]
+    messages += [_msg("user", query), _msg("assistant", output)]
+    return {"messages": check_chat(_with_system(rec, messages), rec.name("output"))}
+
+
+def _sharegpt(rec: _Record) -> dict:
+    field = rec.name("conversations")
+    items = rec.require("conversations", "sharegpt format needs conversations: a list of {from, value} messages")
+    return {"messages": check_chat(_with_system(rec, _speakers(items, field, "from", "value")), field)}
+
+
+def _messages(rec: _Record) -> dict:
+    field = rec.name("messages")
+    items = rec.require("messages", "messages format needs messages: a list of {role, content} objects")
+    return {"messages": check_chat(_with_system(rec, _speakers(items, field, "role", "content")), field)}
+
+
+def _turns(items: Any, field: str, system: str = "") -> list[dict]:
+    """A list of {human, assistant} objects (turns and firefly formats)."""
+    if not isinstance(items, list) or not items:
+        raise DataError(f"field '{field}' must be a non-empty list of {{human, assistant}} objects", field=field)
+    messages = [_msg("system", system)] if system else []
+    for i, turn in enumerate(items, 1):
+        if not isinstance(turn, dict) or "human" not in turn or "assistant" not in turn:
+            raise DataError(f"field '{field}', turn {i}: expected an object with 'human' and 'assistant'", field=field)
+        if i == 1 and turn.get("system") and not system:
+            messages.append(_msg("system", _text(turn["system"], field)))
+        messages += [_msg("user", _text(turn["human"], field)), _msg("assistant", _text(turn["assistant"], field))]
+    return check_chat(messages, field)
+
+
+def _firefly(rec: _Record) -> dict:
+    items = rec.require("conversation", "firefly format needs conversation: a list of {human, assistant} objects")
+    return {"messages": _turns(items, rec.name("conversation"), rec.optional_text("system"))}
+
+
+def _answer(value: Any, field: str) -> str:
+    """chosen/rejected: a string, a {from,value} or {role,content} message, or a list ending with one."""
+    if isinstance(value, list) and value:
+        value = value[-1]
+    if isinstance(value, dict):
+        for role_key, content_key in (("from", "value"), ("role", "content")):
+            if content_key in value:
+                if ROLES.get(str(value.get(role_key, "assistant")).lower()) != "assistant":
+                    raise DataError(f"field '{field}' must be an assistant message, found '{value.get(role_key)}'",
+                                    field=field)
+                value = value[content_key]
+                break
+    return _text(value, field)
+
+
+def _prompt(rec: _Record, why: str) -> list[dict]:
+    if rec.has("prompt"):
+        value, field = rec.get("prompt"), rec.name("prompt")
+        if isinstance(value, list):
+            messages = _speakers(value, field, "role", "content") if value and isinstance(value[0], dict) \
+                and "role" in value[0] else _speakers(value, field, "from", "value")
+        else:
+            messages = [_msg("user", _text(value, field))]
+        return check_chat(_with_system(rec, messages), field, end="user")
+    messages, field = _chat_of(rec, why)
+    return check_chat(messages, field, end="user")
+
+
+def _preference(rec: _Record) -> dict:
+    why = "preference format needs prompt (or conversations), chosen and rejected"
+    prompt = _prompt(rec, why)
+    chosen = _answer(rec.require("chosen", why), rec.name("chosen"))
+    rejected = _answer(rec.require("rejected", why), rec.name("rejected"))
+    if chosen.strip() == rejected.strip():
+        raise DataError(f"fields '{rec.name('chosen')}' and '{rec.name('rejected')}' are the same answer "
+                        "(a preference pair needs two different answers)", field=rec.name("chosen"))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "y", "t"}, {"false", "0", "no", "n", "f"}
+
+
+def _label(value: Any, field: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise DataError(f"field '{field}' must be true or false, found {value!r}", field=field)
+
+
+def _kto(rec: _Record) -> dict:
+    why = "kto format needs prompt, completion and label (or messages and label)"
+    label = _label(rec.require("label", why), rec.name("label"))
+    if rec.has("completion") or rec.has("prompt"):
+        prompt = _prompt(rec, why)
+        completion = rec.text("completion", why)
+    else:
+        messages, field = _chat_of(rec, why)
+        check_chat(messages, field)
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def _plain_text(rec: _Record) -> dict:
+    return {"text": rec.text("text", "text format needs a text field")}
+
+
+_CONVERTERS = {
+    "alpaca": _alpaca, "sharegpt": _sharegpt, "fastchat": _sharegpt, "messages": _messages,
+    "firefly": _firefly, "preference": _preference, "kto": _kto, "text": _plain_text,
+}

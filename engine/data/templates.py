@@ -1,0 +1,307 @@
+"""Chat templates: conversation -> (prompt ids, response ids) per turn, and back to Jinja.
+
+The registry lives in ``templates.yaml`` next to this file (a table, not code). A
+:class:`Template` is one registry entry bound to a tokenizer's bos/eos text; an
+:class:`AutoTemplate` wraps the tokenizer's own ``chat_template``. Both offer the same
+methods, so the encoder, the chat worker and the export code never ask which one they hold.
+
+Invariant of ``encode_turns``: concatenating every (prompt, response) pair gives the token
+sequence of the whole conversation. The prefix and the system prompt (or the default one)
+open the first prompt; each response ends with the end-of-turn token(s).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+
+TEMPLATES_FILE = Path(__file__).with_name("templates.yaml")
+_KEYS = {"prefix", "system", "user", "assistant", "separator", "system_in_user", "stop_words",
+         "default_system", "description"}
+_SLOT = "{{content}}"
+
+
+class TemplateError(ValueError):
+    """A template that does not exist or cannot encode a conversation (a config problem: model.template)."""
+
+    def __init__(self, message: str, file: str | Path | None = None, line: int | None = None,
+                 field: str | None = "template"):
+        self.message, self.file, self.line, self.field = message, file, line, field
+        where = f"{file}, line {line}: " if file and line else f"{file}: " if file else ""
+        super().__init__(where + message)
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str
+    user: str
+    assistant: str
+    system: str = _SLOT
+    prefix: str = ""
+    separator: str = ""
+    system_in_user: bool = False
+    stop_words: tuple[str, ...] = field(default_factory=tuple)
+    default_system: str = ""
+    description: str = ""
+
+
+@lru_cache(maxsize=4)
+def load_templates(path: str | Path = TEMPLATES_FILE) -> dict[str, TemplateSpec]:
+    """Read and check the template registry."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise TemplateError(f"invalid YAML ({getattr(err, 'problem', err)})", path, mark.line + 1 if mark else None) from None
+    specs = {}
+    for name, entry in (raw or {}).items():
+        if not isinstance(entry, dict):
+            raise TemplateError(f"template '{name}' must be a mapping of formats", path)
+        unknown = set(entry) - _KEYS
+        if unknown:
+            raise TemplateError(f"template '{name}' has unknown key(s) {', '.join(sorted(unknown))}", path)
+        for key in ("system", "user", "assistant"):
+            if key in entry and str(entry[key]).count(_SLOT) != 1:
+                raise TemplateError(f"template '{name}': {key} must contain {_SLOT} exactly once", path)
+        entry = dict(entry, stop_words=tuple(entry.get("stop_words", ())))
+        specs[name] = TemplateSpec(name=name, **entry)
+    return specs
+
+
+def template_names() -> list[str]:
+    return ["auto", *load_templates()]
+
+
+def split_conversation(messages: list[dict], end: str) -> tuple[str | None, list[tuple[str, str | None]]]:
+    """(system or None, [(user, assistant)]) of a conversation; the last assistant is None when
+    ``end == "user"`` (a prompt awaiting its answer)."""
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    roles = [m["role"] for m in messages]
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
+    if not roles or roles != expected or roles[-1] != end:
+        raise TemplateError(f"a conversation must be an optional system message, then user/assistant turns ending "
+                            f"with {end}; got roles {', '.join(m['role'] for m in messages) or 'none'}")
+    contents = [m["content"] for m in messages] + ([None] if end == "user" else [])
+    return system, list(zip(contents[0::2], contents[1::2]))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def _stop_ids(tokenizer, words) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for word in words:
+        tid = tokenizer.convert_tokens_to_ids(word)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+class Template:
+    """A registry template bound to a tokenizer (for its bos/eos token text)."""
+
+    def __init__(self, spec: TemplateSpec, tokenizer, default_system: str | None = None):
+        self.spec, self.name = spec, spec.name
+        self.default_system = spec.default_system if default_system is None else default_system
+        self.stop_words = list(spec.stop_words)
+        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+        self._fmt = {key: getattr(spec, key).replace("{{bos}}", bos).replace("{{eos}}", eos)
+                     for key in ("prefix", "system", "user", "assistant", "separator")}
+
+    def _apply(self, key: str, content: str) -> str:
+        return self._fmt[key].replace(_SLOT, content, 1)
+
+    def turn_texts(self, messages: list[dict], end: str = "assistant") -> list[tuple[str, str]]:
+        """The text of each (prompt, response) pair; the last response is '' when ``end == "user"``."""
+        system, turns = split_conversation(messages, end)
+        system = self.default_system if system is None else system
+        pairs = []
+        for i, (user, answer) in enumerate(turns):
+            prompt = self._fmt["prefix"] if i == 0 else self._fmt["separator"]
+            if i == 0 and system:
+                if self.spec.system_in_user:
+                    user = self._apply("system", system) + user
+                else:
+                    prompt += self._apply("system", system)
+            prompt += self._apply("user", user)
+            pairs.append((prompt, self._apply("assistant", answer) if answer is not None else ""))
+        return pairs
+
+    def render(self, messages: list[dict]) -> str:
+        """The whole text of a conversation that ends with an assistant answer."""
+        return "".join(p + r for p, r in self.turn_texts(messages))
+
+    def render_generation_prompt(self, messages: list[dict]) -> str:
+        """Text for inference: the conversation (ending with user) up to and including the assistant header."""
+        return "".join(p for p, _ in self.turn_texts(messages, end="user"))
+
+    def encode_turns(self, tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+        return [(_ids(tokenizer, p), _ids(tokenizer, r)) for p, r in self.turn_texts(messages)]
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        return _stop_ids(tokenizer, self.stop_words)
+
+    def jinja(self) -> str:
+        """A Jinja chat template that renders exactly what ``render`` renders (for tokenizer.chat_template).
+
+        The user format already ends with the assistant header, so add_generation_prompt adds nothing.
+        """
+        q = lambda s: json.dumps(s, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
+        pre = {k: self._fmt[k].split(_SLOT) for k in ("system", "user", "assistant")}
+        sys_expr = f"{q(pre['system'][0])} + system + {q(pre['system'][1])}"
+        user = lambda inner: "{{ " + q(pre["user"][0]) + " + " + inner + " + " + q(pre["user"][1]) + " }}"
+        out = ["{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+               "{% set loop_messages = messages[1:] %}{% else %}{% set system = " + q(self.default_system) + " %}"
+               "{% set loop_messages = messages %}{% endif %}"]
+        if self._fmt["prefix"]:
+            out.append("{{ " + q(self._fmt["prefix"]) + " }}")
+        if not self.spec.system_in_user:
+            out.append("{% if system %}{{ " + sys_expr + " }}{% endif %}")
+        out.append("{% for message in loop_messages %}{% if message['role'] == 'user' %}")
+        if self._fmt["separator"]:
+            out.append("{% if not loop.first %}{{ " + q(self._fmt["separator"]) + " }}{% endif %}")
+        if self.spec.system_in_user:
+            out.append("{% if loop.first and system %}" + user(sys_expr + " + message['content']") + "{% else %}"
+                       + user("message['content']") + "{% endif %}")
+        else:
+            out.append(user("message['content']"))
+        out.append("{% elif message['role'] == 'assistant' %}{{ " + q(pre["assistant"][0]) + " + message['content'] + "
+                   + q(pre["assistant"][1]) + " }}{% endif %}{% endfor %}")
+        return "".join(out)
+
+
+class AutoTemplate:
+    """The tokenizer's own chat template, split into turns by rendering growing prefixes."""
+
+    name = "auto"
+
+    def __init__(self, tokenizer, default_system: str | None = None):
+        if not isinstance(getattr(tokenizer, "chat_template", None), str) or not tokenizer.chat_template:
+            raise TemplateError("template 'auto' needs a tokenizer with a chat template, and this tokenizer has "
+                                f"none (a base model?); pick a registry template such as {', '.join(list(load_templates())[:4])} "
+                                "or empty", field="template")
+        self.tokenizer = tokenizer
+        self._system_override = default_system
+        self.default_system = default_system if default_system is not None else _probe_default_system(tokenizer)
+        self.stop_words = _probe_stop_words(tokenizer)
+
+    def _messages(self, messages: list[dict]) -> list[dict]:
+        if self._system_override is not None and (not messages or messages[0]["role"] != "system"):
+            return [{"role": "system", "content": self._system_override}] + list(messages)
+        return list(messages)
+
+    def _render_ids(self, tokenizer, messages, generation: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def encode_turns(self, tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+        messages = self._messages(messages)
+        split_conversation(messages, "assistant")
+        start = 1 if messages[0]["role"] == "system" else 0
+        pairs, so_far = [], []
+        for u in range(start, len(messages), 2):
+            prompt = self._render_ids(tokenizer, messages[: u + 1], True)
+            full = self._render_ids(tokenizer, messages[: u + 2], False)
+            if prompt[: len(so_far)] != so_far or full[: len(prompt)] != prompt:
+                raise TemplateError(f"the tokenizer's chat template is not prefix-stable (rendering turn {len(pairs) + 1} "
+                                    "changes the tokens of earlier turns), so turns cannot be masked; pick a registry "
+                                    "template instead of 'auto'", field="template")
+            pairs.append((prompt[len(so_far):], full[len(prompt):]))
+            so_far = full
+        return pairs
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(self._messages(messages), tokenize=False)
+
+    def render_generation_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(self._messages(messages), tokenize=False, add_generation_prompt=True)
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        return _stop_ids(tokenizer, self.stop_words)
+
+    def jinja(self) -> str:
+        return self.tokenizer.chat_template
+
+
+_PROBE_USER, _PROBE_SYSTEM, _PROBE_ANSWER = "PROBE-USER-7f3a", "PROBE-SYSTEM-7f3a", "PROBE-ANSWER-7f3a"
+
+
+def _probe_default_system(tokenizer) -> str:
+    """The system prompt a chat template inserts when a conversation has none ('' if none)."""
+    try:
+        alone = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_USER}], tokenize=False)
+        with_sys = tokenizer.apply_chat_template([{"role": "system", "content": _PROBE_SYSTEM},
+                                                  {"role": "user", "content": _PROBE_USER}], tokenize=False)
+    except Exception:  # templates that reject a system role have no default system either
+        return ""
+    head = alone[: alone.find(_PROBE_USER)]
+    s = with_sys.find(_PROBE_SYSTEM)
+    before, after = with_sys[:s], with_sys[s + len(_PROBE_SYSTEM): with_sys.find(_PROBE_USER)]
+    if s >= 0 and len(head) >= len(before) + len(after) and head.startswith(before) and head.endswith(after):
+        return head[len(before): len(head) - len(after)]
+    return ""
+
+
+def _probe_stop_words(tokenizer) -> list[str]:
+    """The special token that closes an assistant answer in the tokenizer's template, if any."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE_USER},
+                                              {"role": "assistant", "content": _PROBE_ANSWER}], tokenize=False)
+    except Exception:
+        return []
+    tail = _ids(tokenizer, text[text.rfind(_PROBE_ANSWER) + len(_PROBE_ANSWER):])
+    if tail and tail[0] in set(tokenizer.all_special_ids):
+        return [tokenizer.convert_ids_to_tokens(tail[0])]
+    return []
+
+
+def get_template(name: str, tokenizer, default_system: str | None = None) -> Template | AutoTemplate:
+    """A template by name: 'auto' (the tokenizer's own) or a registry entry; ``default_system`` overrides
+    the template's default system prompt."""
+    if name == "auto":
+        return AutoTemplate(tokenizer, default_system)
+    specs = load_templates()
+    if name not in specs:
+        raise TemplateError(f"unknown template '{name}' (known: {', '.join(template_names())})", field="template")
+    return Template(specs[name], tokenizer, default_system)
+
+
+def suggest_template(tokenizer) -> str:
+    return "auto" if getattr(tokenizer, "chat_template", None) else "default"
+
+
+_PROBE_CHAT = [
+    {"role": "system", "content": "You are a careful assistant."},
+    {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi, how can I help?"},
+    {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
+]
+
+
+def template_mismatch(tokenizer, name: str) -> str | None:
+    """A warning when a chat model is paired with a registry template that renders differently from its own."""
+    if name == "auto" or not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    try:
+        own = tokenizer.apply_chat_template(_PROBE_CHAT, tokenize=False)
+    except Exception:
+        return None
+    template = get_template(name, tokenizer)
+    if template.render(_PROBE_CHAT) != own:
+        same = [n for n, spec in load_templates().items() if Template(spec, tokenizer).render(_PROBE_CHAT) == own]
+        better = f"'auto' or '{same[0]}'" if same else "'auto'"
+        return (f"Template '{name}' does not match this model's own chat template, so the fine-tuned model will see "
+                f"a format it was not trained on and may answer poorly; use template {better}.")
+    default = _probe_default_system(tokenizer)
+    if default != template.default_system:
+        return (f"Template '{name}' has the model's chat format but not its default system prompt "
+                f"({default!r}), so conversations without a system message differ from the model's own; "
+                "use template 'auto'.")
+    return None
