@@ -1,0 +1,189 @@
+"""Real DeepSpeed-launched runs on a tiny model: metrics, checkpoints, QLoRA, stop, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import launch, rundir
+from engine.config import ConfigError, RunConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tiny_model, run_dir, **sections) -> RunConfig:
+    data = {
+        "model": {"path": str(tiny_model)},
+        "data": {"datasets": ["identity"], "registry": str(ROOT / "data" / "dataset_info.yaml"), "cutoff_len": 256},
+        "training": {"max_steps": 8, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                     "learning_rate": 2e-3, "save_steps": 4, "logging_steps": 1, "precision": "fp32"},
+        "output": {"run_dir": str(run_dir)},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return RunConfig.model_validate(data)
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rundir.read_metrics(run_dir) if "loss" in r}
+
+
+def _run(cfg, timeout=300) -> Path:
+    run_dir = launch.start(cfg)
+    status = launch.wait(run_dir, timeout=timeout)
+    assert status is not None and status.state == "completed", (status, rundir.log_tail(run_dir))
+    return run_dir
+
+
+def test_lora_sft_under_deepspeed(tiny_model, tmp_path):
+    run_dir = _run(_cfg(tiny_model, tmp_path / "run"))
+    rows = rundir.read_metrics(run_dir)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    last = rows[-1]
+    for key in ("step", "total_steps", "epoch", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "eta_s", "memory_mb"):
+        assert key in last, key
+    assert last["total_steps"] == 8 and last["tokens"] > 0
+    assert [s for s, _ in rundir.checkpoints(run_dir)] == [4, 8]
+    ckpt = run_dir / "checkpoint-8"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "config.yaml", "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    assert "[workbench]" in (run_dir / "train.log").read_text() and "deepspeed" in (run_dir / "train.log").read_text()
+    status = rundir.read_status(run_dir)
+    assert status.state == "completed" and status.step == 8 and status.pid and status.ended_at
+    # the supervisor records the exit code once the whole process group is gone
+    deadline = time.time() + 30
+    while rundir.read_status(run_dir).exit_code is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert rundir.read_status(run_dir).exit_code == 0
+
+
+def test_every_trainable_parameter_changes(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir = _run(_cfg(tiny_model, tmp_path / "run", training={"max_steps": 2, "save_steps": 1}))
+    first = load_file(run_dir / "checkpoint-1" / "adapter_model.safetensors")
+    last = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    lora_b = [k for k in last if "lora_B" in k]
+    assert lora_b and all(not (first[k] == last[k]).all() for k in last), "every adapter tensor must change"
+
+
+def test_qlora_4bit_run(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path / "run", model={"path": str(tiny_model), "quantization": "nf4"},
+               method={"finetuning_type": "qlora"}, training={"max_steps": 3, "save_steps": 3})
+    run_dir = _run(cfg)
+    assert len(_losses(run_dir)) == 3
+    assert (run_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    assert "Linear4bit" in (run_dir / "train.log").read_text() or "4bit" in json.dumps(
+        json.loads((run_dir / "checkpoint-3" / "adapter_config.json").read_text()))
+
+
+def _wait_for_step(run_dir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r.get("step", 0) >= step for r in rundir.read_metrics(run_dir)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step}: {rundir.log_tail(run_dir)}")
+
+
+def test_sigterm_stops_with_checkpoint_then_resume_matches_uninterrupted(tiny_model, tmp_path):
+    steps = 60
+    common = {"max_steps": steps, "save_steps": 1000, "per_device_train_batch_size": 2, "learning_rate": 1e-3}
+    reference = _run(_cfg(tiny_model, tmp_path / "ref", training=common))
+
+    run_dir = launch.start(_cfg(tiny_model, tmp_path / "stopped", training=common))
+    _wait_for_step(run_dir, 3)
+    t0 = time.time()
+    assert launch.stop(run_dir)
+    status = launch.wait(run_dir, timeout=120)
+    assert status.state == "stopped", (status, rundir.log_tail(run_dir))
+    assert time.time() - t0 < 60
+    ckpt = rundir.latest_checkpoint(run_dir)
+    assert ckpt is not None and (ckpt / "adapter_model.safetensors").is_file()
+    k = int(ckpt.name.split("-")[1])
+    assert 3 <= k < steps, k
+
+    cfg = RunConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg.training.resume_from = "latest"
+    launch.start(cfg)
+    status = launch.wait(run_dir, timeout=300)
+    assert status.state == "completed", rundir.log_tail(run_dir)
+    resumed, ref = _losses(run_dir), _losses(reference)
+    assert max(resumed) == steps
+    after = [s for s in range(k + 1, steps + 1)]
+    assert all(s in resumed for s in after)
+    for s in after:
+        assert resumed[s] == pytest.approx(ref[s], rel=1e-4, abs=1e-5), (s, resumed[s], ref[s])
+
+
+def test_sigkill_shows_failed(tiny_model, tmp_path):
+    run_dir = launch.start(_cfg(tiny_model, tmp_path / "run", training={"max_steps": 2000, "save_steps": 5000}))
+    _wait_for_step(run_dir, 1)
+    assert launch.stop(run_dir, force=True)
+    time.sleep(1)
+    status = launch.wait(run_dir, timeout=60)
+    assert status.state == "failed" and status.error
+
+
+def test_failure_inside_engine_is_reported(tiny_model, tmp_path):
+    # a model directory whose weights are missing passes the checks but fails at load time
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text((Path(tiny_model) / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (Path(tiny_model) / name).exists():
+            (broken / name).write_text((Path(tiny_model) / name).read_text())
+    run_dir = launch.start(_cfg(broken, tmp_path / "run", model={"path": str(broken)}))
+    status = launch.wait(run_dir, timeout=120)
+    assert status.state == "failed"
+    assert status.error and status.error_kind == "runtime"
+
+
+# ---------------------------------------------------------------- bad input, before any compute
+
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        ({"model": {"path": "/nonexistent/model"}}, "model.path", "not found"),
+        ({"model": {"template": "no-such-template"}}, "model.template", "unknown template"),
+        ({"data": {"datasets": ["/nonexistent/data.json"]}}, "data.datasets[0]", "no-such"),
+        ({"method": {"finetuning_type": "qlora"}}, "model.quantization", "qlora"),
+        ({"method": {"stage": "dpo"}}, "method.stage", "not available"),
+        ({"training": {"resume_from": "/nonexistent/checkpoint-3"}}, "training.resume_from", "not a checkpoint"),
+    ],
+)
+def test_bad_config_is_refused_before_compute(tiny_model, tmp_path, change, field, words):
+    cfg = _cfg(tiny_model, tmp_path / "run", **change)
+    with pytest.raises(ConfigError) as err:
+        launch.start(cfg)
+    fields = [f for f, _ in err.value.problems]
+    assert field in fields, err.value.problems
+    if words != "no-such":
+        assert any(words in m for f, m in err.value.problems if f == field), err.value.problems
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_empty_run_dir_is_never_reused(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="already exists"):
+        launch.start(_cfg(tiny_model, run))
+    assert (run / "precious.txt").read_text() == "keep me"
+
+
+def test_every_problem_reported_at_once(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path / "run", model={"path": "/nope", "template": "nope"}, method={"stage": "kto"})
+    with pytest.raises(ConfigError) as err:
+        launch.start(cfg)
+    fields = {f for f, _ in err.value.problems}
+    assert {"model.path", "model.template", "method.stage"} <= fields

@@ -1,0 +1,157 @@
+"""Run config: validation, YAML round trip, overrides, shipped configs, the launcher command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import rundir
+from engine.checks import check
+from engine.config import ConfigError, RunConfig, apply_overrides, dump_config, load_config, parse_config
+from engine.launch import build_command, resolve_paths
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "configs" / "examples").glob("*.yaml"))
+
+
+def test_defaults_round_trip(tmp_path):
+    cfg = RunConfig()
+    path = tmp_path / "c.yaml"
+    dump_config(cfg, path)
+    assert load_config(path) == cfg
+    cfg.training.max_steps = 30
+    cfg.data.datasets = ["identity", "instruct_demo"]
+    dump_config(cfg, path)
+    again = load_config(path)
+    assert again.training.max_steps == 30 and again.data.datasets == ["identity", "instruct_demo"]
+
+
+def test_every_field_has_a_description():
+    for section, info in RunConfig.model_fields.items():
+        for name, field in info.annotation.model_fields.items():
+            assert field.description, f"{section}.{name} has no description"
+
+
+def test_unknown_key_names_field_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  path: x\ntraining:\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == [("training.learning_rat (line 4)", "unknown field (not part of the run config)")]
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [("learning_rate", 0), ("learning_rate", -1e-4),
+                                          ("per_device_train_batch_size", 0)])
+def test_non_positive_values_are_refused(field, value):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"training": {field: value}})
+    assert err.value.problems[0][0] == f"training.{field}"
+
+
+def test_non_positive_cutoff_is_refused():
+    with pytest.raises(ConfigError, match="data.cutoff_len"):
+        parse_config({"data": {"cutoff_len": 0}})
+
+
+def test_invalid_yaml_says_where(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  path: [unclosed\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(path)
+
+
+def test_overrides():
+    data = apply_overrides({}, ["training.max_steps=30", "data.datasets=[identity, instruct_demo]", "model.quantization=nf4"])
+    cfg = parse_config(data)
+    assert cfg.training.max_steps == 30 and cfg.data.datasets == ["identity", "instruct_demo"] and cfg.model.quantization == "nf4"
+    with pytest.raises(ConfigError, match="section.field=value"):
+        apply_overrides({}, ["max_steps"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        apply_overrides({}, ["train.max_steps=3"])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_shipped_example_configs_are_valid(path, default_model, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path)
+    assert check(resolve_paths(cfg)) == []
+
+
+def test_shipped_deepspeed_configs_parse():
+    names = {p.name for p in (ROOT / "configs" / "deepspeed").glob("*.json")}
+    assert {"zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"} <= names
+    z3 = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
+    assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_build_command_devices_and_processes(tmp_path):
+    cfg = RunConfig()
+    cmd = build_command(cfg, tmp_path)
+    assert cmd[0].endswith("deepspeed") or "deepspeed.launcher.runner" in cmd
+    assert cmd[cmd.index("--num_gpus") + 1] == "1"
+    assert cmd[-3:] == ["--module", "engine.train", str(tmp_path / "config.yaml")][-3:] or cmd[-2:] == ["engine.train", str(tmp_path / "config.yaml")]
+    cfg.distributed.devices, cfg.distributed.num_processes = "0,1", 2
+    cmd = build_command(cfg, tmp_path)
+    assert cmd[cmd.index("--include") + 1] == "localhost:0,1" and "--num_gpus" not in cmd
+
+
+def test_distributed_checks(default_model):
+    cfg = RunConfig()
+    cfg.distributed.devices = "0,1"
+    cfg.distributed.offload = True
+    fields = {f for f, _ in check(cfg)}
+    assert {"distributed.num_processes", "distributed.offload"} <= fields
+    cfg = RunConfig()
+    cfg.model.quantization = "nf4"
+    cfg.method.finetuning_type = "full"
+    assert "model.quantization" in {f for f, _ in check(cfg)}
+
+
+def test_cli_reports_problems_in_one_go(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": "/nope"}, "method": {"stage": "kto"}}))
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(path), "training.max_steps=3"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert "model.path" in out.stderr and "method.stage" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- run directory pieces
+
+def test_jsonl_tail_reads_only_complete_new_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    tail = rundir.JsonlTail(path)
+    assert tail.read_new() == []
+    rundir.append_jsonl(path, {"step": 1})
+    with open(path, "a") as f:
+        f.write('{"step": 2')  # half-written
+    assert tail.read_new() == [{"step": 1}]
+    assert tail.read_new() == []
+    with open(path, "a") as f:
+        f.write(', "loss": 1.5}\n')
+    assert tail.read_new() == [{"step": 2, "loss": 1.5}]
+
+
+def test_dead_process_group_reads_as_failed(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    rundir.write_status(tmp_path, rundir.Status(state="running", pid=proc.pid, pgid=proc.pid))
+    (tmp_path / "train.log").write_text("step 3\nRuntimeError: something broke\n")
+    status = rundir.read_status(tmp_path)
+    assert status.state == "failed" and "something broke" in status.error
+    assert rundir.read_status_raw(tmp_path).state == "failed"
+
+
+def test_checkpoints_sorted_by_step(tmp_path):
+    for n in (10, 2, 100):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+    (tmp_path / "checkpoint-x").mkdir()
+    assert [s for s, _ in rundir.checkpoints(tmp_path)] == [2, 10, 100]
+    assert rundir.latest_checkpoint(tmp_path).name == "checkpoint-100"
