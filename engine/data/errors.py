@@ -7,6 +7,7 @@ and the field, so the web UI and ``status.json`` can show it as is, e.g.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -34,7 +35,7 @@ class DataError(ValueError):
             unit = "row" if (self.file or "").endswith(".parquet") else "line"
             where.append(f"{unit} {self.line}")
         message = self.message
-        if self.field and f"'{self.field}'" not in message:
+        if self.file and self.field and not re.search(rf"(?<![\w.]){re.escape(self.field)}(?![\w])", message):
             message = f"field '{self.field}': {message}"
         return f"{', '.join(where)}: {message}" if where else message
 

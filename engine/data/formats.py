@@ -117,6 +117,10 @@ def _msg(role: str, content: str) -> dict:
     return {"role": role, "content": content}
 
 
+def _an(word: str) -> str:
+    return f"{'an' if word[0] in 'aeio' else 'a'} {word}"  # a user, an assistant
+
+
 def check_chat(messages: list[dict], field: str, end: str = "assistant") -> list[dict]:
     """Check system-first, user/assistant alternation, and that the last message is ``end``."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
@@ -128,11 +132,11 @@ def check_chat(messages: list[dict], field: str, end: str = "assistant") -> list
         if m["role"] != expected:
             where = "message 1" if offset + i == 0 else f"message {offset + i + 1}"
             problem = ("a system message may only come first" if m["role"] == "system"
-                       else f"expected a {expected} message, found {m['role']} (turns must alternate user, assistant)")
+                       else f"expected {_an(expected)} message, found {m['role']} (turns must alternate user, assistant)")
             raise DataError(f"field '{field}', {where}: {problem}", field=field)
     if body[-1]["role"] != end:
-        raise DataError(f"field '{field}' must end with an {end} message, but it ends with a {body[-1]['role']} "
-                        "message", field=field)
+        raise DataError(f"field '{field}' must end with {_an(end)} message, but it ends with "
+                        f"{_an(body[-1]['role'])} message", field=field)
     for i, m in enumerate(body):
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"field '{field}', message {offset + i + 1}: the assistant answer is empty", field=field)

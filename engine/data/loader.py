@@ -123,9 +123,15 @@ def _encode_batch(batch, indices, template, tokenizer, cutoff_len, multiturn_los
     return out
 
 
+_ENCODED = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
+    "_source": datasets.Value("int64"), "_tokens": datasets.Value("int64"), "_trained": datasets.Value("int64"),
+})
+
+
 def _encode(ds: datasets.Dataset, data_cfg, tokenizer, template) -> tuple[datasets.Dataset, dict]:
     encoded = ds.map(
-        _encode_batch, batched=True, with_indices=True, num_proc=1, remove_columns=ds.column_names,
+        _encode_batch, batched=True, with_indices=True, num_proc=1, remove_columns=ds.column_names, features=_ENCODED,
         fn_kwargs=dict(template=template, tokenizer=tokenizer, cutoff_len=data_cfg.cutoff_len,
                        multiturn_loss=data_cfg.multiturn_loss, version=ENCODE_VERSION),
         desc="Tokenizing",

@@ -72,7 +72,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             continue
         seen = True
         try:
-            record = json.loads(text)
+            record = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as err:
             raise DataError(f"invalid JSON ({err.msg} at column {err.colno})", path, number) from None
         yield number, _check_record(record, path, number)
@@ -154,20 +154,20 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     source = (text for _, text in _decoded_lines(path))
     reader = csv.reader(source, delimiter=delimiter)
+    header: list[str] = []
     try:
-        header = next(reader)
+        while not any(h.strip() for h in header):  # the first non-blank line is the header
+            header = next(reader)
     except StopIteration:
         raise DataError("file is empty", path) from None
     except csv.Error as err:
         raise DataError(f"invalid CSV ({err})", path, reader.line_num) from None
     header = [h.strip() for h in header]
-    if not any(header):
-        raise DataError("file is empty (the first line must be a header naming the columns)", path, 1)
     for i, name in enumerate(header):
         if not name:
-            raise DataError(f"column {i + 1} of the header has no name", path, 1)
+            raise DataError(f"column {i + 1} of the header has no name", path, reader.line_num)
         if name in header[:i]:
-            raise DataError(f"column name '{name}' appears twice in the header", path, 1)
+            raise DataError(f"column name '{name}' appears twice in the header", path, reader.line_num)
     seen = False
     while True:
         start = reader.line_num + 1

@@ -39,10 +39,11 @@ class DatasetSpec:
 
 
 class RegistryError(DataError):
-    """One or more problems in a registry file; ``problems`` holds each as a DataError."""
+    """One or more problems in a registry file; ``problems`` holds each as a DataError and
+    ``specs`` the entries that are fine (so the UI can still offer them next to the message)."""
 
-    def __init__(self, problems: list[DataError], file: str | Path):
-        self.problems = problems
+    def __init__(self, problems: list[DataError], file: str | Path, specs: dict | None = None):
+        self.problems, self.specs = problems, specs or {}
         if len(problems) == 1:
             p = problems[0]
             super().__init__(p.message, file, p.line, p.field)
@@ -51,7 +52,7 @@ class RegistryError(DataError):
             super().__init__(f"{len(problems)} problems: {joined}", file)
 
     def __reduce__(self):
-        return (RegistryError, (self.problems, self.file))
+        return (RegistryError, (self.problems, self.file, self.specs))
 
 
 def find_path(path: str | Path) -> Path:
@@ -102,7 +103,7 @@ def load_registry(path: str | Path) -> dict[str, DatasetSpec]:
         except DataError as err:
             problems.append(err if err.line else err.located(path, line))
     if problems:
-        raise RegistryError(problems, path)
+        raise RegistryError(problems, path, specs)
     return specs
 
 
@@ -169,7 +170,7 @@ def resolve_dataset(name_or_path: str, registry_path: str | Path) -> DatasetSpec
     try:
         registry = load_registry(registry_path)
     except DataError as err:
-        problem = err
+        registry, problem = getattr(err, "specs", {}), err
     if name_or_path in registry:
         return registry[name_or_path]
     path = find_path(name_or_path)
@@ -180,4 +181,4 @@ def resolve_dataset(name_or_path: str, registry_path: str | Path) -> DatasetSpec
         raise problem
     known = ", ".join(registry) or "none"
     raise DataError(f"unknown dataset '{name_or_path}': not a registered name (known: {known}) and not a data file",
-                    find_path(registry_path), field="datasets")
+                    find_path(registry_path))

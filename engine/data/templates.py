@@ -141,7 +141,7 @@ class Template:
 
     def render_generation_prompt(self, messages: list[dict]) -> str:
         """Text for inference: the conversation (ending with user) up to and including the assistant header."""
-        return "".join(p for p, _ in self.turn_texts(messages, end="user"))
+        return "".join(p + r for p, r in self.turn_texts(messages, end="user"))
 
     def encode_turns(self, tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
         return [(_ids(tokenizer, p), _ids(tokenizer, r)) for p, r in self.turn_texts(messages)]

@@ -1,0 +1,173 @@
+"""Loader: the shipped datasets load and encode, SFT build statistics, errors, and the datasets cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.config import DataConfig
+from engine.data import (DataError, build_sft_dataset, encode_pretrain, encode_sft, get_template, load_examples,
+                         load_registry)
+from engine.data import loader
+
+ROOT = Path(__file__).resolve().parents[2]
+REGISTRY = str(ROOT / "data" / "dataset_info.yaml")
+SIZES = {"identity": 90, "instruct_demo": 314, "multiturn_demo": 31, "preference_demo": 83, "kto_demo": 60, "text_demo": 102}
+
+
+def cfg(datasets, **kw):
+    return DataConfig(datasets=datasets, registry=kw.pop("registry", REGISTRY), **kw)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_every_registered_dataset_loads():
+    registry = load_registry(REGISTRY)
+    assert {name: len(load_examples(cfg([name]), spec.kind)) for name, spec in registry.items()} == SIZES
+    assert load_examples(cfg(["preference_demo"]), "preference")[0] == {
+        "prompt": [{"role": "user", "content": "What is the capital of France?"}],
+        "chosen": "The capital of France is Paris.", "rejected": "The capital of France is Vienna."}
+    kto = load_examples(cfg(["kto_demo"]), "kto")
+    assert sum(kto["label"]) == 30
+
+
+def test_identity_answers_who_are_you():
+    rows = load_examples(cfg(["identity"]), "sft")
+    answers = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows}
+    assert "Orion" in answers["Who are you?"] and "Workbench team" in answers["Who are you?"]
+    assert answers["你是谁？"].startswith("我是 Orion")
+
+
+def test_sft_datasets_encode_with_the_default_tokenizer(tokenizer):
+    template = get_template("auto", tokenizer)
+    train, evaluation, stats = build_sft_dataset(cfg(["identity", "instruct_demo", "multiturn_demo"], cutoff_len=1024),
+                                                 tokenizer, template, seed=0)
+    assert evaluation is None
+    assert stats["examples"] == stats["encoded"] == stats["train"] == 90 + 314 + 31
+    assert stats["dropped_too_long"] == 0
+    assert train.column_names == ["input_ids", "labels"]
+    assert stats["tokens"] == sum(map(len, train["input_ids"]))
+    assert stats["trained_tokens"] == sum(sum(x != -100 for x in row) for row in train["labels"])
+
+
+def test_text_demo_encodes_into_blocks(tokenizer):
+    texts = load_examples(cfg(["text_demo"]), "pretrain")["text"]
+    blocks = encode_pretrain(texts, tokenizer, cutoff_len=256)
+    total = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts)
+    assert len(blocks) == total // 256 and all(len(b["input_ids"]) == 256 for b in blocks)
+
+
+def test_build_sft_stats_exact(tmp_path, tokenizer):
+    template = get_template("chatml", tokenizer)  # no default system: short prompts
+    rows = [{"instruction": "Hi", "output": "Hello!"},
+            {"instruction": "long " * 40, "output": "x"},
+            {"instruction": "2+2?", "output": "4"}]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    train, evaluation, stats = build_sft_dataset(cfg([path], cutoff_len=24), tokenizer, template, seed=1)
+    encoded = [encode_sft({"messages": [{"role": "user", "content": r["instruction"]},
+                                        {"role": "assistant", "content": r["output"]}]}, template, tokenizer, 24)
+               for r in rows]
+    assert [len(e) for e in encoded] == [1, 0, 1]
+    assert train[:] == {"input_ids": [encoded[0][0]["input_ids"], encoded[2][0]["input_ids"]],
+                        "labels": [encoded[0][0]["labels"], encoded[2][0]["labels"]]}
+    # "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" = 10 tokens, "Hello!<|im_end|>\n" = 4
+    # "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" = 13 tokens, "4<|im_end|>\n" = 3
+    assert stats == {"examples": 3, "encoded": 2, "dropped_too_long": 1, "tokens": 14 + 16, "trained_tokens": 4 + 3,
+                     "train": 2, "eval": 0}
+
+
+def test_val_split_is_seeded_and_counted(tokenizer):
+    template = get_template("auto", tokenizer)
+    data = cfg(["identity"], val_size=0.1)
+    train, evaluation, stats = build_sft_dataset(data, tokenizer, template, seed=42)
+    assert (len(train), len(evaluation)) == (81, 9) and (stats["train"], stats["eval"]) == (81, 9)
+    assert stats["encoded"] == 90 and evaluation.column_names == ["input_ids", "labels"]
+    again = build_sft_dataset(data, tokenizer, template, seed=42)[1]
+    other = build_sft_dataset(data, tokenizer, template, seed=7)[1]
+    assert again["input_ids"] == evaluation["input_ids"] != other["input_ids"]
+
+
+def test_split_mode_counts_one_example_per_turn(tokenizer):
+    template = get_template("auto", tokenizer)
+    _, _, stats = build_sft_dataset(cfg(["multiturn_demo"], multiturn_loss="split"), tokenizer, template, seed=0)
+    assert stats["examples"] == 31 and stats["encoded"] == 63  # 30 two-turn conversations and 1 of three turns
+    turns = [sum(m["role"] == "assistant" for m in row["messages"]) for row in load_examples(cfg(["multiturn_demo"]), "sft")]
+    assert stats["encoded"] == sum(turns)
+
+
+def test_empty_after_filtering(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 30, "output": "ok"}] * 3)
+    with pytest.raises(DataError) as err:
+        build_sft_dataset(cfg([path], cutoff_len=8), tokenizer, get_template("chatml", tokenizer), seed=0)
+    assert str(err.value) == f"dataset {path} is empty after filtering (3 examples longer than cutoff_len=8)"
+
+
+def test_wrong_kind_for_the_stage():
+    with pytest.raises(DataError) as err:
+        load_examples(cfg(["identity", "preference_demo"]), "sft")
+    assert str(err.value) == "this stage needs sft data, but dataset 'preference_demo' holds preference data (preference format)"
+
+
+def test_max_samples_per_dataset():
+    assert len(load_examples(cfg(["identity", "instruct_demo"], max_samples=5), "sft")) == 10
+
+
+def test_bad_record_error_names_file_and_line(tmp_path):
+    rows = [{"instruction": "q", "output": "a"}] * 16 + [{"instruction": "q", "outptu": "a"}]
+    path = write_jsonl(tmp_path / "foo.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_examples(cfg([path]), "sft")
+    assert str(err.value) == f"{Path(path).resolve()}, line 17: field 'output' is missing (alpaca format needs instruction and output)"
+
+
+def test_registered_columns_are_applied(tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A."}])
+    (tmp_path / "reg.yaml").write_text("qa:\n  file: qa.jsonl\n  format: alpaca\n  columns: {instruction: question, "
+                                       "output: answer}\n", encoding="utf-8")
+    rows = load_examples(cfg(["qa"], registry=str(tmp_path / "reg.yaml")), "sft")
+    assert rows[0] == {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}
+
+
+def test_turns_json_file_is_one_conversation(tmp_path):
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([{"human": "Q1", "assistant": "A1"}, {"human": "Q2", "assistant": "A2"}]), encoding="utf-8")
+    rows = load_examples(cfg([str(path)]), "sft")
+    assert len(rows) == 1 and [m["content"] for m in rows[0]["messages"]] == ["Q1", "A1", "Q2", "A2"]
+
+
+def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"doc {i}"} for i in range(5)])
+    first = load_examples(cfg([path]), "pretrain")
+
+    def no_reading(*args, **kwargs):
+        raise DataError("the file was read again")
+
+    monkeypatch.setattr(loader, "read_records", no_reading)
+    second = load_examples(cfg([path]), "pretrain")
+    assert second["text"] == first["text"] and second.cache_files == first.cache_files
+    write_jsonl(tmp_path / "c.jsonl", [{"text": "changed"}, {"text": "file"}])  # new size: read afresh
+    with pytest.raises(DataError, match="read again"):
+        load_examples(cfg([path]), "pretrain")
+
+
+def test_encoding_is_cached_too(tokenizer):
+    template = get_template("auto", tokenizer)
+    train, _, _ = build_sft_dataset(cfg(["identity"]), tokenizer, template, seed=0)
+    again, _, stats = build_sft_dataset(cfg(["identity"]), tokenizer, template, seed=0)
+    assert again.cache_files == train.cache_files and stats["encoded"] == 90
+
+
+def test_shared_real_datasets(shared_datasets, tokenizer):
+    alpaca = str(shared_datasets / "alpaca_en_demo.json")
+    train, _, stats = build_sft_dataset(cfg([alpaca], max_samples=64, cutoff_len=512), tokenizer,
+                                        get_template("auto", tokenizer), seed=42)
+    assert stats["examples"] == 64 and stats["encoded"] + stats["dropped_too_long"] == 64 and stats["trained_tokens"] > 0
+    dpo = load_examples(cfg([str(shared_datasets / "dpo_en_demo.json")]), "preference")
+    assert len(dpo) == 300 and dpo[0]["prompt"][-1]["role"] == "user" and dpo[0]["chosen"] != dpo[0]["rejected"]
+    c4 = load_examples(cfg([str(shared_datasets / "c4_demo.jsonl")]), "pretrain")
+    assert len(c4) == 300
