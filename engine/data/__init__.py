@@ -6,14 +6,14 @@ registry and the templates without paying for it.
 
 from .encode import IGNORE_INDEX, encode_pretrain, encode_sft, label_spans
 from .errors import DataError
-from .formats import FORMATS, KIND_OF_FORMAT, KINDS, detect_format, normalize, read_records
+from .formats import FORMATS, KIND_OF_FORMAT, KINDS, detect_format, iter_examples, normalize, read_records
 from .registry import DatasetSpec, RegistryError, load_registry, resolve_dataset
 from .templates import (AutoTemplate, Template, TemplateError, get_template, suggest_template, template_mismatch,
                         template_names)
 
 __all__ = [
     "IGNORE_INDEX", "encode_pretrain", "encode_sft", "label_spans", "DataError", "FORMATS", "KIND_OF_FORMAT",
-    "KINDS", "detect_format", "normalize", "read_records", "build_sft_dataset", "example_messages",
+    "KINDS", "detect_format", "iter_examples", "normalize", "read_records", "build_sft_dataset", "example_messages",
     "load_dataset_spec", "load_examples", "DatasetSpec", "RegistryError", "load_registry", "resolve_dataset",
     "AutoTemplate", "Template", "TemplateError", "get_template", "suggest_template", "template_mismatch",
     "template_names",

@@ -13,8 +13,11 @@ Problems raise :class:`DataError` naming the field; the loader adds the file and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from . import readers
 from .errors import DataError
 from .readers import read_records  # noqa: F401  (part of this module's public interface)
 
@@ -72,6 +75,39 @@ def normalize(record: Any, fmt: str, columns: dict[str, str] | None = None) -> d
         raise DataError(f"{fmt} format needs a JSON object per record, found {type(record).__name__}")
     rec = _Record(record, columns or {})
     return _CONVERTERS[fmt](rec)
+
+
+def iter_examples(path: str | Path, fmt: str, columns: dict[str, str] | None = None,
+                  limit: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(line, canonical example) for each record of a file; errors name the file and line.
+
+    In a .json file of format ``turns``, the {human, assistant} objects of the top-level array
+    are the turns of ONE conversation (a nested list is a conversation of its own).
+    """
+    path = Path(path)
+    for line, record in _raw_records(path, fmt, limit):
+        try:
+            yield line, normalize(record, fmt, columns)
+        except DataError as err:
+            raise err.located(path, line) from None
+
+
+def _raw_records(path: Path, fmt: str, limit: int | None):
+    if fmt != "turns" or path.suffix.lower() != ".json":
+        yield from readers.read_records(path, limit)
+        return
+    turns, first, count = [], None, 0
+    for line, record in readers.read_records(path):
+        if isinstance(record, list):
+            yield line, record
+            count += 1
+            if limit is not None and count >= limit:
+                return
+        else:
+            first = line if first is None else first
+            turns.append(record)
+    if turns and (limit is None or count < limit):
+        yield first, turns
 
 
 class _Record:

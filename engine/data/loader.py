@@ -10,15 +10,13 @@ rows come back with ``row["messages"]`` as a list of dicts.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import datasets
 import pyarrow.compute as pc
 
 from .encode import encode_sft
 from .errors import DataError
-from .formats import normalize
-from .readers import read_records
+from .formats import iter_examples
 from .registry import DatasetSpec, resolve_dataset
 
 # Bump when the canonical layout or the encoding changes: both caches are keyed by function name.
@@ -36,33 +34,10 @@ FEATURES = {
 }
 
 
-def _records(path: Path, fmt: str, limit: int | None):
-    """Raw records; in a .json file of format ``turns``, the {human, assistant} objects form one conversation."""
-    if fmt != "turns" or path.suffix.lower() != ".json":
-        yield from read_records(path, limit)
-        return
-    turns, first, count = [], None, 0
-    for line, record in read_records(path):
-        if isinstance(record, list):
-            yield line, record
-            count += 1
-            if limit is not None and count >= limit:
-                return
-        else:
-            first = line if first is None else first
-            turns.append(record)
-    if turns:
-        yield first, turns
-
-
 def _generate(path: str, mtime: float, size: int, fmt: str, columns: str, max_samples: int | None, version: int):
     """Canonical examples of one file (``mtime``, ``size`` and ``version`` only key the cache)."""
-    mapping = json.loads(columns)
-    for line, record in _records(Path(path), fmt, max_samples):
-        try:
-            yield normalize(record, fmt, mapping)
-        except DataError as err:
-            raise err.located(path, line) from None
+    for _, example in iter_examples(path, fmt, json.loads(columns), max_samples):
+        yield example
 
 
 def _data_error(err: BaseException) -> DataError | None:

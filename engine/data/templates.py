@@ -179,7 +179,13 @@ class Template:
 
 
 class AutoTemplate:
-    """The tokenizer's own chat template, split into turns by rendering growing prefixes."""
+    """The tokenizer's own chat template, split into turns by rendering growing prefixes.
+
+    Turns are split on the rendered text, and each piece is tokenized separately (as a
+    registry template's pieces are), so a training prompt has exactly the tokens of the
+    generation prompt the chat worker will send. For ordinary tokenizers this equals
+    ``apply_chat_template(tokenize=True)`` token for token (tested for the default model).
+    """
 
     name = "auto"
 
@@ -198,25 +204,29 @@ class AutoTemplate:
             return [{"role": "system", "content": self._system_override}] + list(messages)
         return list(messages)
 
-    def _render_ids(self, tokenizer, messages, generation: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    def _text(self, messages: list[dict], generation: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
-    def encode_turns(self, tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+    def turn_texts(self, messages: list[dict]) -> list[tuple[str, str]]:
+        """(prompt, response) text per turn: each prompt is what the generation prompt adds to the
+        conversation so far, each response what the answer adds to that."""
         messages = self._messages(messages)
         split_conversation(messages, "assistant")
         start = 1 if messages[0]["role"] == "system" else 0
-        pairs, so_far = [], []
+        pairs, so_far = [], ""
         for u in range(start, len(messages), 2):
-            prompt = self._render_ids(tokenizer, messages[: u + 1], True)
-            full = self._render_ids(tokenizer, messages[: u + 2], False)
-            if prompt[: len(so_far)] != so_far or full[: len(prompt)] != prompt:
+            prompt, full = self._text(messages[: u + 1], True), self._text(messages[: u + 2], False)
+            if not prompt.startswith(so_far) or not full.startswith(prompt):
                 raise TemplateError(f"the tokenizer's chat template is not prefix-stable (rendering turn {len(pairs) + 1} "
-                                    "changes the tokens of earlier turns), so turns cannot be masked; pick a registry "
+                                    "changes the text of earlier turns), so turns cannot be masked; pick a registry "
                                     "template instead of 'auto'", field="template")
             pairs.append((prompt[len(so_far):], full[len(prompt):]))
             so_far = full
         return pairs
+
+    def encode_turns(self, tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+        """Each piece is tokenized on its own, as the generation prompt is at inference."""
+        return [(_ids(tokenizer, p), _ids(tokenizer, r)) for p, r in self.turn_texts(messages)]
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(self._messages(messages), tokenize=False)

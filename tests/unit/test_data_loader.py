@@ -10,7 +10,7 @@ import pytest
 from engine.config import DataConfig
 from engine.data import (DataError, build_sft_dataset, encode_pretrain, encode_sft, get_template, load_examples,
                          load_registry)
-from engine.data import loader
+from engine.data import readers
 
 ROOT = Path(__file__).resolve().parents[2]
 REGISTRY = str(ROOT / "data" / "dataset_info.yaml")
@@ -53,6 +53,17 @@ def test_sft_datasets_encode_with_the_default_tokenizer(tokenizer):
     assert train.column_names == ["input_ids", "labels"]
     assert stats["tokens"] == sum(map(len, train["input_ids"]))
     assert stats["trained_tokens"] == sum(sum(x != -100 for x in row) for row in train["labels"])
+
+
+@pytest.mark.parametrize("name,answer", [("preference_demo", "chosen"), ("preference_demo", "rejected"),
+                                         ("kto_demo", "completion")])
+def test_preference_and_kto_demos_encode(tokenizer, name, answer):
+    template = get_template("auto", tokenizer)
+    rows = load_examples(cfg([name]), "preference" if name.startswith("pref") else "kto")
+    for row in rows:
+        messages = row["prompt"] + [{"role": "assistant", "content": row[answer]}]
+        [ex] = encode_sft({"messages": messages}, template, tokenizer, cutoff_len=1024)
+        assert tokenizer.decode([t for t in ex["labels"] if t != -100]) == row[answer] + "<|im_end|>\n"
 
 
 def test_text_demo_encodes_into_blocks(tokenizer):
@@ -147,7 +158,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     def no_reading(*args, **kwargs):
         raise DataError("the file was read again")
 
-    monkeypatch.setattr(loader, "read_records", no_reading)
+    monkeypatch.setattr(readers, "read_records", no_reading)
     second = load_examples(cfg([path]), "pretrain")
     assert second["text"] == first["text"] and second.cache_files == first.cache_files
     write_jsonl(tmp_path / "c.jsonl", [{"text": "changed"}, {"text": "file"}])  # new size: read afresh

@@ -114,8 +114,8 @@ def test_unknown_template_lists_known_names(tokenizer):
     assert isinstance(err.value, ValueError)
 
 
-def test_auto_needs_a_chat_template(default_model):
-    base = AutoTokenizer.from_pretrained(default_model)
+def test_auto_needs_a_chat_template(saved):
+    base = saved
     base.chat_template = None
     with pytest.raises(TemplateError, match="has none .*pick a registry template"):
         get_template("auto", base)
@@ -123,8 +123,8 @@ def test_auto_needs_a_chat_template(default_model):
     assert template_mismatch(base, "default") is None
 
 
-def test_auto_rejects_a_template_that_is_not_prefix_stable(default_model):
-    tok = AutoTokenizer.from_pretrained(default_model)
+def test_auto_rejects_a_template_that_is_not_prefix_stable(saved):
+    tok = saved
     # renders only the last message: earlier turns vanish as the conversation grows
     tok.chat_template = "{{ messages[-1]['role'] + ': ' + messages[-1]['content'] + '\n' }}"
     with pytest.raises(TemplateError, match="not prefix-stable"):
@@ -139,3 +139,20 @@ def test_suggest_and_mismatch(tokenizer):
     assert "use template 'auto' or 'chatml'" in warning
     qwen = template_mismatch(tokenizer, "qwen")
     assert "has the model's chat format but not its default system prompt" in qwen and SMOL_SYSTEM in qwen
+
+
+@pytest.fixture(scope="module")
+def saved(default_model):
+    """A second copy of the default tokenizer whose chat template a test may replace."""
+    return AutoTokenizer.from_pretrained(default_model)
+
+
+@pytest.mark.parametrize("name", [n for n in template_names() if n != "auto"])
+def test_saved_jinja_round_trips_through_auto(saved, tokenizer, name):
+    """A checkpoint saved with template.jinja() as its chat_template trains and chats the same under 'auto'."""
+    template = get_template(name, tokenizer)
+    saved.chat_template = template.jinja()
+    auto = get_template("auto", saved)
+    assert auto.default_system == template.default_system
+    for conv in ("multi", "multi+system"):
+        assert auto.encode_turns(saved, CONVERSATIONS[conv]) == template.encode_turns(tokenizer, CONVERSATIONS[conv])
