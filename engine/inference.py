@@ -1,0 +1,286 @@
+"""ChatModel: a base model plus zero or more LoRA adapters, generating with the training template.
+
+``generate`` returns a whole answer, ``stream`` yields its text as it is produced (transformers'
+TextIteratorStreamer, fed by ``generate`` on a thread, cancelled through a stop event). Both honour
+the template's stop tokens, extra stop token ids and stop strings, which are cut from the answer.
+The API server, the terminal chat and the web UI's worker process all call this one class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from engine.config import ModelConfig
+from engine.data.templates import TemplateError, get_template
+from engine.sampling import InferenceError, Result, SamplingParams, check_messages, model_shape, resolve_target
+
+log = logging.getLogger("engine.inference")
+
+
+class _Penalties(LogitsProcessor):
+    """OpenAI frequency and presence penalties over the tokens generated so far."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float):
+        self.start, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        gen = input_ids[:, self.start:]
+        if gen.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, gen, torch.ones_like(gen, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class _StopOn(StoppingCriteria):
+    """Stops on a stop string in the generated text, or when the stop event is set."""
+
+    def __init__(self, tokenizer, prompt_len: int, words: list[str], event: threading.Event | None):
+        self.tokenizer, self.start, self.words, self.event = tokenizer, prompt_len, words, event
+        self.tail = max((len(tokenizer.encode(w, add_special_tokens=False)) for w in words), default=0) + 2
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.event is not None and self.event.is_set():
+            return True
+        if not self.words:
+            return False
+        text = self.tokenizer.decode(input_ids[0, max(self.start, input_ids.shape[1] - self.tail):], skip_special_tokens=False)
+        return any(w in text for w in self.words)
+
+
+def cut_at_stop(text: str, words: list[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether one was found."""
+    hits = [text.find(w) for w in words if w and w in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _held_back(text: str, words: list[str]) -> int:
+    """How many trailing characters might be the start of a stop string (so a stream waits for them)."""
+    keep = 0
+    for w in words:
+        for n in range(min(len(w) - 1, len(text)), 0, -1):
+            if text.endswith(w[:n]):
+                keep = max(keep, n)
+                break
+    return keep
+
+
+class ChatModel:
+    def __init__(self):
+        self.model = self.tokenizer = self.template = None
+        self.target = None
+        self.warnings: list[str] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, model_path: str, adapters: list[str] | None = None, quantization: str = "none",
+             template: str | None = None, dtype: str = "auto", device_map=None) -> "ChatModel":
+        from peft import PeftModel
+
+        from engine.models import load_base_model, load_tokenizer, resolve_dtype
+
+        self = cls()
+        target = resolve_target(model_path, adapters)
+        self.target = target
+        cfg = ModelConfig(path=target.base, quantization=quantization, dtype=dtype)
+        self.tokenizer = load_tokenizer(cfg.model_copy(update={"path": target.tokenizer_dir or target.base}))
+        self.tokenizer.padding_side = "left"
+        saved = target.template
+        name = template or saved or "auto"
+        if template and saved and template != saved:
+            self.warnings.append(f"template '{template}' overrides '{saved}', the template this checkpoint was trained "
+                                 "with; answers may come out in the wrong format")
+        try:
+            self.template = get_template(name, self.tokenizer)
+        except TemplateError as err:
+            raise InferenceError(f"model.template: {err.message}") from None
+        base_shape = model_shape(target.base)
+        for adapter in target.adapters:
+            self._check_adapter(adapter, base_shape)
+        model = load_base_model(cfg, resolve_dtype(cfg), device_map=device_map, attn="sdpa")
+        if target.adapters:
+            names = []
+            for i, adapter in enumerate(target.adapters):
+                name_i = f"a{i}"
+                try:
+                    if i == 0:
+                        model = PeftModel.from_pretrained(model, adapter, adapter_name=name_i)
+                    else:
+                        model.load_adapter(adapter, adapter_name=name_i)
+                except RuntimeError as err:  # size mismatch in a state dict: the adapter belongs to another base
+                    raise InferenceError(f"adapter {adapter} does not fit base model {target.base}: "
+                                         f"{str(err).splitlines()[-1].strip()}") from None
+                names.append(name_i)
+            if len(names) > 1:
+                model.base_model.set_adapter(names)
+        model.eval()
+        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = model
+        for w in self.warnings:
+            log.warning(w)
+        return self
+
+    @staticmethod
+    def _check_adapter(adapter: str, base_shape: dict) -> None:
+        from engine.sampling import adapter_base
+
+        declared = adapter_base(Path(adapter))
+        if not declared or not Path(declared).exists():
+            return
+        theirs = model_shape(declared)
+        diff = {k: (theirs[k], base_shape.get(k)) for k in theirs if k in base_shape and theirs[k] != base_shape[k]}
+        if diff:
+            what = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+            raise InferenceError(f"adapter {adapter} was trained on {declared}, which does not match this base model "
+                                 f"({what})")
+
+    @property
+    def has_adapter(self) -> bool:
+        return bool(self.target and self.target.adapters)
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+
+    # ------------------------------------------------------------ generation
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        messages = check_messages(messages)
+        try:
+            text = self.template.render_generation_prompt(messages)
+        except TemplateError as err:
+            raise InferenceError(err.message) from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _setup(self, messages, params: SamplingParams, event, streamer=None):
+        ids = self.prompt_ids(messages)
+        window = self.context_window
+        if len(ids) >= window:
+            raise InferenceError(f"the prompt is {len(ids)} tokens, {len(ids) - window + 1} more than the model's "
+                                 f"context window of {window} leaves room for (shorten the conversation or clear it)",
+                                 "context_length")
+        max_new = min(params.max_new_tokens, window - len(ids))
+        eos = list(dict.fromkeys(self.template.stop_token_ids(self.tokenizer) + list(params.stop_token_ids)))
+        words = [w for w in params.stop] + [w for w in self.template.stop_words
+                                            if self.tokenizer.convert_tokens_to_ids(w) not in eos]
+        sample = params.temperature > 0
+        kwargs = dict(max_new_tokens=max_new, do_sample=sample, eos_token_id=eos or None,
+                      pad_token_id=self.tokenizer.pad_token_id, repetition_penalty=params.repetition_penalty,
+                      streamer=streamer)
+        if sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        processors = LogitsProcessorList()
+        if params.frequency_penalty or params.presence_penalty:
+            processors.append(_Penalties(len(ids), params.frequency_penalty, params.presence_penalty))
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), logits_processor=processors,
+                      stopping_criteria=StoppingCriteriaList([_StopOn(self.tokenizer, len(ids), words, event)]))
+        return ids, eos, words, kwargs
+
+    def _run(self, kwargs, params: SamplingParams, use_adapter: bool):
+        with self._lock, torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            if self.has_adapter and not use_adapter:
+                with self.model.disable_adapter():
+                    return self.model.generate(**kwargs)
+            return self.model.generate(**kwargs)
+
+    def generate(self, messages: list[dict], params: SamplingParams | None = None, use_adapter: bool = True) -> Result:
+        params = params or SamplingParams()
+        ids, eos, words, kwargs = self._setup(messages, params, None)
+        out = self._run(kwargs, params, use_adapter)[0, len(ids):].tolist()
+        text, hit = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), words)
+        stopped = hit or (bool(out) and out[-1] in eos)
+        return Result(text=text, prompt_tokens=len(ids), completion_tokens=len(out),
+                      finish_reason="stop" if stopped else "length", token_ids=out)
+
+    def stream(self, messages: list[dict], params: SamplingParams | None = None, use_adapter: bool = True,
+               stop_event: threading.Event | None = None) -> "Stream":
+        """An iterator of text pieces; its ``result`` is set once it is exhausted. Closing it early,
+        or setting ``stop_event``, stops generation after the current token."""
+        params = params or SamplingParams()
+        event = stop_event or threading.Event()
+        streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        ids, eos, words, kwargs = self._setup(messages, params, event, streamer)
+        return Stream(self, kwargs, params, use_adapter, streamer, event, ids, eos, words)
+
+
+class _CountingStreamer(TextIteratorStreamer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens: list[int] = []
+        self.error: BaseException | None = None
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            self.tokens.extend(value.reshape(-1).tolist())
+        super().put(value)
+
+
+class Stream:
+    def __init__(self, chat: ChatModel, kwargs, params, use_adapter, streamer, event, ids, eos, words):
+        self.streamer, self.event, self.eos, self.words, self.prompt_len = streamer, event, eos, words, len(ids)
+        self.result: Result | None = None
+
+        def work():
+            try:
+                chat._run(kwargs, params, use_adapter)
+            except BaseException as err:  # noqa: BLE001 - handed to the reader
+                streamer.error = err
+                streamer.end()
+
+        self.thread = threading.Thread(target=work, daemon=True, name="chat-generate")
+        self.thread.start()
+        self._gen = self._pieces()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self.event.set()
+        self._gen.close()
+
+    def _pieces(self) -> Iterator[str]:
+        sent, text, hit, cancelled = 0, "", False, False
+        try:
+            for piece in self.streamer:
+                text += piece
+                cut, hit = cut_at_stop(text, self.words)
+                if hit:
+                    break
+                safe = len(cut) - _held_back(cut, self.words)
+                if safe > sent:
+                    yield cut[sent:safe]
+                    sent = safe
+            cancelled = self.event.is_set() and not hit
+        finally:
+            self.event.set()
+            self.thread.join()
+        if self.streamer.error is not None:
+            raise self.streamer.error
+        cut = cut_at_stop(text, self.words)[0]
+        if len(cut) > sent:
+            yield cut[sent:]
+        toks = self.streamer.tokens
+        stopped = hit or (bool(toks) and toks[-1] in self.eos)
+        reason = "stop" if stopped else "cancelled" if cancelled else "length"
+        self.result = Result(text=cut, prompt_tokens=self.prompt_len, completion_tokens=len(toks), finish_reason=reason,
+                             token_ids=toks)
+
+    def cancel(self) -> None:
+        """Stop generation after the current token (the stream then ends with finish_reason 'cancelled')."""
+        self.event.set()

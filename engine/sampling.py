@@ -1,0 +1,172 @@
+"""What a chat request is, shared by the engine, the worker, the API server and the CLI.
+
+``SamplingParams`` is the one declaration of the sampling controls (bounds, defaults and help),
+``check_messages`` the one validation of a conversation, and ``resolve_target`` the one place
+that turns a path (a run, a checkpoint, a merged export or a plain model) into a base model,
+its adapters and the template it was trained with. This module imports no torch, so the web UI
+can use it without loading the inference stack.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+ROLES = ("system", "user", "assistant")
+
+
+class InferenceError(ValueError):
+    """A request or a load that cannot be served; the message is meant for the user."""
+
+    def __init__(self, message: str, kind: str = "invalid_request"):
+        self.kind = kind  # invalid_request | not_found | context_length | out_of_memory
+        super().__init__(message)
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy (always the most likely token).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p.")
+    top_k: int = Field(50, ge=0, le=1000, description="Keep only the k most likely tokens (0 = no limit).")
+    max_new_tokens: int = Field(512, ge=1, le=131072, description="Most tokens to generate for one answer.")
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description="Divide the score of tokens already in the text (1 = off).")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI-style: subtract this times a token's count in the answer.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI-style: subtract this once from every token already in the answer.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end the answer (not included in it).")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end the answer, next to the template's own.")
+    seed: int | None = Field(None, description="Seed for sampling, for repeatable answers.")
+
+
+class Result(BaseModel):
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length", "cancelled"]
+    token_ids: list[int] = Field(default_factory=list, exclude=True)
+
+
+def check_messages(messages) -> list[dict]:
+    """Plain {role, content} dicts, or an InferenceError naming the first bad message."""
+    if not isinstance(messages, list) or not messages:
+        raise InferenceError("the message list is empty; send at least one user message")
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        if role not in ROLES:
+            raise InferenceError(f"messages[{i}]: role {role!r} is not known to the chat template (use one of {', '.join(ROLES)})")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise InferenceError(f"messages[{i}]: content must be text")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "user":
+        raise InferenceError(f"the last message must come from the user, not the {out[-1]['role']}")
+    return out
+
+
+# ---------------------------------------------------------------- what to load
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class Target:
+    """A resolved model: the base weights, the adapters on top, and the training template (if known)."""
+
+    base: str
+    adapters: list[str] = field(default_factory=list)
+    template: str | None = None  # from the checkpoint's config.yaml
+    tokenizer_dir: str | None = None  # where the tokenizer (and its saved chat template) lives
+    run_config: Path | None = None
+
+
+def _saved_template(directory: Path) -> tuple[str | None, Path | None, str | None]:
+    """(template, config.yaml, base model path) saved with a checkpoint, looking in it and its run dir."""
+    for cand in (directory / "config.yaml", directory.parent / "config.yaml"):
+        if cand.is_file():
+            try:
+                data = yaml.safe_load(cand.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                continue
+            model = data.get("model") or {}
+            if isinstance(model, dict) and "path" in model:
+                return model.get("template"), cand, model.get("path")
+    return None, None, None
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file()
+
+
+def pick_in_run(run_dir: Path) -> Path:
+    """The weights a run directory stands for: final/ when it exists, else its newest checkpoint."""
+    from engine.rundir import FINAL, checkpoints
+
+    if (run_dir / FINAL).is_dir():
+        return run_dir / FINAL
+    ckpts = checkpoints(run_dir)
+    if not ckpts:
+        raise InferenceError(f"run {run_dir.name} has no checkpoint or final weights yet", "not_found")
+    return ckpts[-1][1]
+
+
+def adapter_base(adapter: Path) -> str | None:
+    try:
+        return json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_target(model: str, adapters: list[str] | None = None) -> Target:
+    """Turn ``--model`` (+ ``--adapter``) into a Target. ``model`` may be a plain model, a merged export,
+    a run directory, a checkpoint or a bare adapter; the base of an adapter comes from the run's
+    config.yaml (model.path) or else from adapter_config.json."""
+    path = Path(model)
+    if not path.exists():
+        raise InferenceError(f"model not found: {model}", "not_found")
+    if _is_run_dir(path):
+        path = pick_in_run(path)
+    adapters = [str(a) for a in (adapters or [])]
+    for a in adapters:
+        if not (Path(a) / ADAPTER_CONFIG).is_file():
+            raise InferenceError(f"adapter not found: {a} (a LoRA checkpoint holds {ADAPTER_CONFIG})", "not_found")
+    template, run_config, base = _saved_template(path)
+    tokenizer_dir = str(path) if (path / "tokenizer_config.json").is_file() else None
+    if (path / ADAPTER_CONFIG).is_file():
+        base = base or adapter_base(path)
+        if not base or not Path(base).exists():
+            raise InferenceError(f"the base model of adapter {path} ({base!r}) is not on this machine; "
+                                 "pass it with --model and the adapter with --adapter", "not_found")
+        return Target(base=str(base), adapters=[str(path), *adapters], template=template,
+                      tokenizer_dir=tokenizer_dir, run_config=run_config)
+    if not (path / "config.json").is_file():
+        raise InferenceError(f"{model} is neither a model directory (config.json), a LoRA checkpoint "
+                             f"({ADAPTER_CONFIG}) nor a run directory", "not_found")
+    if not template and adapters:  # a plain base with explicit adapters: the adapter's run knows the template
+        template, run_config, _ = _saved_template(Path(adapters[0]))
+        tokenizer_dir = adapters[0] if (Path(adapters[0]) / "tokenizer_config.json").is_file() else None
+    return Target(base=str(path), adapters=adapters, template=template, tokenizer_dir=tokenizer_dir or str(path),
+                  run_config=run_config)
+
+
+def model_shape(path: str | Path) -> dict:
+    """The fields of config.json that must match between an adapter's base and the model it is put on."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+    return {k: cfg.get(k) for k in keys if k in cfg}
+
+
+def weights_bytes(path: str | Path) -> int:
+    """Size of a model directory's weight files (to check memory before a load)."""
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in Path(path).glob("*.bin"))

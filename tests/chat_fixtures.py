@@ -1,0 +1,31 @@
+"""A run directory with a LoRA checkpoint on the tiny model, built with peft directly (no training),
+shared by the inference, API, CLI and browser chat tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_lora_run(tiny_model: Path, root: Path, name: str = "20250101-000000-sft-lora", step: int = 5) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.config import RunConfig, dump_config
+
+    run_dir = root / "runs" / name
+    ckpt = run_dir / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    cfg = RunConfig()
+    cfg.model.path = str(tiny_model)
+    cfg.output.run_dir = str(run_dir)
+    dump_config(cfg, run_dir / "config.yaml")
+    dump_config(cfg, ckpt / "config.yaml")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # random B matrices (init_lora_weights=False), so the adapter visibly changes the answers
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, lora).save_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(ckpt)
+    (run_dir / "metrics.jsonl").write_text(f'{{"step": {step}, "loss": 2.5}}\n', encoding="utf-8")
+    return run_dir
