@@ -66,8 +66,8 @@ class RunReporter(TrainerCallback):
         rundir.update_status(self.run_dir, state="running", step=state.global_step, total_steps=state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
+        if not state.is_world_process_zero or not logs or "train_loss" in logs:
+            return  # the end-of-training summary is not a step
         now = time.time()
         elapsed = now - self.t0
         done = state.global_step - self.step0

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -67,6 +68,8 @@ def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[Ru
     resuming = bool(cfg.training.resume_from)
     if run_dir.exists() and any(run_dir.iterdir()):
         status = rundir.read_status(run_dir)
+        if resuming and status is not None and status.state not in rundir.ACTIVE:
+            _wait_group_exit(status.pgid, timeout=60)  # a stopped run's launcher may still be exiting
         if not resuming:
             problems.append(("output.run_dir", f"{run_dir} already exists and is not empty; choose another run directory, or resume it with training.resume_from=latest"))
         elif status is not None and status.state in rundir.ACTIVE:
@@ -77,6 +80,12 @@ def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[Ru
     dump_config(cfg, run_dir / rundir.CONFIG)
     rundir.write_status(run_dir, rundir.Status(state="queued"))
     return cfg, run_dir
+
+
+def _wait_group_exit(pgid: int | None, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while rundir.group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def free_port() -> int:
@@ -114,20 +123,28 @@ def start(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
     return run_dir
 
 
-def spawn(run_dir: str | Path) -> int:
-    """Start the supervisor of a prepared run (config.yaml written) in a new process session; returns its pid."""
+# Job kinds other than training run one plain process under the same supervisor: python -m MODULE CONFIG.
+JOB_MODULES = {"eval": "engine.evaluate", "export": "engine.export"}
+
+
+def spawn(run_dir: str | Path, kind: str = "train") -> int:
+    """Start the supervisor of a prepared run or job (config.yaml written) in a new process session; returns its pid."""
     run_dir = Path(run_dir)
+    if kind != "train" and kind not in JOB_MODULES:
+        raise ValueError(f"unknown job kind {kind!r}")
     log = open(run_dir / rundir.LOG, "ab")
     try:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.launch", str(run_dir)],
+            [sys.executable, "-m", "engine.launch", str(run_dir)] + ([kind] if kind != "train" else []),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, env=env, cwd=os.getcwd(),
         )
     finally:
         log.close()
+    # Reap the supervisor when it ends, or a killed one stays a zombie that still counts as alive.
+    threading.Thread(target=proc.wait, daemon=True).start()
     rundir.update_status(run_dir, state="starting", pid=proc.pid, pgid=proc.pid, started_at=time.time(),
                          ended_at=None, exit_code=None, error=None, error_kind=None)
     return proc.pid
@@ -186,14 +203,16 @@ def _group_members() -> list[psutil.Process]:
     return out
 
 
-def supervise(run_dir: Path) -> int:
+def supervise(run_dir: Path, kind: str = "train") -> int:
     from engine.config import load_config
 
     # The stop signal goes to the whole group: the supervisor itself keeps waiting for the workers.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    cfg = load_config(run_dir / rundir.CONFIG)
-    cmd = build_command(cfg, run_dir)
+    if kind == "train":
+        cmd = build_command(load_config(run_dir / rundir.CONFIG), run_dir)
+    else:
+        cmd = [sys.executable, "-m", JOB_MODULES[kind], str(run_dir / rundir.CONFIG)]
     print(f"[workbench] {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     code = proc.wait()
@@ -201,6 +220,8 @@ def supervise(run_dir: Path) -> int:
     while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in _group_members()):
         time.sleep(0.5)
     status = rundir.read_status_raw(run_dir) or rundir.Status()
+    if status.pid not in (None, os.getpid()):
+        return code  # the run was started again since; that attempt owns status.json now
     changes: dict = {"exit_code": code, "ended_at": status.ended_at or time.time()}
     if status.state in rundir.ACTIVE or status.state == "queued":
         changes.update(state="failed", error=status.error or rundir.guess_error(run_dir), error_kind=status.error_kind or "launcher")
@@ -210,4 +231,4 @@ def supervise(run_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(supervise(Path(sys.argv[1])))
+    sys.exit(supervise(Path(sys.argv[1]), *sys.argv[2:3]))

@@ -115,6 +115,8 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     from engine.attention import register
 
     model = load_base_model(cfg.model, compute_dtype, attn=register())
+    log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s", cfg.model.path, cfg.model.quantization,
+             getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False), model.dtype)
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing)
     ctx.callbacks = [RunReporter(run_dir, config_text), stop]
     trainer = stage.build_trainer(ctx, model)

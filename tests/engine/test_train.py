@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -82,8 +81,7 @@ def test_qlora_4bit_run(tiny_model, tmp_path):
     run_dir = _run(cfg)
     assert len(_losses(run_dir)) == 3
     assert (run_dir / "checkpoint-3" / "adapter_model.safetensors").is_file()
-    assert "Linear4bit" in (run_dir / "train.log").read_text() or "4bit" in json.dumps(
-        json.loads((run_dir / "checkpoint-3" / "adapter_config.json").read_text()))
+    assert "quantization=nf4, 4-bit=True" in (run_dir / "train.log").read_text()
 
 
 def _wait_for_step(run_dir, step, timeout=240):

@@ -1,0 +1,107 @@
+"""Standard training benchmark: a 30-step LoRA SFT of the default model, launched like any run.
+
+Workload (shared/datasets/README.md): SmolLM2-135M-Instruct, LoRA rank 8 / alpha 16 on all linear layers,
+the first 256 samples of alpaca_en_demo.json, cutoff 512, per-device batch 4, accumulation 1, lr 1e-4
+cosine, 30 steps, seed 42. Prints input tokens per second (every token we compute on is a real token:
+batches are padding-free) and the peak RSS of the training process.
+
+    .venv/bin/python bench/train_speed.py [--quantization nf4] [--precision fp32|bf16] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import launch, rundir  # noqa: E402
+from engine.config import RunConfig  # noqa: E402
+
+
+def dataset_path() -> Path:
+    shared = ROOT.parent / "shared" / "datasets" / "alpaca_en_demo.json"
+    if shared.is_file():
+        return shared
+    print("note: ../shared/datasets/alpaca_en_demo.json is absent; using data/instruct_demo.jsonl", file=sys.stderr)
+    return ROOT / "data" / "instruct_demo.jsonl"
+
+
+class PeakRSS(threading.Thread):
+    """Samples the RSS of the run's training ranks (processes running engine.train) every 0.2 s."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(daemon=True)
+        self.run_dir, self.peak, self.done = run_dir, 0, threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            status = rundir.read_status_raw(self.run_dir)
+            if status and status.pid:
+                try:
+                    for p in psutil.Process(status.pid).children(recursive=True):
+                        if "engine.train" in " ".join(p.cmdline()):
+                            self.peak = max(self.peak, p.memory_info().rss)
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    args = parser.parse_args()
+
+    cfg = RunConfig.model_validate({
+        "model": {"path": args.model, "quantization": args.quantization},
+        "method": {"finetuning_type": "qlora" if args.quantization != "none" else "lora", "lora_rank": 8,
+                   "lora_alpha": 16, "lora_target": "all-linear"},
+        "data": {"datasets": [str(dataset_path())], "max_samples": 256, "cutoff_len": 512,
+                 "registry": str(ROOT / "data" / "dataset_info.yaml")},
+        "training": {"max_steps": args.steps, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                     "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "seed": 42, "logging_steps": 1,
+                     "save_steps": 10_000, "precision": args.precision},
+    })
+    with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
+        cfg.output.run_dir = str(Path(tmp) / "run")
+        t0 = time.time()
+        run_dir = launch.start(cfg)
+        sampler = PeakRSS(run_dir)
+        sampler.start()
+        status = launch.wait(run_dir)
+        sampler.done.set()
+        wall = time.time() - t0
+        rows = [r for r in rundir.read_metrics(run_dir) if "loss" in r]
+        if status is None or status.state != "completed" or not rows:
+            print(rundir.log_tail(run_dir, 30), file=sys.stderr)
+            return 1
+        # Training time: from the first step's start to the last step's end (elapsed_s is measured
+        # from train begin, so it excludes process start, data loading and model loading).
+        last = rows[-1]
+        result = {
+            "workload": f"LoRA r8 SFT, {args.steps} steps, batch 4, cutoff 512, {args.quantization}, {args.precision}",
+            "input_tokens": last["tokens"],
+            "train_seconds": round(last["elapsed_s"], 1),
+            "tokens_per_s": round(last["tokens"] / last["elapsed_s"], 1),
+            "peak_rss_gb": round(sampler.peak / 1e9, 2),
+            "wall_seconds_incl_launch": round(wall, 1),
+            "first_loss": round(rows[0]["loss"], 4),
+            "last_loss": round(last["loss"], 4),
+        }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
