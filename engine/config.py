@@ -142,15 +142,17 @@ def _problems(err: ValidationError, lines: dict[tuple[str, ...], int] | None = N
     return out
 
 
-def parse_config(data: dict[str, Any], source: str | None = None, text: str | None = None) -> RunConfig:
+def parse_config(data: dict[str, Any], source: str | None = None, text: str | None = None, schema: type[BaseModel] | None = None):
+    """Validate a config dict against ``schema`` (default RunConfig; the eval and export jobs pass their own)."""
     try:
-        return RunConfig.model_validate(data or {})
+        return (schema or RunConfig).model_validate(data or {})
     except ValidationError as err:
         raise ConfigError(_problems(err, _yaml_lines(text) if text else None), source) from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], schema: type[BaseModel] | None = None) -> dict[str, Any]:
     """Apply ``section.field=value`` strings (values parsed as YAML) to a config dict."""
+    sections = (schema or RunConfig).model_fields
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -159,8 +161,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             problems.append((item, "overrides look like section.field=value, e.g. training.max_steps=30"))
             continue
         section, field = parts
-        if section not in RunConfig.model_fields:
-            problems.append((key, f"unknown section '{section}' (one of {', '.join(RunConfig.model_fields)})"))
+        if section not in sections:
+            problems.append((key, f"unknown section '{section}' (one of {', '.join(sections)})"))
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
@@ -175,7 +177,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[BaseModel] | None = None):
     path = Path(path)
     if not path.is_file():
         raise ConfigError([("", f"config file not found: {path}")])
@@ -189,11 +191,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not isinstance(data, dict):
         raise ConfigError([("", "the file must hold a mapping of sections (model, method, data, ...)")], str(path))
     if overrides:
-        data = apply_overrides(data, overrides)
-    return parse_config(data, str(path), text)
+        data = apply_overrides(data, overrides, schema)
+    return parse_config(data, str(path), text, schema)
 
 
-def dump_config(cfg: RunConfig, path: str | Path | None = None) -> str:
+def dump_config(cfg: BaseModel, path: str | Path | None = None) -> str:
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")

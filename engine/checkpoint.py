@@ -1,0 +1,152 @@
+"""What a checkpoint directory holds, which base it needs, and loading it for evaluation or export.
+
+A checkpoint is an adapter directory (adapter_config.json + adapter_model.safetensors, from a LoRA
+or QLoRA run) or a full model directory (config.json + weights). The base of an adapter comes
+from the run's config.yaml next to it (model.path), else adapter_config.json. ``check_adapter_base``
+compares every adapter matrix with the shape of the base module it attaches to, so a mismatched
+base is reported before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from engine import rundir
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or base model that cannot be used; ``field`` names the config field."""
+
+    def __init__(self, message: str, field: str = ""):
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    kind: str                 # "adapter" or "full"
+    base: Path | None         # base model directory (adapters)
+    quantization: str = "none"
+    run_config: dict | None = None
+
+    @property
+    def label(self) -> str:
+        parent = self.path.parent.name
+        return f"{parent}/{self.path.name}" if parent else self.path.name
+
+
+def _run_config(path: Path) -> dict | None:
+    for candidate in (path / rundir.CONFIG, path.parent / rundir.CONFIG):
+        if candidate.is_file():
+            try:
+                data = yaml.safe_load(candidate.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                continue
+            if isinstance(data, dict) and isinstance(data.get("model"), dict):
+                return data
+    return None
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+
+
+def inspect(path: str | Path, base: str | Path | None = None, field: str = "model.checkpoint") -> Checkpoint:
+    """Describe a checkpoint; raises CheckpointError for a missing or unusable directory."""
+    path = Path(path).expanduser().resolve()
+    if not str(path) or not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}", field)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; choose a checkpoint directory (checkpoint-N or final)", field)
+    run_cfg = _run_config(path)
+    if (path / "adapter_config.json").is_file():
+        if not (path / "adapter_model.safetensors").is_file() and not (path / "adapter_model.bin").is_file():
+            raise CheckpointError(f"{path} has adapter_config.json but no adapter_model.safetensors (an unfinished save?)", field)
+        adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        if base:
+            base_path = Path(base).expanduser().resolve()
+        elif run_cfg:
+            base_path = Path(run_cfg["model"].get("path", "")).expanduser().resolve()
+        else:
+            base_path = Path(adapter.get("base_model_name_or_path") or "").expanduser().resolve()
+        if not is_model_dir(base_path):
+            raise CheckpointError(f"base model of {path.name} not found at {base_path}; set the base model directory explicitly",
+                                  "model.base")
+        quant = (run_cfg or {}).get("model", {}).get("quantization", "none") or "none"
+        return Checkpoint(path, "adapter", base_path, quant, run_cfg)
+    if is_model_dir(path):
+        return Checkpoint(path, "full", None, "none", run_cfg)
+    if path.name != rundir.FINAL and (rundir.latest_checkpoint(path) or (path / rundir.FINAL).is_dir()):
+        raise CheckpointError(f"{path} is a run directory; choose one of its checkpoints (final or checkpoint-N)", field)
+    raise CheckpointError(f"{path} holds neither an adapter (adapter_config.json) nor model weights (config.json + *.safetensors)", field)
+
+
+def _adapter_shapes(path: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_adapter_base(ckpt: Checkpoint, trust_remote_code: bool = False) -> None:
+    """Raise CheckpointError when the adapter's matrices do not fit the base model's modules."""
+    if ckpt.kind != "adapter" or not (ckpt.path / "adapter_model.safetensors").is_file():
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ckpt.base, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    modules = dict(model.named_modules())
+    problems = []
+    for key, shape in _adapter_shapes(ckpt.path).items():
+        name = key.removeprefix("base_model.model.")
+        for part in (".lora_A.weight", ".lora_B.weight"):
+            if name.endswith(part):
+                module = modules.get(name[: -len(part)])
+                if module is None:
+                    problems.append(f"{name[: -len(part)]} does not exist in the base")
+                elif part == ".lora_A.weight" and getattr(module, "in_features", shape[1]) != shape[1]:
+                    problems.append(f"{name}: input size {shape[1]} vs base {module.in_features}")
+                elif part == ".lora_B.weight" and getattr(module, "out_features", shape[0]) != shape[0]:
+                    problems.append(f"{name}: output size {shape[0]} vs base {module.out_features}")
+        if len(problems) >= 3:
+            break
+    if problems:
+        raise CheckpointError(f"the adapter {ckpt.path} does not match the base model {ckpt.base} "
+                              f"({config.model_type}, hidden size {getattr(config, 'hidden_size', '?')}): "
+                              + "; ".join(problems), "model.base")
+
+
+def load_for_eval(ckpt: Checkpoint | None, base: Path, dtype, trust_remote_code: bool = False):
+    """The model of a checkpoint (adapter on its 16/32-bit base, or full weights), or the base when ckpt is None."""
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if ckpt is None:
+        return AutoModelForCausalLM.from_pretrained(base, **kw).eval()
+    if ckpt.kind == "full":
+        return AutoModelForCausalLM.from_pretrained(ckpt.path, **kw).eval()
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt.base, **kw)
+    return PeftModel.from_pretrained(model, str(ckpt.path)).eval()
+
+
+def load_tokenizer_for(path: Path, trust_remote_code: bool = False):
+    """The tokenizer saved with a checkpoint (its chat template travels with it), padded on the left."""
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer (tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok

@@ -1,0 +1,265 @@
+"""`python -m engine.export JOB_DIR/config.yaml`: merge a checkpoint into its base, save, verify, convert, push.
+
+1. checks: checkpoint, base match (adapter shapes vs base modules), output dir, disk space — before any weights load;
+2. the adapter model (fp32) gives reference logits on a fixed prompt; LoRA/QLoRA adapters are merged into an
+   unquantized base (QLoRA never merges into 4-bit weights); full checkpoints are re-saved;
+3. sharded safetensors + tokenizer + chat template + generation config + README model card;
+4. verification: the export is reloaded, its logits are compared with the adapter model's. It fails when the
+   difference exceeds the tolerance or the export is closer to the base than to the adapter (an unmerged
+   export cannot pass), and the failed weights are deleted;
+5. optional GGUF files (engine.gguf_export), each verified by transformers' gguf_file= loader;
+6. optional push to a model hub: one attempt, a clear message when offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from engine import jobs
+from engine.checkpoint import CheckpointError, check_adapter_base, inspect
+from engine.jobconfig import ExportConfig
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_GGUF_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
+_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
+
+
+class ExportError(RuntimeError):
+    """An export that cannot proceed or failed its verification."""
+
+
+def output_dir(cfg: ExportConfig) -> Path:
+    return Path(cfg.output.dir or Path(cfg.output.job_dir) / "model").expanduser().resolve()
+
+
+def _writable_parent(path: Path) -> Path:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def count_parameters(model_dir: Path, trust_remote_code: bool = False) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate_bytes(cfg: ExportConfig, n_params: int) -> int:
+    return int(n_params * (_BYTES[cfg.output.dtype] + sum(_GGUF_BYTES[q] for q in cfg.output.gguf)) * 1.05) + 50_000_000
+
+
+def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
+    """Every problem found before work starts: checkpoint, base match, output dir, disk space."""
+    problems: list[tuple[str, str]] = []
+    if not cfg.model.checkpoint:
+        return [("model.checkpoint", "choose a checkpoint to export")]
+    try:
+        ckpt = inspect(cfg.model.checkpoint, cfg.model.base or None)
+        check_adapter_base(ckpt, cfg.model.trust_remote_code)
+    except CheckpointError as err:
+        return [(err.field, str(err))]
+    out = output_dir(cfg) if (cfg.output.dir or cfg.output.job_dir) else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            problems.append(("output.dir", f"{out} is a file, not a directory"))
+        elif out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite:
+            problems.append(("output.dir", f"{out} exists and is not empty; choose another directory or set output.overwrite=true"))
+        if out in (ckpt.path, ckpt.base) or ckpt.path.is_relative_to(out):
+            problems.append(("output.dir", f"{out} would overwrite the checkpoint or base model being exported"))
+        parent = _writable_parent(out)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(("output.dir", f"{parent} is not writable"))
+        else:
+            need = estimate_bytes(cfg, count_parameters(ckpt.base or ckpt.path, cfg.model.trust_remote_code))
+            free = shutil.disk_usage(parent).free
+            if free < need:
+                problems.append(("output.dir", f"not enough disk space at {parent}: the export needs about "
+                                               f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"))
+    gguf_arch = _gguf_problem(ckpt) if cfg.output.gguf else None
+    if gguf_arch:
+        problems.append(("output.gguf", gguf_arch))
+    return problems
+
+
+def _gguf_problem(ckpt) -> str | None:
+    import json
+
+    config = json.loads(((ckpt.base or ckpt.path) / "config.json").read_text())
+    if config.get("model_type") != "llama":
+        return f"GGUF export supports llama-architecture models, not {config.get('model_type')}"
+    return None
+
+
+# ---------------------------------------------------------------- the job
+
+def _prompt_ids(tokenizer, prompt: str):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True) \
+        if tokenizer.chat_template else prompt
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def greedy(model, tokenizer, ids, max_new_tokens: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _load_source(ckpt, trust_remote_code: bool):
+    """(model in fp32 with the adapter applied, base-only logits function or None)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if ckpt.kind == "full":
+        return AutoModelForCausalLM.from_pretrained(ckpt.path, **kw).eval()
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(ckpt.base, **kw)  # unquantized, also for QLoRA adapters
+    return PeftModel.from_pretrained(base, str(ckpt.path)).eval()
+
+
+def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict) -> str:
+    import yaml
+
+    run = ckpt.run_config or {}
+    method, data, training = run.get("method", {}), run.get("data", {}), run.get("training", {})
+    ft = method.get("finetuning_type", ckpt.kind)
+    lines = [
+        "---", f"base_model: {ckpt.base or ckpt.path}", "library_name: transformers", "tags: [workbench, "
+        f"{ft}]", "---", "", f"# {output_dir(cfg).name}", "",
+        f"Exported by Workbench from `{ckpt.path}`.", "",
+        f"- **Base model:** `{ckpt.base or ckpt.path}`",
+        f"- **Method:** {method.get('stage', '?')} / {ft}" + (f" (merged into a {cfg.output.dtype} base; the adapter was trained on a "
+                                                               f"{ckpt.quantization} quantized base)" if ckpt.quantization != "none" else ""),
+        f"- **Data:** {', '.join(data.get('datasets', [])) or 'unknown'}",
+        f"- **Weights:** {cfg.output.dtype}, {n_params:,} parameters, safetensors shards of at most {cfg.output.max_shard_size}",
+        f"- **Verification:** max logit difference vs. the adapter model {verify['max_logit_diff']:.3g} "
+        f"(base vs. adapter {verify['base_vs_adapter']:.3g})", "",
+    ]
+    if method:
+        lines += ["## Method", "", "```yaml", yaml.safe_dump({"method": method}, sort_keys=False).strip(), "```", ""]
+    if training:
+        lines += ["## Hyperparameters", "", "```yaml", yaml.safe_dump({"training": training}, sort_keys=False).strip(), "```", ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f'model = AutoModelForCausalLM.from_pretrained("{output_dir(cfg)}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{output_dir(cfg)}")', "```", ""]
+    return "\n".join(lines)
+
+
+def _dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
+
+
+def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    t0 = time.time()
+    progress.plan(5 + len(cfg.output.gguf) + bool(cfg.hub.repo_id))
+    progress.phase("checking")
+    problems = check_export(cfg)
+    if problems:
+        raise ExportError("; ".join(f"{f}: {m}" for f, m in problems))
+    ckpt = inspect(cfg.model.checkpoint, cfg.model.base or None)
+    out = output_dir(cfg)
+    if out.exists():
+        shutil.rmtree(out)  # overwrite was allowed by check_export
+    out.mkdir(parents=True)
+    progress.advance(phase="checked")
+
+    progress.phase("loading the checkpoint")
+    tok_dir = ckpt.path if (ckpt.path / "tokenizer_config.json").is_file() else ckpt.base
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
+    model = _load_source(ckpt, cfg.model.trust_remote_code)
+    ids = _prompt_ids(tokenizer, cfg.verify.prompt)
+    ref = _logits(model, ids)
+    if ckpt.kind == "adapter":
+        with model.disable_adapter():
+            base_logits = _logits(model, ids)
+        progress.phase("merging the adapter")
+        model = model.merge_and_unload()
+    else:
+        base_logits = ref
+    progress.advance(phase="merged")
+
+    progress.phase("saving safetensors")
+    n_params = sum(p.numel() for p in model.parameters())
+    model = model.to(getattr(torch, cfg.output.dtype))
+    model.config.use_cache = True
+    model.save_pretrained(out, max_shard_size=cfg.output.max_shard_size.replace(" ", ""), safe_serialization=True)
+    del model
+    tokenizer.save_pretrained(out)
+    src_gen = next((d for d in (ckpt.path, ckpt.base) if d and (d / "generation_config.json").is_file()), None)
+    if src_gen:
+        GenerationConfig.from_pretrained(src_gen).save_pretrained(out)
+    progress.advance(phase="saved")
+
+    progress.phase("verifying the export")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code).eval()
+    got = _logits(reloaded, ids)
+    diff = (got - ref).abs().max().item()
+    to_base = (got - base_logits).abs().max().item()
+    delta = (ref - base_logits).abs().max().item()
+    tol = cfg.verify.tolerance or _TOLERANCE[cfg.output.dtype]
+    answer_ids = greedy(reloaded, tokenizer, ids, cfg.verify.max_new_tokens)
+    verify = {"max_logit_diff": diff, "export_vs_base": to_base, "base_vs_adapter": delta, "tolerance": tol,
+              "prompt": cfg.verify.prompt, "answer": tokenizer.decode(answer_ids, skip_special_tokens=True)}
+    if diff > tol or (delta > tol and diff >= to_base):
+        shutil.rmtree(out)
+        why = ("the export matches the base model rather than the adapter (unmerged?)" if delta > tol and diff >= to_base
+               else f"the logits differ by {diff:.3g} > tolerance {tol:g}")
+        raise ExportError(f"verification failed: {why}; max difference vs. adapter {diff:.3g}, vs. base {to_base:.3g}. "
+                          "The export was deleted.")
+    (out / "README.md").write_text(model_card(cfg, ckpt, n_params, verify), encoding="utf-8")
+    progress.advance(phase="verified", max_logit_diff=diff)
+
+    result = {"output_dir": str(out), "checkpoint": str(ckpt.path), "base": str(ckpt.base or ckpt.path), "kind": ckpt.kind,
+              "quantization": ckpt.quantization, "dtype": cfg.output.dtype, "parameters": n_params,
+              "safetensors_bytes": _dir_bytes(out, "*.safetensors"), "shards": len(list(out.glob("*.safetensors"))),
+              "verify": verify, "gguf": [], "hub": None}
+    for qtype in cfg.output.gguf:
+        from engine.gguf_export import verify_gguf, write_gguf
+
+        progress.phase(f"writing GGUF {qtype}")
+        path = write_gguf(out, out / f"{out.name}-{qtype}.gguf", qtype)
+        result["gguf"].append({"type": qtype, "path": str(path), "bytes": path.stat().st_size,
+                               **verify_gguf(out, path, reloaded, tokenizer, ids, cfg.verify.max_new_tokens)})
+        progress.advance(phase=f"gguf {qtype}")
+    del reloaded
+    result["seconds"] = round(time.time() - t0, 2)
+    if cfg.hub.repo_id:
+        from engine.hub import push
+
+        progress.phase("pushing to the hub")
+        jobs.write_result(job_dir, result)
+        result["hub"] = push(cfg.hub, out)
+        progress.advance(phase="pushed")
+    progress.advance(phase="done")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return jobs.run_job("export", sys.argv[1:] if argv is None else argv, export)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
