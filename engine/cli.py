@@ -39,6 +39,25 @@ def _stop(args) -> int:
     return 0
 
 
+def _chat(args) -> int:
+    from engine.chatcli import run
+
+    return run(args)
+
+
+def _api(args) -> int:
+    from engine.api import serve
+    from engine.sampling import InferenceError
+
+    try:
+        return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=args.api_key,
+                     quantization=args.quantization, template=args.template, model_name=args.name,
+                     default_max_tokens=args.max_new_tokens)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def _prepare_model(args) -> int:
     from engine.prepare import prepare_model
 
@@ -67,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="models/SmolLM2-135M-Instruct")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_prepare_model)
+
+    from engine.chatcli import add_arguments, add_sampling  # torch-free
+
+    p = sub.add_parser("chat", help="chat with a model, run or checkpoint in the terminal (streams; /clear, /exit)")
+    add_arguments(p)
+    add_sampling(p)
+    p.set_defaults(func=_chat)
+
+    p = sub.add_parser("api", help="serve a model, run or checkpoint as an OpenAI-compatible API (/v1/chat/completions)")
+    add_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the checkpoint path)")
+    p.set_defaults(func=_api)
     return parser
 
 

@@ -1,0 +1,102 @@
+"""`workbench chat`: a multi-turn chat in the terminal, streaming each answer as it is generated.
+
+Commands: /clear forgets the conversation, /exit (or Ctrl-D) leaves. Ctrl-C during an answer stops
+that answer and keeps the chat going. ``--single-turn`` answers one message (``--message`` or stdin)
+and exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from engine.sampling import InferenceError, SamplingParams
+
+
+def params_from(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+
+
+def answer(chat, history: list[dict], params: SamplingParams, out=sys.stdout) -> str | None:
+    """Stream one answer to ``out``; the answer text, or None when the request was refused."""
+    try:
+        stream = chat.stream(history, params)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    try:
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        out.write(" [stopped]")
+    out.write("\n")
+    out.flush()
+    return stream.result.text if stream.result else ""
+
+
+def run(args) -> int:
+    from engine.inference import ChatModel
+
+    try:
+        chat = ChatModel.load(args.model, adapters=args.adapter, quantization=args.quantization, template=args.template)
+    except InferenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for w in chat.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    params = params_from(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.single_turn:
+        message = args.message if args.message is not None else sys.stdin.read().strip()
+        text = answer(chat, system + [{"role": "user", "content": message}], params)
+        return 0 if text is not None else 1
+    label = ", ".join(chat.target.adapters) or chat.target.base
+    print(f"chatting with {label} (template {chat.template.name}); /clear forgets, /exit leaves", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("\nyou> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/clear":
+            history = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        text = answer(chat, system + history, params)
+        if text is None:
+            history.pop()
+        else:
+            history.append({"role": "assistant", "content": text})
+
+
+def add_arguments(p) -> None:
+    """The options `workbench chat` and `workbench api` share: what to load and how to sample."""
+    defaults = SamplingParams()
+    p.add_argument("--model", required=True, help="a model directory, merged export, run directory or checkpoint")
+    p.add_argument("--adapter", action="append", default=[], help="a LoRA checkpoint to put on the model (repeatable)")
+    p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"], help="load the base in 4 or 8 bits")
+    p.add_argument("--template", default=None, help="override the chat template saved with the checkpoint (warns)")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+
+
+def add_sampling(p) -> None:
+    d = SamplingParams()
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--single-turn", action="store_true", help="answer one message (--message or stdin) and exit")
+    p.add_argument("--message", default=None, help="with --single-turn: the message (else read from stdin)")
