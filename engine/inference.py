@@ -159,13 +159,19 @@ class ChatModel:
             raise InferenceError(err.message) from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _setup(self, messages, params: SamplingParams, event, streamer=None):
+    def check(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids, or an InferenceError for a bad conversation or one too long for the model."""
         ids = self.prompt_ids(messages)
         window = self.context_window
         if len(ids) >= window:
             raise InferenceError(f"the prompt is {len(ids)} tokens, {len(ids) - window + 1} more than the model's "
                                  f"context window of {window} leaves room for (shorten the conversation or clear it)",
                                  "context_length")
+        return ids
+
+    def _setup(self, messages, params: SamplingParams, event, streamer=None):
+        ids = self.check(messages)
+        window = self.context_window
         max_new = min(params.max_new_tokens, window - len(ids))
         eos = list(dict.fromkeys(self.template.stop_token_ids(self.tokenizer) + list(params.stop_token_ids)))
         words = [w for w in params.stop] + [w for w in self.template.stop_words
