@@ -1,0 +1,227 @@
+"""The chat model's own process: the web UI talks to it through a pipe and never imports torch for chat.
+
+Parent side, :class:`InferenceWorker` (imports no torch): ``load`` starts a spawned process and
+loads a model there, ``chat`` streams text pieces back, ``stop`` cancels the current answer, and
+``unload`` ends the process, so every byte of its memory (and VRAM) goes back to the system.
+
+Messages (tuples over a multiprocessing Pipe):
+  parent -> worker: ("load", {model, adapters, quantization, template}), ("chat", messages, params, use_adapter),
+                    ("stop",), ("exit",)
+  worker -> parent: ("loaded", info) | ("piece", text) | ("done", result) | ("error", message, kind)
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from engine.sampling import InferenceError, Result, SamplingParams, resolve_target, weights_bytes
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def estimate_bytes(model: str, adapters: list[str], quantization: str, on_gpu: bool) -> int:
+    """Memory the weights take once loaded (stored size scaled to the load dtype and quantization)."""
+    target = resolve_target(model, adapters)
+    stored = weights_bytes(target.base)
+    try:
+        stored_dtype = json.loads((Path(target.base) / "config.json").read_text()).get("torch_dtype") or "float32"
+    except (OSError, ValueError):
+        stored_dtype = "float32"
+    params = stored / _BYTES.get(stored_dtype, 4)
+    per_param = {"nf4": 0.56, "fp4": 0.56, "int8": 1.1}.get(quantization, 2 if on_gpu else 4)
+    return int(params * per_param) + sum(weights_bytes(a) for a in target.adapters)
+
+
+def check_fits(need: int) -> None:
+    """Refuse a load that would not fit in free GPU (or host) memory, before touching the weights."""
+    import torch
+
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if need * 1.2 > free:
+            raise InferenceError(f"not enough free GPU memory to load this model: it needs about {gib(need)} plus room to "
+                                 f"generate, and {gib(free)} is free on GPU {torch.cuda.current_device()} (is a training run "
+                                 "using it? wait for it to finish, or load in 4-bit)", "out_of_memory")
+    else:
+        free = psutil.virtual_memory().available
+        if need * 1.2 > free:
+            raise InferenceError(f"not enough free memory to load this model: it needs about {gib(need)}, and "
+                                 f"{gib(free)} is available", "out_of_memory")
+
+
+def memory_info() -> dict:
+    import os
+
+    import torch
+
+    info = {"pid": os.getpid(), "rss": rss_bytes(os.getpid())}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        info.update(gpu_allocated=torch.cuda.memory_allocated(), gpu_free=free, gpu_total=total)
+    return info
+
+
+def _main(conn) -> None:  # pragma: no cover - runs in the child process (exercised by tests through the pipe)
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING)
+    chat = None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if msg[0] == "exit":
+                return
+            if msg[0] == "load":
+                from engine.inference import ChatModel
+                import torch
+
+                spec = msg[1]
+                chat = None
+                check_fits(estimate_bytes(spec["model"], spec.get("adapters") or [], spec.get("quantization", "none"),
+                                          torch.cuda.is_available()))
+                chat = ChatModel.load(spec["model"], adapters=spec.get("adapters"), quantization=spec.get("quantization", "none"),
+                                      template=spec.get("template"), device_map={"": 0} if torch.cuda.is_available() else None)
+                conn.send(("loaded", dict(memory_info(), warnings=chat.warnings, template=chat.template.name,
+                                          base=chat.target.base, adapters=chat.target.adapters,
+                                          context_window=chat.context_window)))
+            elif msg[0] == "chat":
+                if chat is None:
+                    raise InferenceError("no model is loaded; press Load first")
+                _stream(conn, chat, msg[1], SamplingParams(**msg[2]), msg[3])
+            elif msg[0] == "stop":
+                continue  # a stop that arrived after its answer ended
+        except InferenceError as err:
+            conn.send(("error", str(err), err.kind))
+        except Exception as err:  # noqa: BLE001 - the worker stays up and reports
+            kind = "out_of_memory" if "out of memory" in str(err).lower() else "runtime"
+            conn.send(("error", f"{type(err).__name__}: {err}", kind))
+
+
+def _stream(conn, chat, messages, params, use_adapter) -> None:
+    stream = chat.stream(messages, params, use_adapter=use_adapter)
+    for piece in stream:
+        conn.send(("piece", piece))
+        while conn.poll():
+            if conn.recv()[0] == "stop":
+                stream.cancel()
+    conn.send(("done", stream.result.model_dump()))
+
+
+class WorkerError(RuntimeError):
+    def __init__(self, message: str, kind: str = "runtime"):
+        self.kind = kind
+        super().__init__(message)
+
+
+class InferenceWorker:
+    """One chat model in one child process. Calls come from any thread; one request runs at a time."""
+
+    def __init__(self):
+        self.proc = None
+        self.conn = None
+        self.info: dict | None = None
+        self.last: Result | None = None
+        self._busy = threading.Lock()
+        self._send = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    @property
+    def loaded(self) -> bool:
+        return self.alive and self.info is not None
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid) if self.alive else 0
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_main, args=(child,), daemon=True, name="workbench-chat")
+        self.proc.start()
+        child.close()
+
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            code = self.proc.exitcode if self.proc else None
+            self.info = None
+            raise WorkerError(f"the chat worker died (exit code {code}); it may have run out of memory — load again",
+                              "killed") from None
+
+    def load(self, model: str, adapters: list[str] | None = None, quantization: str = "none",
+             template: str | None = None) -> dict:
+        with self._busy:
+            if not self.alive:
+                self._start()
+            self.info = None
+            self.conn.send(("load", dict(model=model, adapters=adapters or [], quantization=quantization, template=template)))
+            reply = self._recv()
+            if reply[0] == "error":
+                raise WorkerError(reply[1], reply[2])
+            self.info = reply[1]
+            return self.info
+
+    def chat(self, messages: list[dict], params: SamplingParams, use_adapter: bool = True) -> Iterator[str]:
+        """Yields text pieces; afterwards ``self.last`` holds the Result."""
+        if not self.loaded:
+            raise WorkerError("no model is loaded; press Load first", "invalid_request")
+        with self._busy:
+            self.last = None
+            with self._send:
+                self.conn.send(("chat", messages, params.model_dump(), use_adapter))
+            while True:
+                reply = self._recv()
+                if reply[0] == "piece":
+                    yield reply[1]
+                elif reply[0] == "done":
+                    self.last = Result(**reply[1])
+                    return
+                else:
+                    raise WorkerError(reply[1], reply[2])
+
+    def stop(self) -> None:
+        """Cancel the answer being generated (it ends after the current token)."""
+        if self.alive:
+            with self._send:
+                self.conn.send(("stop",))
+
+    def unload(self, timeout: float = 10.0) -> int:
+        """End the process; returns its RSS just before (bytes). Its memory goes back to the system."""
+        if self.proc is None:
+            return 0
+        before = self.rss()
+        self.stop()
+        try:
+            with self._send:
+                self.conn.send(("exit",))
+        except (OSError, ValueError):
+            pass
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+        self.conn.close()
+        self.proc, self.conn, self.info = None, None, None
+        return before

@@ -1,0 +1,60 @@
+"""The chat worker process: load, stream, stop, bad input, unload frees its memory; the parent stays torch-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from chat_fixtures import make_lora_run
+from engine.sampling import SamplingParams
+from engine.worker import InferenceWorker, WorkerError
+
+ASK = [{"role": "user", "content": "Who are you?"}]
+
+
+def test_worker_lifecycle(tiny_model, tmp_path):
+    run = make_lora_run(tiny_model, tmp_path)
+    worker = InferenceWorker()
+    with pytest.raises(WorkerError, match="model not found"):
+        worker.load(str(tmp_path / "runs" / "nope"))
+    assert worker.alive  # a bad load leaves the worker up
+    before_load = worker.rss()
+    info = worker.load(str(run / "checkpoint-5"))
+    assert info["adapters"] == [str(run / "checkpoint-5")] and info["template"] == "auto"
+    assert info["rss"] > before_load  # the weights live in the worker, not here
+    pid = worker.proc.pid
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    pieces = list(worker.chat(ASK, greedy))
+    assert len(pieces) > 1 and "".join(pieces) == worker.last.text and worker.last.completion_tokens == 12
+    tuned = worker.last.text
+    base = "".join(worker.chat(ASK, greedy, use_adapter=False))
+    assert base != tuned  # side by side: the base model (adapter disabled) answers differently
+    assert "".join(worker.chat(ASK, greedy, use_adapter=False)) == base
+
+    stream = worker.chat(ASK, SamplingParams(temperature=0, max_new_tokens=500))
+    next(stream)
+    worker.stop()
+    list(stream)
+    assert worker.last.finish_reason == "cancelled" and worker.last.completion_tokens < 500
+
+    with pytest.raises(WorkerError, match="empty"):
+        list(worker.chat([], greedy))
+    with pytest.raises(WorkerError, match="context window"):
+        list(worker.chat([{"role": "user", "content": "hello " * 2100}], greedy))
+    assert "".join(worker.chat(ASK, greedy)) == worker.last.text  # still serving
+
+    freed = worker.unload()
+    assert freed > 100 * 2**20 and not worker.alive
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(WorkerError, match="no model is loaded"):
+        list(worker.chat(ASK, greedy))
+
+
+def test_parent_side_imports_no_torch():
+    code = "import sys, engine.worker, engine.sampling; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
