@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the checkpoint path)")
     p.set_defaults(func=_api)
+
+    from engine.jobcli import add_parsers as add_job_parsers  # eval, export
+
+    add_job_parsers(sub)
     return parser
 
 
