@@ -1,0 +1,143 @@
+"""The form is derived from RunConfig, and config -> widgets -> config is the identity."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import ConfigError, RunConfig
+from webui import form, i18n
+from webui.runs import Device
+
+CPU = [Device("cpu", "CPU")]
+GPUS = [Device("0", "GPU 0"), Device("1", "GPU 1"), Device("2", "GPU 2")]
+
+
+def _changed_config() -> RunConfig:
+    """A config where every form field differs from its default."""
+    return RunConfig.model_validate({
+        "model": {"path": "/models/x", "template": "chatml", "dtype": "bfloat16", "quantization": "nf4",
+                  "double_quant": False, "trust_remote_code": True},
+        "method": {"stage": "sft", "finetuning_type": "qlora", "freeze_trainable_layers": 5, "lora_rank": 32,
+                   "lora_alpha": 64, "lora_dropout": 0.05, "lora_target": "q_proj,v_proj", "modules_to_save": "lm_head"},
+        "data": {"datasets": ["identity", "instruct_demo"], "registry": "/r/reg.yaml", "cutoff_len": 333,
+                 "max_samples": 77, "val_size": 0.1, "multiturn_loss": "split"},
+        "training": {"num_train_epochs": 1.5, "max_steps": 30, "per_device_train_batch_size": 8,
+                     "gradient_accumulation_steps": 3, "learning_rate": 2.5e-5, "lr_scheduler_type": "linear",
+                     "warmup_ratio": 0.25, "weight_decay": 0.01, "max_grad_norm": 0.5, "optim": "sgd",
+                     "precision": "fp32", "gradient_checkpointing": True, "seed": 7, "logging_steps": 2,
+                     "save_steps": 9, "eval_steps": 4, "save_total_limit": 2},
+        "distributed": {"devices": "0,2", "num_processes": 2, "zero_stage": 2, "offload": True,
+                        "hostfile": "/etc/hosts.ds", "master_port": 29555},
+        "output": {"run_dir": "/tmp/somewhere"},
+    })
+
+
+def test_every_field_is_placed_exactly_once():
+    placed = []
+    for tab in form.LAYOUT["tabs"].values():
+        placed += tab.get("basic", []) + tab.get("advanced", [])
+        for keys in tab.get("groups", {}).values():
+            placed += keys
+    assert sorted(placed) == sorted(form.form_keys())
+    assert len(placed) == len(set(placed))
+    assert set(form.all_keys()) - set(form.form_keys()) == {"training.resume_from"}
+
+
+def test_changed_config_differs_in_every_form_field():
+    a, b = form.to_values(RunConfig(), GPUS), form.to_values(_changed_config(), GPUS)
+    same = [k for k in form.form_keys() if a[k] == b[k] and k != "method.stage"]  # sft is the only stage today
+    assert same == []
+
+
+@pytest.mark.parametrize("devices", [CPU, GPUS])
+def test_round_trip_of_values(devices):
+    for cfg in (RunConfig(), form.load_defaults(), _changed_config()):
+        if devices is CPU:
+            cfg = cfg.model_copy(deep=True)
+            cfg.distributed.devices = ""
+        assert form.from_values(form.to_values(cfg, devices), devices) == cfg
+
+
+def test_round_trip_through_real_widgets():
+    """Build the widgets with the values, let gradio serialise them as the page would, and read them back."""
+    import gradio as gr
+
+    from webui.context import Context
+    from webui.runs import RunManager
+
+    class _Manager(RunManager):
+        def __init__(self):
+            self.devices = GPUS
+            self.workspace = None
+
+    cfg = _changed_config()
+    ctx = Context(manager=_Manager(), defaults=cfg)
+    with gr.Blocks():
+        for key in form.form_keys():
+            choices = None
+            if key == "model.template":
+                choices = ["auto", "chatml"]
+            elif key in ("model.path", "data.datasets"):
+                choices = []
+            form.build(ctx, key, choices=choices)
+    values = {}
+    for key, widget in ctx.fields.items():
+        payload = widget.postprocess(widget.value)
+        payload = payload.model_dump() if hasattr(payload, "model_dump") else payload
+        values[key] = widget.preprocess(payload)
+    assert form.from_values(values, GPUS) == cfg
+
+
+def test_widgets_follow_types_bounds_and_defaults():
+    assert form.spec("model.double_quant").kind == "checkbox"
+    assert form.spec("method.finetuning_type").kind == "radio"
+    assert form.spec("method.finetuning_type").choices == ("full", "freeze", "lora", "qlora")
+    assert form.spec("training.optim").kind == "dropdown"
+    rank = form.spec("method.lora_rank")
+    assert (rank.kind, rank.minimum, rank.maximum, rank.default) == ("slider", 1, 1024, 8)
+    dropout = form.spec("method.lora_dropout")  # lt=1.0 -> the slider stops one step short of 1
+    assert dropout.kind == "slider" and dropout.maximum == pytest.approx(0.99)
+    cutoff = form.spec("data.cutoff_len")  # too wide a range for a slider
+    assert (cutoff.kind, cutoff.minimum, cutoff.maximum, cutoff.integer) == ("number", 8, 1_048_576, True)
+    assert form.spec("data.max_samples").optional and form.spec("data.max_samples").kind == "number"
+    assert form.spec("distributed.devices").kind == "devices"
+    assert form.spec("data.datasets").kind == "multiselect"
+
+
+def test_ui_defaults_are_a_valid_config_with_cpu_friendly_values():
+    cfg = form.load_defaults()
+    assert cfg.model.path == "models/SmolLM2-135M-Instruct" and cfg.data.datasets == ["identity"]
+    assert cfg.method.finetuning_type == "lora"
+    assert (cfg.data.cutoff_len, cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps,
+            cfg.training.logging_steps) == (512, 4, 1, 1)
+    assert cfg.training.seed == RunConfig().training.seed  # everything else is the config's own default
+
+
+def test_bad_values_name_every_field_at_once():
+    values = form.to_values(RunConfig(), CPU)
+    values["training.per_device_train_batch_size"] = None  # a cleared number box
+    values["data.cutoff_len"] = 4  # below ge=8
+    with pytest.raises(ConfigError) as err:
+        form.from_values(values, CPU)
+    fields = {f for f, _ in err.value.problems}
+    assert fields == {"training.per_device_train_batch_size", "data.cutoff_len"}
+
+
+def test_device_checkboxes():
+    assert form.devices_value("", GPUS) == ["0", "1", "2"]
+    assert form.devices_value("0,2", GPUS) == ["0", "2"]
+    assert form.devices_config(["2", "0"], GPUS) == "0,2"
+    assert form.devices_config(["0", "1", "2"], GPUS) == ""  # all of them: the config's "every visible GPU"
+    assert form.devices_value("", CPU) == ["cpu"] and form.devices_config(["cpu"], CPU) == ""
+
+
+def test_chinese_covers_every_english_text_and_every_field():
+    en, zh = i18n.table("en"), i18n.table("zh")
+    assert i18n.flat_keys(en) - i18n.flat_keys(zh) == set()
+    for key in form.all_keys():
+        assert i18n.field_label("zh", key) != i18n.field_label("en", key) or key.startswith("method.lora")
+        assert zh["fields"][key]["info"], key
+        assert en["fields"][key]["label"], key
+    assert i18n.field_info("en", "method.lora_rank") == "LoRA rank r."  # English help is the schema's description
+    assert i18n.t("zh", "train.started", run="r1") == "已开始运行 r1。"
+    assert i18n.choice_label("zh", "distributed.zero_stage", 0) == "0（关闭）"
