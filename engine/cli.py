@@ -65,6 +65,13 @@ def _prepare_model(args) -> int:
     return 0
 
 
+def _webui(args) -> int:
+    from webui.server import serve  # imported here: the engine never imports gradio at module level
+
+    return serve(host=args.host, port=args.port, workspace=args.workspace, auth=args.auth, auth_file=args.auth_file,
+                 share=args.share, lang=args.lang)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Fine-tune open LLMs: one run config, one engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="SIGKILL instead of a graceful stop")
     p.add_argument("--timeout", type=float, default=120)
     p.set_defaults(func=_stop)
+
+    p = sub.add_parser("webui", help="serve the web UI (default http://127.0.0.1:7860); runs outlive the server")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs --auth")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--workspace", default=None, help="where runs live (default ./workspace or $WORKBENCH_WORKSPACE)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login")
+    p.add_argument("--auth-file", default=None, metavar="FILE", help="require a login from this file of user:password lines")
+    p.add_argument("--share", action="store_true", help="also open a public Gradio share link (needs --auth)")
+    p.add_argument("--lang", default="en", choices=["en", "zh"], help="language the page opens in")
+    p.set_defaults(func=_webui)
 
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a local HF model (idempotent)")
     p.add_argument("--output", default="models/SmolLM2-135M-Instruct")

@@ -1,0 +1,108 @@
+"""Smaller pieces: model facts without loading weights, the Start preview, the status card, the app itself."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from engine.config import RunConfig
+from webui import modelinfo, views
+from webui.metrics import MetricSeries
+from webui.runs import Device, RunInfo, RunManager
+
+
+def test_parameter_count_from_safetensors_headers_matches_torch(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    info = modelinfo.inspect_model(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert info.params == sum(p.numel() for p in model.parameters())
+    assert (info.layers, info.hidden, info.heads, info.kv_heads) == (2, 64, 4, 2)
+    assert info.chat_template  # saved with the default model's tokenizer
+
+
+def test_parameter_count_without_safetensors_uses_config_arithmetic(tiny_model, tmp_path):
+    import shutil
+
+    for name in ("config.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, tmp_path / name)
+    counted = modelinfo.inspect_model(tiny_model).params
+    estimated = modelinfo.inspect_model(tmp_path).params
+    assert estimated == pytest.approx(counted, rel=0.01)  # only the norms are left out
+
+
+def test_memory_estimate_orders_the_methods(default_model):
+    info = modelinfo.inspect_model(default_model)
+    assert info.params == 134_515_008
+    est = {m: modelinfo.estimate_memory(info, m, "nf4" if m == "qlora" else "none", 4, 512, 8, 2, False, False)
+           for m in ("full", "freeze", "lora", "qlora")}
+    assert est["qlora"]["weights"] < est["lora"]["weights"] == est["full"]["weights"]
+    assert est["lora"]["states"] < est["freeze"]["states"] < est["full"]["states"]
+    assert modelinfo.lora_params(info, 8) == 2_442_240  # what peft reports for all-linear r=8 on this model
+
+
+def test_model_path_validation(tmp_path):
+    with pytest.raises(modelinfo.ModelPathError, match="not found"):
+        modelinfo.resolve_model_path(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(modelinfo.ModelPathError, match="not a directory"):
+        modelinfo.resolve_model_path(str(tmp_path / "file"))
+    with pytest.raises(modelinfo.ModelPathError, match="config.json"):
+        modelinfo.resolve_model_path(str(tmp_path))
+    with pytest.raises(modelinfo.ModelPathError):
+        modelinfo.resolve_model_path("  ")
+    assert modelinfo.resolve_model_path("models/SmolLM2-135M-Instruct").is_absolute()
+
+
+def test_preview_is_the_config_and_command_start_would_use(tiny_model, tmp_path):
+    from webui.context import Context
+    from webui.tabs.train import preview
+
+    ctx = Context(manager=RunManager(tmp_path / "ws", devices=[Device("cpu", "CPU")]), defaults=RunConfig())
+    cfg = RunConfig()
+    cfg.model.path = str(tiny_model)
+    text, cmd, problems = preview(ctx, cfg)
+    assert problems == []
+    shown = RunConfig.model_validate(yaml.safe_load(text))
+    assert shown.model.path == str(tiny_model) and shown.output.run_dir.startswith(str(tmp_path / "ws" / "runs"))
+    argv = shlex.split(cmd)
+    assert argv[-1] == f"{shown.output.run_dir}/config.yaml" and "engine.train" in argv
+    assert argv[argv.index("--master_port") + 1] == "AUTO"
+    cfg.data.datasets = ["no_such_dataset"]
+    assert any("no_such_dataset" in p for p in preview(ctx, cfg)[2])
+
+
+def test_run_card_exposes_progress_for_people_and_tests(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.5, "tokens_per_s": 99.0, "eta_s": 30, "time": 0}\n')
+    series = MetricSeries(tmp_path)
+    series.update()
+    info = RunInfo(id="r1", path=tmp_path, state="running", step=2, total_steps=8, last_loss=1.5, started_at=100.0,
+                   model="m", datasets=["identity"], method="lora", devices=("cpu",))
+    html = views.run_card("en", info, series, now=160.0)
+    for attr in ('data-state="running"', 'data-step="2"', 'data-total="8"', 'data-points="1"', "width:25.00%"):
+        assert attr in html
+    assert "1:00" in html and "1.5000" in html  # elapsed, loss
+    failed = views.run_card("zh", RunInfo(id="r1", path=tmp_path, state="failed", error="boom <x>",
+                                          error_kind="out_of_memory"), None)
+    assert "内存不足" in failed and "boom &lt;x&gt;" in failed  # the cause, translated kind, escaped
+
+
+def test_the_app_builds_with_every_tab(tmp_path):
+    import gradio as gr
+
+    from webui.app import build_app
+    from webui.context import Context
+    from webui.form import form_keys, load_defaults
+
+    ctx = Context(manager=RunManager(tmp_path / "ws", devices=[Device("cpu", "CPU")]), defaults=load_defaults())
+    demo = build_app(ctx)
+    assert isinstance(demo, gr.Blocks)
+    assert set(ctx.fields) == set(form_keys())
+    labels = {b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)}
+    assert {"Model", "Data", "Hyperparameters", "Train", "Runs"} <= labels
+    updates = ctx.language_updates("zh")
+    assert len(updates) == len(ctx.texts) and {"label": "训练"} in [
+        {k: v for k, v in u.items() if k == "label"} for u in updates]

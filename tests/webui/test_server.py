@@ -1,0 +1,52 @@
+"""`workbench webui` binds loopback by default and refuses to open up without a login."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from webui.server import UnsafeBind, check_bind, is_loopback, parse_auth
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_loopback_needs_no_login(host):
+    assert is_loopback(host)
+    check_bind(host, share=False, credentials=[])
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "example.com"])
+def test_other_addresses_need_a_login(host):
+    assert not is_loopback(host)
+    with pytest.raises(UnsafeBind, match="--auth"):
+        check_bind(host, share=False, credentials=[])
+    check_bind(host, share=False, credentials=[("u", "p")])
+
+
+def test_share_needs_a_login_even_on_loopback():
+    with pytest.raises(UnsafeBind, match="--share"):
+        check_bind("127.0.0.1", share=True, credentials=[])
+    check_bind("127.0.0.1", share=True, credentials=[("u", "p")])
+
+
+def test_credentials_from_argument_and_file(tmp_path):
+    f = tmp_path / "users"
+    f.write_text("# team\nann:s3cret\n\nbob:pa:ss\n")
+    assert parse_auth("root:pw", str(f)) == [("root", "pw"), ("ann", "s3cret"), ("bob", "pa:ss")]
+    for bad in ("nocolon", ":pw", "user:"):
+        with pytest.raises(UnsafeBind, match="user:password"):
+            parse_auth(bad, None)
+    with pytest.raises(UnsafeBind, match="not found"):
+        parse_auth(None, str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("args", [["--host", "0.0.0.0"], ["--share"], ["--host", "0.0.0.0", "--auth", "broken"]])
+def test_cli_refuses_with_one_sentence_and_exit_code_2(args, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "webui", "--port", "1", "--workspace", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "runs").exists()  # refused before anything was set up

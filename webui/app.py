@@ -1,0 +1,86 @@
+"""build_app(ctx) -> gr.Blocks: the header with the language switch, and one tab per module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from .context import Context
+from .form import load_defaults
+from .i18n import LANGUAGES, t
+from .runs import RunManager
+from .tabs import data, hparams, model, runs, train
+
+TABS = (model, data, hparams, train, runs)
+CSS = Path(__file__).with_name("style.css")
+
+
+def theme() -> gr.themes.Base:
+    system = ["-apple-system", "BlinkMacSystemFont", "Segoe UI", "Noto Sans", "PingFang SC", "Microsoft YaHei",
+              "Helvetica Neue", "Arial", "sans-serif"]
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate", radius_size="md",
+                          font=system, font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
+
+
+def header_html(ctx: Context, lang: str) -> str:
+    devices = ", ".join(d.name for d in ctx.manager.devices)
+    return (f'<div class="wb-header"><div class="wb-logo">◆</div><div><div class="wb-title">Workbench</div>'
+            f'<div class="wb-tagline">{t(lang, "app.tagline")}</div></div>'
+            f'<div class="wb-env"><span class="wb-chip">{t(lang, "app.devices")}: {devices}</span>'
+            f'<span class="wb-chip" title="{ctx.workspace}">{t(lang, "app.workspace")}: {ctx.workspace}</span></div></div>')
+
+
+def build_app(ctx: Context) -> gr.Blocks:
+    with gr.Blocks(title="Workbench", fill_width=False) as demo:
+        with gr.Row(equal_height=True, elem_classes="wb-top"):
+            head = gr.HTML(header_html(ctx, ctx.lang), scale=1)
+            lang = gr.Dropdown([(name, code) for code, name in LANGUAGES.items()], value=ctx.lang, label="Language / 语言",
+                               elem_id="lang", scale=0, min_width=180, interactive=True)
+        ctx.shared["lang"] = lang
+        ctx.translate(head, value=lambda lg: header_html(ctx, lg))
+        with gr.Tabs(selected="train" if ctx.manager.active() else "model", elem_id="tabs") as tabs:
+            ctx.shared["tabs"] = tabs
+            for tab in TABS:
+                tab.build(ctx)
+        for tab in TABS:
+            tab.wire(ctx)
+
+        targets = [comp for comp, _ in ctx.texts]
+
+        def switch(lg):
+            return ctx.language_updates(lg)
+
+        event = lang.change(switch, lang, targets, show_progress="hidden")
+        event.then(lambda: ({}, None), None, [ctx.shared["view"], ctx.shared["runs_sig"]])
+        for fn, inputs, outputs in ctx.on_lang:
+            event.then(fn, inputs, outputs, show_progress="hidden")
+
+        c = ctx.shared
+
+        def on_load():
+            run_id = train.pick_run(ctx)
+            return gr.update(choices=[r.path.name for r in ctx.manager.runs()], value=run_id)
+
+        demo.load(on_load, None, c["run"])
+        for fn, inputs, outputs in ctx.on_load:
+            demo.load(fn, inputs, outputs, show_progress="hidden")
+    return demo
+
+
+def create(workspace: str | Path, lang: str = "en") -> tuple[gr.Blocks, Context]:
+    """The app and its context for a workspace (the run manager's queue thread is started)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    manager = RunManager(workspace)
+    manager.start_background()
+    ctx = Context(manager=manager, defaults=load_defaults(), lang=lang)
+    return build_app(ctx), ctx
+
+
+def launch_kwargs(ctx: Context) -> dict:
+    # Only saved configs may be downloaded; run directories (logs, weights) are never served as files.
+    configs = ctx.workspace / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    return dict(theme=theme(), css=CSS.read_text(encoding="utf-8"), allowed_paths=[str(configs)],
+                footer_links=["settings"], run_history=False)

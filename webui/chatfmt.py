@@ -1,0 +1,58 @@
+"""Chat-template advice for the Model tab: the suggested template of a model and mismatch warnings.
+
+Needs the model's tokenizer (``apply_chat_template``), the one thing the server process loads
+from a model directory. Tokenizers are cached per directory and modification time; the
+default model's is loaded in the background at startup, so the first page interaction is quick.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from engine.data.templates import suggest_template, template_mismatch
+
+_cache: dict[tuple[str, float], object] = {}
+_lock = threading.Lock()
+
+
+def _stamp(path: Path) -> float:
+    files = [path / n for n in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja")]
+    return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
+
+
+def tokenizer(path: Path, trust_remote_code: bool = False):
+    key = (str(path), _stamp(path))
+    with _lock:
+        if key not in _cache:
+            from transformers import AutoTokenizer
+
+            _cache[key] = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return _cache[key]
+
+
+def preload(path: Path) -> None:
+    threading.Thread(target=lambda: _safe(lambda: tokenizer(path)), name="tokenizer-preload", daemon=True).start()
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - advice only; a broken tokenizer shows up when the run starts
+        return None
+
+
+def suggested(path: Path) -> str | None:
+    tok = _safe(lambda: tokenizer(path))
+    return suggest_template(tok) if tok is not None else None
+
+
+def advice(path: Path, template: str) -> tuple[str, str] | None:
+    """(kind, message) for the chosen template: 'mismatch' or 'no_template', else None."""
+    tok = _safe(lambda: tokenizer(path))
+    if tok is None:
+        return None
+    if template == "auto":
+        return None if getattr(tok, "chat_template", None) else ("no_template", "")
+    warning = _safe(lambda: template_mismatch(tok, template))
+    return ("mismatch", warning) if warning else None

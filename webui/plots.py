@@ -1,0 +1,116 @@
+"""Matplotlib figures of a run's curves (object API only: no pyplot state, safe in server threads)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .metrics import MetricSeries, smooth  # noqa: E402
+
+INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
+RAW, SMOOTH, EVAL, LR = "#a5b4fc", "#4f46e5", "#f59e0b", "#0d9488"
+PALETTE = ["#4f46e5", "#f59e0b", "#10b981", "#ef4444", "#0ea5e9", "#a855f7", "#84cc16", "#ec4899"]
+
+
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Source Han Sans SC",
+             "Microsoft YaHei", "PingFang SC", "SimHei")
+
+
+@lru_cache(maxsize=1)
+def _font_family() -> list[str]:
+    """DejaVu Sans, then the first installed CJK font (matplotlib falls back glyph by glyph)."""
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans"] + [n for n in CJK_FONTS if n in names][:1]
+
+
+def _figure(width: float = 6.4, height: float = 3.4):
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, color=GRID, linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    for side in ("left", "bottom"):
+        ax.spines[side].set_color("#d1d5db")
+    ax.tick_params(colors=MUTED, labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig, ax
+
+
+def _labels(ax, title: str, xlabel: str, ylabel: str) -> None:
+    family = _font_family()
+    ax.set_title(title, loc="left", fontsize=10, color=INK, fontweight="bold", family=family)
+    ax.set_xlabel(xlabel, fontsize=8, color=MUTED, family=family)
+    ax.set_ylabel(ylabel, fontsize=8, color=MUTED, family=family)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color=MUTED, fontsize=9,
+            family=_font_family())
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def loss_figure(series: MetricSeries | None, words: dict[str, str]) -> Figure:
+    """Training loss (raw and smoothed) and eval loss by step."""
+    fig, ax = _figure()
+    _labels(ax, words["loss"], words["step"], words["loss"])
+    xs, ys = series.column("loss") if series else ([], [])
+    if not xs:
+        _empty(ax, words["waiting"])
+        return fig
+    marker = "o" if len(xs) <= 40 else None
+    ax.plot(xs, ys, color=RAW, linewidth=1.0, marker=marker, markersize=2.5, label=words["raw"])
+    if len(xs) >= 3:
+        ax.plot(xs, smooth(ys), color=SMOOTH, linewidth=2.0, label=words["smoothed"])
+    ex, ey = series.column("eval_loss", "eval")
+    if ex:
+        ax.plot(ex, ey, color=EVAL, linewidth=1.6, marker="o", markersize=4, label=words["eval"])
+    ax.legend(fontsize=8, frameon=False, loc="upper right", prop={"family": _font_family(), "size": 8})
+    if len(xs) == 1:
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    return fig
+
+
+def lr_figure(series: MetricSeries | None, words: dict[str, str]) -> Figure:
+    fig, ax = _figure(4.6, 3.4)
+    _labels(ax, words["lr"], words["step"], "")
+    xs, ys = series.column("learning_rate") if series else ([], [])
+    if not xs:
+        _empty(ax, words["waiting"])
+        return fig
+    ax.plot(xs, ys, color=LR, linewidth=1.8)
+    ax.fill_between(xs, ys, color=LR, alpha=0.08)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax.yaxis.get_offset_text().set_fontsize(7)
+    return fig
+
+
+def overlay_figure(runs: list[tuple[str, MetricSeries]], words: dict[str, str]) -> Figure:
+    """Several runs' smoothed training losses (raw as a faint line behind) on one axis."""
+    fig, ax = _figure(9.0, 3.6)
+    _labels(ax, words["compare"], words["step"], words["loss"])
+    drawn = 0
+    for n, (name, series) in enumerate(runs):
+        xs, ys = series.column("loss")
+        if not xs:
+            continue
+        color = PALETTE[n % len(PALETTE)]
+        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, smooth(ys), color=color, linewidth=1.8, label=name)
+        drawn += 1
+    if not drawn:
+        _empty(ax, words["pick"])
+        return fig
+    ax.legend(fontsize=7, frameon=False, loc="upper right")
+    return fig
+
+
+def has_cjk_font() -> bool:
+    return len(_font_family()) > 1

@@ -1,0 +1,120 @@
+"""Hyperparameters tab: every other run-config field (basic on top, the rest in accordions), and
+Save / Load / Reset of the whole form as a run-config YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from engine.config import ConfigError, dump_config, load_config
+
+from .. import form
+from ..i18n import t
+from ..views import message
+from .train import problem_lines
+
+PER_ROW = 4
+
+
+def _grid(ctx, keys: list[str]) -> None:
+    for i in range(0, len(keys), PER_ROW):
+        with gr.Row(equal_height=False):
+            for key in keys[i:i + PER_ROW]:
+                form.build(ctx, key)
+
+
+def config_path(lang: str, text: str, workspace: Path, must_exist: bool) -> Path:
+    """A typed config path, validated: a .yaml file (relative paths live in the workspace)."""
+    text = (text or "").strip()
+    if not text:
+        raise ValueError(t(lang, "hparams.path_empty"))
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        path = workspace / path
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ValueError(t(lang, "hparams.path_suffix", path=path))
+    if path.is_dir():
+        raise ValueError(t(lang, "hparams.path_is_dir", path=path))
+    if must_exist and not path.is_file():
+        raise ValueError(t(lang, "hparams.path_missing", path=path))
+    return path
+
+
+def build(ctx) -> None:
+    c = ctx.shared
+    with gr.Tab(ctx.t("tabs.hparams"), id="hparams") as tab:
+        ctx.translate(tab, label="tabs.hparams")
+        layout = ctx.layout["hparams"]
+        _grid(ctx, layout["basic"])
+        for group, keys in layout["groups"].items():
+            with gr.Accordion(ctx.t(f"hparams.group.{group}"), open=group == "lora", elem_id=f"acc-{group}") as acc:
+                ctx.translate(acc, label=f"hparams.group.{group}")
+                _grid(ctx, keys)
+        with gr.Group(elem_classes="wb-saveload"):
+            with gr.Row(equal_height=True):
+                c["cfg_path"] = ctx.translate(
+                    gr.Textbox(str(ctx.workspace / "configs" / "my-run.yaml"), label=ctx.t("hparams.cfg_path"),
+                               info=ctx.t("hparams.cfg_path_info"), scale=4, elem_id="cfg-path"),
+                    label="hparams.cfg_path", info="hparams.cfg_path_info")
+                with gr.Column(scale=2, min_width=200):
+                    with gr.Row():
+                        c["save"] = ctx.translate(gr.Button(ctx.t("hparams.save"), size="sm", elem_id="btn-save"), value="hparams.save")
+                        c["load"] = ctx.translate(gr.Button(ctx.t("hparams.load"), size="sm", elem_id="btn-load"), value="hparams.load")
+                    with gr.Row():
+                        c["upload"] = ctx.translate(gr.UploadButton(ctx.t("hparams.upload"), file_types=[".yaml", ".yml"], size="sm",
+                                                                    elem_id="btn-upload"), label="hparams.upload")
+                        c["reset"] = ctx.translate(gr.Button(ctx.t("hparams.reset"), size="sm", elem_id="btn-reset"), value="hparams.reset")
+                c["download"] = gr.DownloadButton(ctx.t("hparams.download"), visible=False, size="sm", scale=1)
+            c["cfg_msg"] = gr.HTML("", elem_id="cfg-msg")
+
+
+def wire(ctx) -> None:
+    c, f, lang = ctx.shared, ctx.fields, ctx.shared["lang"]
+    fields = set(f.values())
+    keys = ctx.field_list()
+
+    def on_save(data):
+        lg = data[lang]
+        try:
+            cfg = ctx.config_from(data)
+        except ConfigError as err:
+            return message("error", t(lg, "train.invalid"), problem_lines(err)), gr.update(visible=False)
+        try:
+            path = config_path(lg, data[c["cfg_path"]], ctx.workspace, must_exist=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, path)
+        except (ValueError, OSError) as err:
+            return message("error", t(lg, "hparams.save_failed"), [str(err)]), gr.update(visible=False)
+        downloadable = path.resolve().is_relative_to((ctx.workspace / "configs").resolve())
+        return (message("ok", t(lg, "hparams.saved", path=path)),
+                gr.update(value=str(path), visible=True, label=t(lg, "hparams.download")) if downloadable else gr.update(visible=False))
+
+    c["save"].click(on_save, fields | {lang, c["cfg_path"]}, [c["cfg_msg"], c["download"]])
+
+    def apply(lg, cfg, done: str):
+        values = form.to_values(cfg, ctx.manager.devices)
+        out = {f[k]: values[k] for k in keys}
+        out[c["cfg_msg"]] = message("ok", done)
+        return out
+
+    def load_from(lg, path_text, must_exist=True):
+        try:
+            path = config_path(lg, path_text, ctx.workspace, must_exist)
+            cfg = load_config(path)
+        except ValueError as err:
+            lines = problem_lines(err) if isinstance(err, ConfigError) else [str(err)]
+            return {c["cfg_msg"]: message("error", t(lg, "hparams.load_failed"), lines)}
+        return apply(lg, cfg, t(lg, "hparams.loaded", path=path))
+
+    outputs = [f[k] for k in keys] + [c["cfg_msg"]]
+    c["load"].click(lambda lg, p: load_from(lg, p), [lang, c["cfg_path"]], outputs)
+    c["upload"].upload(lambda lg, file: load_from(lg, file), [lang, c["upload"]], outputs)
+    c["reset"].click(lambda lg: apply(lg, ctx.defaults, t(lg, "hparams.reset_done")), [lang], outputs)
+
+    def on_devices(selected):
+        ids = [d for d in (selected or []) if d != "cpu"]
+        return len(ids) if ids else gr.skip()
+
+    if ctx.manager.gpus:
+        f["distributed.devices"].input(on_devices, f["distributed.devices"], f["distributed.num_processes"])

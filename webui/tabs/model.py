@@ -1,0 +1,138 @@
+"""Model tab: model directory, chat template (with mismatch warnings), finetuning type, quantization,
+parameter count and a memory estimate per method."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from engine.data.templates import template_names
+
+from .. import chatfmt, form
+from ..i18n import t
+from ..modelinfo import ROOT, ModelPathError, estimate_memory, human_count, inspect_model, local_models, resolve_model_path
+from ..views import esc, message
+
+METHODS = ("full", "freeze", "lora", "qlora")
+
+
+def model_roots(ctx):
+    return [ROOT / "models", ctx.workspace / "models"]
+
+
+def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff, rank, freeze, gc, gpu: bool) -> str:
+    try:
+        path = resolve_model_path(path_text)
+        info = inspect_model(path)
+    except ModelPathError as err:
+        return message("error", t(lang, "model.bad_path"), [str(err)])
+    except (OSError, ValueError) as err:
+        return message("error", t(lang, "model.bad_config"), [str(err)])
+    facts = [
+        ("model.arch", info.architecture), ("model.params", f"{human_count(info.params)} ({info.params or 0:,})"),
+        ("model.layers", info.layers), ("model.hidden", info.hidden),
+        ("model.heads", f"{info.heads} / {info.kv_heads} KV"), ("model.vocab", f"{info.vocab:,}"),
+        ("model.context", f"{info.context:,}"),
+        ("model.has_template", t(lang, "common.yes") if info.chat_template else t(lang, "common.no")),
+    ]
+    kv = "".join(f'<div class="wb-kv"><span>{esc(t(lang, k))}</span><b>{esc(v)}</b></div>' for k, v in facts)
+    rows = []
+    for m in METHODS:
+        q = quant if m == "qlora" else "none"
+        if m == "qlora" and q == "none":
+            q = "nf4"
+        try:
+            est = estimate_memory(info, m, q, int(batch or 1), int(cutoff or 512), int(rank or 8), int(freeze or 1), bool(gc), gpu)
+        except (TypeError, ValueError):
+            continue
+        cls = ' class="wb-current"' if m == method else ""
+        rows.append(f"<tr{cls}><td>{esc(m)}</td><td>{est['weights']:.2f}</td><td>{est['states']:.2f}</td>"
+                    f"<td>{est['activations']:.2f}</td><td><b>{est['total']:.1f}</b></td></tr>")
+    head = "".join(f"<th>{esc(t(lang, k))}</th>" for k in ("model.m_method", "model.m_weights", "model.m_states",
+                                                                 "model.m_acts", "model.m_total"))
+    return (f'<div class="wb-card" id="model-info"><div class="wb-card-title">{esc(path.name)}</div>'
+            f'<div class="wb-kvs">{kv}</div>'
+            f'<div class="wb-subtitle">{esc(t(lang, "model.memory_title"))}</div>'
+            f'<table class="wb-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<div class="wb-hint">{esc(t(lang, "model.memory_note"))}</div></div>')
+
+
+def template_html(lang: str, path_text: str, template: str) -> str:
+    try:
+        path = resolve_model_path(path_text)
+    except ModelPathError:
+        return ""
+    found = chatfmt.advice(path, template)
+    if not found:
+        return ""
+    kind, text = found
+    if kind == "no_template":
+        return message("warn", t(lang, "model.no_template"))
+    return message("warn", t(lang, "model.mismatch"), [text])
+
+
+def template_warning(lang: str, path_text: str, template: str):
+    html = template_html(lang, path_text, template)
+    return gr.update(value=html, visible=bool(html))
+
+
+def build(ctx) -> None:
+    c = ctx.shared
+    with gr.Tab(ctx.t("tabs.model"), id="model") as tab:
+        ctx.translate(tab, label="tabs.model")
+        with gr.Row():
+            with gr.Column(scale=3):
+                form.build(ctx, "model.path", choices=local_models(model_roots(ctx)))
+                form.build(ctx, "model.template", choices=template_names())
+                c["template_warning"] = gr.HTML("", elem_id="template-warning", visible=False)
+                form.build(ctx, "method.finetuning_type")
+                form.build(ctx, "model.quantization")
+                with gr.Accordion(ctx.t("common.advanced"), open=False) as acc:
+                    ctx.translate(acc, label="common.advanced")
+                    for key in ctx.layout["model"]["advanced"]:
+                        form.build(ctx, key)
+            with gr.Column(scale=2):
+                c["model_info"] = gr.HTML("", elem_id="model-info-box")
+
+
+def wire(ctx) -> None:
+    c, f, lang = ctx.shared, ctx.fields, ctx.shared["lang"]
+    gpu = bool(ctx.manager.gpus)
+    est_inputs = [lang, f["model.path"], f["method.finetuning_type"], f["model.quantization"],
+                  f["training.per_device_train_batch_size"], f["data.cutoff_len"], f["method.lora_rank"],
+                  f["method.freeze_trainable_layers"], f["training.gradient_checkpointing"]]
+
+    def refresh_info(lg, path, method, quant, batch, cutoff, rank, freeze, gc):
+        return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu)
+
+    for comp in est_inputs[1:]:
+        comp.change(refresh_info, est_inputs, c["model_info"], show_progress="hidden")
+    ctx.on_load.append((refresh_info, est_inputs, c["model_info"]))
+    ctx.on_lang.append((refresh_info, est_inputs, c["model_info"]))
+
+    def on_path(lg, path, template):
+        """A new model: suggest its template ('auto' when it has one) and check the pairing."""
+        try:
+            resolved = resolve_model_path(path)
+        except ModelPathError:
+            return gr.skip(), gr.update(value="", visible=False)
+        suggested = chatfmt.suggested(resolved)
+        new = suggested if suggested and (template == "auto" or suggested == "auto") else template
+        return new, template_warning(lg, path, new)
+
+    f["model.path"].input(on_path, [lang, f["model.path"], f["model.template"]],
+                          [f["model.template"], c["template_warning"]])
+    f["model.template"].change(template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"],
+                               show_progress="hidden")
+    ctx.on_load.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
+    ctx.on_lang.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
+
+    def on_method(method, quant):
+        """QLoRA needs a quantized base, full and freeze tuning cannot have one."""
+        if method == "qlora" and quant == "none":
+            return "nf4"
+        if method in ("full", "freeze") and quant != "none":
+            return "none"
+        return gr.skip()
+
+    f["method.finetuning_type"].input(on_method, [f["method.finetuning_type"], f["model.quantization"]],
+                                      f["model.quantization"])

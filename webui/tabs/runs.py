@@ -1,0 +1,164 @@
+"""Runs tab: every run of the workspace, loss curves of several runs overlaid, and one run opened
+(config, curves, checkpoints with their step and loss), with Watch and Delete (confirmed)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from engine import rundir
+
+from ..i18n import t
+from ..plots import loss_figure, overlay_figure
+from ..runs import RunError
+from ..views import message, when
+from .train import plot_words
+
+REFRESH_S = 4.0
+COLUMNS = ("run", "status", "stage", "method", "model", "data", "step", "loss", "started")
+
+
+def headers(lang: str) -> list[str]:
+    return [t(lang, f"runs.col.{k}") for k in COLUMNS]
+
+
+def table(ctx, lang: str) -> list[list]:
+    rows = []
+    for r in ctx.manager.runs():
+        state = t(lang, f"state.{r.state}") + (f" #{r.queue_position}" if r.queue_position else "")
+        rows.append([r.id, state, r.stage, r.method, r.model, ", ".join(r.datasets),
+                     f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step),
+                     f"{r.last_loss:.4f}" if r.last_loss is not None else "", when(r.started_at or r.created_at)])
+    return rows
+
+
+def checkpoint_rows(ctx, run_dir) -> list[list]:
+    series = ctx.manager.series(run_dir)
+    out = []
+    for step, path in rundir.checkpoints(run_dir):
+        loss = series.loss_at(step)
+        out.append([path.name, step, f"{loss:.4f}" if loss is not None else "", str(path)])
+    return out
+
+
+def build(ctx) -> None:
+    c = ctx.shared
+    lang = ctx.lang
+    with gr.Tab(ctx.t("tabs.runs"), id="runs") as tab:
+        ctx.translate(tab, label="tabs.runs")
+        with gr.Row(equal_height=True):
+            c["runs_refresh"] = ctx.translate(gr.Button(ctx.t("runs.refresh"), size="sm", scale=0, min_width=120,
+                                                        elem_id="btn-runs-refresh"), value="runs.refresh")
+            c["runs_hint"] = ctx.translate(gr.Markdown(ctx.t("runs.hint")), value="runs.hint")
+        c["runs_table"] = gr.Dataframe(value=[], headers=headers(lang), interactive=False, wrap=True,
+                                       elem_id="runs-table", max_height=360, show_search="search")
+        with gr.Row():
+            c["compare"] = ctx.translate(gr.Dropdown([], value=[], multiselect=True, label=ctx.t("runs.compare"),
+                                                     elem_id="compare-runs"), label="runs.compare")
+        c["overlay"] = gr.Plot(show_label=False, elem_id="overlay-plot", format="png")
+        with gr.Group():
+            with gr.Row(equal_height=True):
+                c["open"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("runs.open"), elem_id="open-run", scale=4),
+                                          label="runs.open")
+                c["watch"] = ctx.translate(gr.Button(ctx.t("runs.watch"), scale=1, elem_id="btn-watch"), value="runs.watch")
+                c["delete"] = ctx.translate(gr.Button(ctx.t("runs.delete"), variant="stop", scale=1, elem_id="btn-delete"),
+                                            value="runs.delete")
+            with gr.Row(visible=False, elem_id="confirm-row") as confirm:
+                c["confirm_text"] = gr.HTML("")
+                c["confirm_yes"] = ctx.translate(gr.Button(ctx.t("runs.confirm_delete"), variant="stop", elem_id="btn-confirm-delete"),
+                                                 value="runs.confirm_delete")
+                c["confirm_no"] = ctx.translate(gr.Button(ctx.t("runs.cancel"), elem_id="btn-cancel-delete"), value="runs.cancel")
+            c["confirm"] = confirm
+        c["runs_msg"] = gr.HTML("", elem_id="runs-msg")
+        with gr.Row(equal_height=True):
+            c["run_config"] = gr.Code("", language="yaml", label="config.yaml", lines=18, max_lines=18,
+                                      interactive=False, elem_id="run-config")
+            c["run_plot"] = gr.Plot(show_label=False, elem_id="run-plot", format="png")
+        c["ckpt_table"] = ctx.translate(
+            gr.Dataframe(value=[], headers=[t(lang, f"runs.ckpt.{k}") for k in ("name", "step", "loss", "path")],
+                         interactive=False, label=ctx.t("runs.checkpoints"), elem_id="ckpt-table"),
+            label="runs.checkpoints", headers=lambda lg: [t(lg, f"runs.ckpt.{k}") for k in ("name", "step", "loss", "path")])
+        c["runs_tab"] = tab
+        c["runs_timer"] = gr.Timer(REFRESH_S)
+        c["runs_sig"] = gr.State(None)
+
+
+def wire(ctx) -> None:
+    c, m, lang = ctx.shared, ctx.manager, ctx.shared["lang"]
+
+    def refresh(lg, sig, open_id, compare):
+        rows = table(ctx, lg)
+        new_sig = (lg, repr(rows))
+        if new_sig == sig:
+            return gr.skip(), gr.skip(), gr.skip(), sig
+        ids = [r[0] for r in rows]
+        return (gr.update(value=rows, headers=headers(lg)),
+                gr.update(choices=ids, value=open_id if open_id in ids else None),
+                gr.update(choices=ids, value=[x for x in (compare or []) if x in ids]), new_sig)
+
+    refresh_io = ([lang, c["runs_sig"], c["open"], c["compare"]], [c["runs_table"], c["open"], c["compare"], c["runs_sig"]])
+    c["runs_timer"].tick(refresh, *refresh_io, show_progress="hidden", queue=False)
+    c["runs_refresh"].click(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
+    c["runs_tab"].select(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
+    ctx.on_load.append((lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1]))
+
+    def on_compare(lg, ids):
+        runs = []
+        for run_id in ids or []:
+            try:
+                runs.append((run_id, m.series(m.run_dir(run_id))))
+            except RunError:
+                continue
+        return overlay_figure(runs, plot_words(lg))
+
+    c["compare"].change(on_compare, [lang, c["compare"]], c["overlay"], show_progress="hidden")
+
+    def on_open(lg, run_id):
+        if not run_id:
+            return "", None, [], "", gr.update(visible=False)
+        try:
+            run_dir = m.run_dir(run_id)
+        except RunError as err:
+            return "", None, [], message("error", str(err)), gr.update(visible=False)
+        text = (run_dir / rundir.CONFIG).read_text(encoding="utf-8")
+        return (text, loss_figure(m.series(run_dir), plot_words(lg)), checkpoint_rows(ctx, run_dir), "",
+                gr.update(visible=False))
+
+    open_out = [c["run_config"], c["run_plot"], c["ckpt_table"], c["runs_msg"], c["confirm"]]
+    c["open"].change(on_open, [lang, c["open"]], open_out, show_progress="hidden")
+
+    def on_select(rows, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        try:
+            return rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
+        except (IndexError, KeyError, TypeError):
+            return gr.skip()
+
+    c["runs_table"].select(on_select, c["runs_table"], c["open"])
+
+    def on_watch(lg, run_id):
+        if not run_id:
+            return gr.skip(), gr.skip(), message("warn", t(lg, "runs.pick_first"))
+        choices = [r.path.name for r in m.runs()]
+        return gr.update(choices=choices, value=run_id), gr.Tabs(selected="train"), ""
+
+    c["watch"].click(on_watch, [lang, c["open"]], [c["run"], c["tabs"], c["runs_msg"]]).then(
+        lambda: {}, None, c["view"])
+
+    def on_delete(lg, run_id):
+        if not run_id:
+            return gr.update(visible=False), "", message("warn", t(lg, "runs.pick_first"))
+        return gr.update(visible=True), message("warn", t(lg, "runs.confirm_text", run=run_id)), ""
+
+    c["delete"].click(on_delete, [lang, c["open"]], [c["confirm"], c["confirm_text"], c["runs_msg"]])
+    c["confirm_no"].click(lambda: gr.update(visible=False), None, c["confirm"])
+
+    def on_confirm(lg, run_id):
+        try:
+            m.delete(run_id)
+        except RunError as err:
+            return gr.update(visible=False), message("error", t(lg, "runs.delete_failed"), [str(err)]), gr.skip(), None
+        except OSError as err:
+            return gr.update(visible=False), message("error", t(lg, "runs.delete_failed"), [str(err)]), gr.skip(), None
+        return gr.update(visible=False), message("ok", t(lg, "runs.deleted", run=run_id)), None, None
+
+    c["confirm_yes"].click(on_confirm, [lang, c["open"]], [c["confirm"], c["runs_msg"], c["open"], c["runs_sig"]])

@@ -1,0 +1,225 @@
+"""Train tab: preview, Start, Stop, Resume, and the live view of one run (card, curves, log)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import gradio as gr
+
+from engine import launch, rundir
+from engine.checks import check
+from engine.config import ConfigError, RunConfig, dump_config
+
+from ..i18n import t
+from ..modelinfo import ModelPathError, resolve_model_path
+from ..plots import has_cjk_font, loss_figure, lr_figure
+from ..runs import RunError
+from ..views import log_html, message, run_card
+
+TICK_S = 1.5
+
+
+def plot_words(lang: str) -> dict[str, str]:
+    lang = lang if has_cjk_font() else "en"
+    return {k: t(lang, f"plot.{k}") for k in ("loss", "step", "raw", "smoothed", "eval", "lr", "waiting", "compare", "pick")}
+
+
+def with_project_paths(cfg: RunConfig) -> RunConfig:
+    """A relative model path that exists from the project root (not from here) is made absolute."""
+    try:
+        path = resolve_model_path(cfg.model.path)
+    except ModelPathError:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.path = str(path)
+    return cfg
+
+
+def problem_lines(err: ConfigError) -> list[str]:
+    return [f"{field.removeprefix('form: ')}: {msg}" if field else msg for field, msg in err.problems]
+
+
+def preview(ctx, cfg: RunConfig) -> tuple[str, str, list[str]]:
+    """(config.yaml text, command line, problems) of the run Start would create now."""
+    cfg = launch.resolve_paths(with_project_paths(cfg))
+    run_dir = Path(cfg.output.run_dir) if cfg.output.run_dir else launch.new_run_dir(cfg, ctx.workspace)
+    cfg.output.run_dir = str(run_dir)
+    problems = [f"{f}: {m}" for f, m in check(cfg, run_dir)]
+    cmd = shlex.join(launch.build_command(cfg, run_dir))
+    if cfg.distributed.master_port is None:
+        cmd = re.sub(r"--master_port \d+", "--master_port AUTO", cmd)
+    return dump_config(cfg), cmd, problems
+
+
+def pick_run(ctx) -> str | None:
+    """The run a freshly opened page watches: the newest active one, else the newest queued, else the newest."""
+    runs = ctx.manager.runs()
+    for states in (("starting", "running", "stopping"), ("queued",)):
+        for r in runs:
+            if r.state in states:
+                return r.id
+    return runs[0].id if runs else None
+
+
+def build(ctx) -> None:
+    c = ctx.shared
+    with gr.Tab(ctx.t("tabs.train"), id="train") as tab:
+        ctx.translate(tab, label="tabs.train")
+        with gr.Row(equal_height=True, elem_classes="wb-toolbar"):
+            c["start"] = ctx.translate(gr.Button(ctx.t("train.start"), variant="primary", elem_id="btn-start", scale=2), value="train.start")
+            c["stop"] = ctx.translate(gr.Button(ctx.t("train.stop"), variant="stop", elem_id="btn-stop", interactive=False, scale=1), value="train.stop")
+            c["force"] = ctx.translate(gr.Button(ctx.t("train.force_stop"), variant="secondary", elem_id="btn-force", visible=False, scale=1), value="train.force_stop")
+            c["ckpt"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("train.resume_from"), elem_id="resume-ckpt", scale=2, interactive=True), label="train.resume_from")
+            c["resume"] = ctx.translate(gr.Button(ctx.t("train.resume"), elem_id="btn-resume", interactive=False, scale=1), value="train.resume")
+            c["run"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("train.watching"), elem_id="watch-run", scale=3), label="train.watching")
+        c["train_msg"] = gr.HTML("", elem_id="train-msg")
+        c["card"] = gr.HTML(run_card(ctx.lang, None, None), elem_id="run-card-box")
+        with gr.Row(equal_height=True):
+            c["loss_plot"] = gr.Plot(show_label=False, elem_id="loss-plot", scale=3, format="png")
+            c["lr_plot"] = gr.Plot(show_label=False, elem_id="lr-plot", scale=2, format="png")
+        with gr.Accordion(ctx.t("train.log"), open=True) as acc:
+            ctx.translate(acc, label="train.log")
+            c["log"] = gr.HTML(log_html(""), elem_id="train-log-box")
+        with gr.Accordion(ctx.t("train.preview"), open=False, elem_id="preview-acc") as acc:
+            ctx.translate(acc, label="train.preview")
+            c["preview_btn"] = ctx.translate(gr.Button(ctx.t("train.preview_btn"), size="sm", elem_id="btn-preview"), value="train.preview_btn")
+            c["preview_msg"] = gr.HTML("")
+            with gr.Row():
+                c["preview_yaml"] = gr.Code("", language="yaml", label="config.yaml", lines=16, max_lines=30, interactive=False, elem_id="preview-yaml")
+                c["preview_cmd"] = gr.Code("", language="shell", label="command", lines=4, interactive=False, elem_id="preview-cmd", wrap_lines=True)
+        c["train_tab"] = tab
+        c["timer"] = gr.Timer(TICK_S)
+        c["view"] = gr.State({})
+
+
+def wire(ctx) -> None:
+    c, m = ctx.shared, ctx.manager
+    lang = c["lang"]
+    fields = set(ctx.fields.values())
+    outputs = [c["card"], c["loss_plot"], c["lr_plot"], c["log"], c["ckpt"], c["stop"], c["force"], c["resume"], c["view"]]
+
+    def run_choices():
+        return [r.path.name for r in m.runs()]
+
+    def tick(run_id, lang_, view):
+        view = dict(view or {})
+        out = {k: gr.skip() for k in outputs}
+        if not run_id:
+            card = run_card(lang_, None, None)
+            if view.get("card") != card:
+                out.update({c["card"]: card, c["loss_plot"]: loss_figure(None, plot_words(lang_)),
+                            c["lr_plot"]: lr_figure(None, plot_words(lang_)), c["log"]: log_html(""),
+                            c["stop"]: gr.update(interactive=False), c["resume"]: gr.update(interactive=False),
+                            c["ckpt"]: gr.update(choices=[], value=None)})
+                view = {"card": card}
+            out[c["view"]] = view
+            return out
+        try:
+            run_dir = m.run_dir(run_id)
+        except RunError as err:
+            out[c["card"]] = message("error", str(err))
+            out[c["view"]] = {}
+            return out
+        info = m.info(run_dir)
+        series = m.series(run_dir)
+        card = run_card(lang_, info, series)
+        if view.get("card") != card:
+            out[c["card"]] = card
+        sig = (run_id, series.version, lang_)
+        if view.get("plots") != sig:
+            words = plot_words(lang_)
+            out[c["loss_plot"]], out[c["lr_plot"]] = loss_figure(series, words), lr_figure(series, words)
+        log = run_dir / rundir.LOG
+        log_sig = (run_id, log.stat().st_size if log.exists() else 0)
+        if view.get("log") != log_sig:
+            out[c["log"]] = log_html(rundir.log_tail(run_dir, lines=200))
+        ckpts = [p.name for _, p in rundir.checkpoints(run_dir)]
+        active = info.state in rundir.ACTIVE
+        controls = (run_id, tuple(ckpts), info.state)
+        if view.get("controls") != controls:
+            choices = (["latest"] + ckpts[::-1]) if ckpts else []
+            out[c["ckpt"]] = gr.update(choices=choices, value=choices[0] if choices else None)
+            out[c["stop"]] = gr.update(interactive=active or info.state == "queued")
+            out[c["force"]] = gr.update(visible=info.state == "stopping")
+            out[c["resume"]] = gr.update(interactive=bool(ckpts) and not active and info.state != "queued")
+        out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls}
+        return out
+
+    c["timer"].tick(tick, [c["run"], lang, c["view"]], outputs, show_progress="hidden", queue=False)
+    c["run"].input(lambda r, lg: tick(r, lg, {}), [c["run"], lang], outputs, show_progress="hidden")
+
+    def read_form(data):
+        try:
+            return ctx.config_from(data), None
+        except ConfigError as err:
+            return None, message("error", t(data[lang], "train.invalid"), problem_lines(err))
+
+    def on_start(data):
+        lg = data[lang]
+        cfg, error = read_form(data)
+        if error:
+            gr.Warning(t(lg, "train.invalid"))
+            return {c["train_msg"]: error}
+        try:
+            result = m.start(with_project_paths(cfg))
+        except ConfigError as err:
+            gr.Warning(t(lg, "train.invalid"))
+            return {c["train_msg"]: message("error", t(lg, "train.invalid"), problem_lines(err))}
+        except (RunError, OSError) as err:
+            return {c["train_msg"]: message("error", t(lg, "train.start_failed"), [str(err)])}
+        if result.queued:
+            text = t(lg, "train.queued", run=result.id, others=", ".join(result.waiting_for))
+            gr.Info(text)
+            msg = message("info", text)
+        else:
+            msg = message("ok", t(lg, "train.started", run=result.id))
+        return {c["train_msg"]: msg, c["run"]: gr.update(choices=run_choices(), value=result.id), c["view"]: {}}
+
+    c["start"].click(on_start, fields | {lang}, [c["train_msg"], c["run"], c["view"]])
+    c["run"].focus(lambda r: gr.update(choices=run_choices(), value=r), c["run"], c["run"], show_progress="hidden")
+
+    def on_stop(run_id, lg, force=False):
+        if not run_id:
+            return message("warn", t(lg, "train.no_run_selected"))
+        try:
+            result = m.stop(run_id, force=force)
+        except RunError as err:
+            return message("error", str(err))
+        return message("info" if result in ("stopping", "cancelled") else "warn", t(lg, f"train.stop_{result}", run=run_id)
+                       if result in ("stopping", "cancelled") else t(lg, "train.not_running", run=run_id, state=result))
+
+    c["stop"].click(on_stop, [c["run"], lang], c["train_msg"])
+    c["force"].click(lambda r, lg: on_stop(r, lg, force=True), [c["run"], lang], c["train_msg"])
+
+    def on_resume(run_id, ckpt, lg):
+        if not run_id:
+            return message("warn", t(lg, "train.no_run_selected")), gr.skip()
+        try:
+            result = m.resume(run_id, ckpt or "latest")
+        except ConfigError as err:
+            return message("error", t(lg, "train.invalid"), problem_lines(err)), gr.skip()
+        except (RunError, OSError) as err:
+            return message("error", t(lg, "train.start_failed"), [str(err)]), gr.skip()
+        key = "train.resume_queued" if result.queued else "train.resumed"
+        return message("info" if result.queued else "ok", t(lg, key, run=run_id, ckpt=ckpt or "latest",
+                                                            others=", ".join(result.waiting_for))), {}
+
+    c["resume"].click(on_resume, [c["run"], c["ckpt"], lang], [c["train_msg"], c["view"]])
+
+    def on_preview(data):
+        lg = data[lang]
+        cfg, error = read_form(data)
+        if error:
+            return {c["preview_msg"]: error, c["preview_yaml"]: "", c["preview_cmd"]: ""}
+        text, cmd, problems = preview(ctx, cfg)
+        msg = message("warn", t(lg, "train.preview_problems"), problems) if problems else ""
+        if "--master_port AUTO" in cmd:
+            msg += f'<div class="wb-hint">{t(lg, "train.preview_port")}</div>'
+
+        return {c["preview_msg"]: msg, c["preview_yaml"]: text, c["preview_cmd"]: cmd}
+
+    preview_out = [c["preview_msg"], c["preview_yaml"], c["preview_cmd"]]
+    c["preview_btn"].click(on_preview, fields | {lang}, preview_out)
+    c["train_tab"].select(on_preview, fields | {lang}, preview_out)
