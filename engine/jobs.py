@@ -29,7 +29,7 @@ from engine.config import ConfigError, dump_config
 from engine.jobconfig import SCHEMAS, load_job_config
 
 RESULT = "result.json"
-_DIRS = {"eval": "evals", "export": "exports"}
+JOB_DIRS = {"eval": "evals", "export": "exports"}
 
 
 class JobStopped(Exception):
@@ -44,8 +44,12 @@ def _get_job_dir(kind: str, cfg) -> str:
     return cfg.output.dir if kind == "eval" else cfg.output.job_dir
 
 
+def job_root(kind: str, workspace: str | Path | None = None) -> Path:
+    return launch.workspace_dir(workspace) / JOB_DIRS[kind]
+
+
 def new_job_dir(kind: str, workspace: str | Path | None = None) -> Path:
-    root = launch.workspace_dir(workspace) / _DIRS[kind]
+    root = job_root(kind, workspace)
     stem = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}"
     path, n = root / stem, 1
     while path.exists():
@@ -98,7 +102,7 @@ def read_result(job_dir: str | Path) -> dict | None:
 
 
 def list_jobs(kind: str, workspace: str | Path | None = None) -> list[Path]:
-    root = launch.workspace_dir(workspace) / _DIRS[kind]
+    root = job_root(kind, workspace)
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if (p / rundir.CONFIG).is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
