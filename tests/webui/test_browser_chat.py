@@ -1,0 +1,123 @@
+"""The Chat tab in a real Chromium: pick a run's checkpoint, load it into the worker, ask, watch it stream, unload.
+
+The run is a tiny-model LoRA checkpoint written to disk (no training). Screenshots go to the test's temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from chat_fixtures import make_lora_run
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tiny_model, tmp_path):
+    workspace = tmp_path / "ws"
+    run = make_lora_run(tiny_model, workspace, step=7)
+    (run / "status.json").write_text(json.dumps({"state": "completed", "step": 7, "total_steps": 7}))
+    port, log = _free_port(), tmp_path / "webui.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(ROOT / ".venv/bin/workbench"), "webui", "--port", str(port), "--workspace",
+                                 str(workspace)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.3)
+    yield url, run, proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _workers(server_pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(server_pid).children(recursive=True) if "multiprocessing" in " ".join(p.cmdline())
+            and "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_chat_with_a_checkpoint(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, run, proc = server
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url)
+        page.get_by_role("tab", name="Chat").click()
+        run_box = page.locator("#chat-run input")
+        run_box.click()
+        page.get_by_role("option", name=run.name).click()
+        ckpt_box = page.locator("#chat-ckpt input")
+        expect(ckpt_box).to_have_value(re.compile(r"checkpoint-7 · step 7 · loss 2\.5000"), timeout=15_000)
+        assert _workers(proc.pid) == []  # nothing loaded yet, so no worker
+        page.locator("#btn-chat-load").click()
+        status = page.locator("#chat-status")
+        expect(status).to_have_attribute("data-state", "loaded", timeout=120_000)
+        expect(status).to_contain_text("Chat worker memory")
+        workers = _workers(proc.pid)
+        assert len(workers) == 1 and workers[0].memory_info().rss > 100 * 2**20
+        page.screenshot(path=shots / "1-loaded.png", full_page=True)
+
+        page.get_by_text("System prompt and sampling").click()
+        page.locator("#chat-max-new-tokens input[type=number]").fill("40")
+        page.locator("#chat-max-new-tokens input[type=number]").press("Enter")
+        page.locator("#chat-msg textarea").fill("Who are you?")
+        page.locator("#btn-chat-send").click()
+        bot = page.locator("#chat-bot")
+        expect(bot).to_contain_text("Who are you?", timeout=30_000)
+        answer = bot.locator(".message.bot, [data-testid=bot]").last
+        seen = set()
+        deadline = time.time() + 120
+        while time.time() < deadline and not page.locator("#chat-usage").count():
+            seen.add(len(answer.inner_text()) if answer.count() else 0)
+            time.sleep(0.05)
+        expect(page.locator("#chat-usage")).to_contain_text("40 generated", timeout=30_000)
+        assert len({n for n in seen if n > 0}) >= 2, f"the answer did not stream (lengths seen: {sorted(seen)})"
+        assert len(answer.inner_text().strip()) > 0
+        page.screenshot(path=shots / "2-answered.png", full_page=True)
+
+        page.locator("#btn-chat-unload").click()
+        expect(status).to_have_attribute("data-state", "empty", timeout=30_000)
+        expect(page.locator("#chat-status-box")).to_contain_text("0 MB")
+        page.screenshot(path=shots / "3-unloaded.png", full_page=True)
+        deadline = time.time() + 10
+        while _workers(proc.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _workers(proc.pid) == []  # the worker process is gone, so its memory is back
+        browser.close()
+    print(f"screenshots: {shots}")
