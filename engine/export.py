@@ -7,8 +7,7 @@
 4. verification: the export is reloaded, its logits are compared with the adapter model's. It fails when the
    difference exceeds the tolerance or the export is closer to the base than to the adapter (an unmerged
    export cannot pass), and the failed weights are deleted;
-5. optional GGUF files (engine.gguf_export), each verified by transformers' gguf_file= loader;
-6. optional push to a model hub: one attempt, a clear message when offline.
+5. optional push to a model hub: one attempt, a clear message when offline.
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ from engine.checkpoint import CheckpointError, check_adapter_base, inspect
 from engine.jobconfig import ExportConfig
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-_GGUF_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
-_TOLERANCE = {"float32": 1e-3, "float16": 0.1, "bfloat16": 0.5}
+# Allowed max logit difference, relative to the largest reference logit (bf16 keeps ~3 significant digits).
+_TOLERANCE = {"float32": 1e-4, "float16": 0.01, "bfloat16": 0.05}
 
 
 class ExportError(RuntimeError):
@@ -54,7 +53,7 @@ def count_parameters(model_dir: Path, trust_remote_code: bool = False) -> int:
 
 
 def estimate_bytes(cfg: ExportConfig, n_params: int) -> int:
-    return int(n_params * (_BYTES[cfg.output.dtype] + sum(_GGUF_BYTES[q] for q in cfg.output.gguf)) * 1.05) + 50_000_000
+    return int(n_params * _BYTES[cfg.output.dtype] * 1.05) + 50_000_000
 
 
 def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
@@ -84,19 +83,7 @@ def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
             if free < need:
                 problems.append(("output.dir", f"not enough disk space at {parent}: the export needs about "
                                                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"))
-    gguf_arch = _gguf_problem(ckpt) if cfg.output.gguf else None
-    if gguf_arch:
-        problems.append(("output.gguf", gguf_arch))
     return problems
-
-
-def _gguf_problem(ckpt) -> str | None:
-    import json
-
-    config = json.loads(((ckpt.base or ckpt.path) / "config.json").read_text())
-    if config.get("model_type") != "llama":
-        return f"GGUF export supports llama-architecture models, not {config.get('model_type')}"
-    return None
 
 
 # ---------------------------------------------------------------- the job
@@ -174,7 +161,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     t0 = time.time()
-    progress.plan(5 + len(cfg.output.gguf) + bool(cfg.hub.repo_id))
+    progress.plan(5 + bool(cfg.hub.repo_id))
     progress.phase("checking")
     problems = check_export(cfg)
     if problems:
@@ -219,7 +206,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     diff = (got - ref).abs().max().item()
     to_base = (got - base_logits).abs().max().item()
     delta = (ref - base_logits).abs().max().item()
-    tol = cfg.verify.tolerance or _TOLERANCE[cfg.output.dtype]
+    tol = cfg.verify.tolerance or _TOLERANCE[cfg.output.dtype] * max(1.0, ref.abs().max().item())
     answer_ids = greedy(reloaded, tokenizer, ids, cfg.verify.max_new_tokens)
     verify = {"max_logit_diff": diff, "export_vs_base": to_base, "base_vs_adapter": delta, "tolerance": tol,
               "prompt": cfg.verify.prompt, "answer": tokenizer.decode(answer_ids, skip_special_tokens=True)}
@@ -235,15 +222,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     result = {"output_dir": str(out), "checkpoint": str(ckpt.path), "base": str(ckpt.base or ckpt.path), "kind": ckpt.kind,
               "quantization": ckpt.quantization, "dtype": cfg.output.dtype, "parameters": n_params,
               "safetensors_bytes": _dir_bytes(out, "*.safetensors"), "shards": len(list(out.glob("*.safetensors"))),
-              "verify": verify, "gguf": [], "hub": None}
-    for qtype in cfg.output.gguf:
-        from engine.gguf_export import verify_gguf, write_gguf
-
-        progress.phase(f"writing GGUF {qtype}")
-        path = write_gguf(out, out / f"{out.name}-{qtype}.gguf", qtype)
-        result["gguf"].append({"type": qtype, "path": str(path), "bytes": path.stat().st_size,
-                               **verify_gguf(out, path, reloaded, tokenizer, ids, cfg.verify.max_new_tokens)})
-        progress.advance(phase=f"gguf {qtype}")
+              "verify": verify, "hub": None}
     del reloaded
     result["seconds"] = round(time.time() - t0, 2)
     if cfg.hub.repo_id:

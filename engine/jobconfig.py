@@ -87,14 +87,13 @@ class ExportOutput(_Section):
     overwrite: bool = Field(False, description="Replace an existing non-empty output directory.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description="Dtype of the merged weights (QLoRA adapters are merged into this 16/32-bit base, never into 4-bit weights).")
     max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$", description="Largest safetensors shard, e.g. 500MB, 2GB.")
-    gguf: list[Literal["f16", "q8_0"]] = Field(default_factory=list, description="Also write GGUF files for llama.cpp-compatible tools (llama architectures).")
     job_dir: str = Field("", description="Job directory for status and logs; empty creates workspace/exports/<time>.")
 
 
 class ExportVerify(_Section):
     prompt: str = Field("Who are you?", description="Fixed prompt whose logits are compared and whose greedy answer is shown.")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Length of the verification answer.")
-    tolerance: float | None = Field(None, gt=0, description="Largest allowed logit difference; None: 1e-3 in float32, 0.1 in float16, 0.5 in bfloat16.")
+    tolerance: float | None = Field(None, gt=0, description="Largest allowed logit difference; None: 1e-4 (float32), 1% (float16) or 5% (bfloat16) of the largest logit, at least that absolute value.")
 
 
 class ExportHub(_Section):
