@@ -12,8 +12,9 @@ from .form import load_defaults
 from .i18n import LANGUAGES, t
 from .runs import RunManager
 from .tabs import data, hparams, model, runs, train
+from .tabs import evaluate as evaluate_tab, export as export_tab
 
-TABS = (model, data, hparams, train, runs)
+TABS = (model, data, hparams, train, runs, evaluate_tab, export_tab)
 CSS = Path(__file__).with_name("style.css")
 
 
