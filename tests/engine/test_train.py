@@ -185,3 +185,35 @@ def test_every_problem_reported_at_once(tiny_model, tmp_path):
         launch.start(cfg)
     fields = {f for f, _ in err.value.problems}
     assert {"model.path", "model.template", "method.stage"} <= fields
+
+
+def test_malformed_dataset_line_fails_the_run_with_its_line(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "broken", \n')
+    run_dir = launch.start(_cfg(tiny_model, tmp_path / "run", data={"datasets": [str(bad)]}))
+    status = launch.wait(run_dir, timeout=180)
+    assert status.state == "failed" and status.error_kind == "data", status
+    assert "bad.jsonl" in status.error and "line 2" in status.error, status.error
+    assert not rundir.checkpoints(run_dir)
+
+
+def test_quantization_without_bitsandbytes_is_refused(tiny_model, tmp_path, monkeypatch):
+    import importlib.util
+
+    from engine import checks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    cfg = _cfg(tiny_model, tmp_path / "run", model={"path": str(tiny_model), "quantization": "nf4"}, method={"finetuning_type": "qlora"})
+    assert any("bitsandbytes" in m for f, m in checks.check(cfg) if f == "model.quantization")
+
+
+@pytest.mark.slow
+def test_zero2_two_cpu_ranks(tiny_model, tmp_path):
+    cfg = _cfg(tiny_model, tmp_path / "run", distributed={"num_processes": 2, "zero_stage": 2},
+               training={"max_steps": 4, "save_steps": 4})
+    run_dir = _run(cfg, timeout=600)
+    log = (run_dir / "train.log").read_text()
+    assert "dist_world_size=2" in log and "world size 2" in log
+    assert len(_losses(run_dir)) == 4
+    assert (run_dir / "checkpoint-4" / "adapter_model.safetensors").is_file()
