@@ -13,8 +13,9 @@ from .i18n import LANGUAGES, t
 from .runs import RunManager
 from .tabs import data, hparams, model, runs, train
 from .tabs import evaluate as evaluate_tab, export as export_tab
+from .tabs import chat as chat_tab
 
-TABS = (model, data, hparams, train, runs, evaluate_tab, export_tab)
+TABS = (model, data, hparams, train, runs, evaluate_tab, export_tab, chat_tab)
 CSS = Path(__file__).with_name("style.css")
 
 
