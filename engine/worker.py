@@ -191,15 +191,24 @@ class InferenceWorker:
             self.last = None
             with self._send:
                 self.conn.send(("chat", messages, params.model_dump(), use_adapter))
-            while True:
-                reply = self._recv()
-                if reply[0] == "piece":
-                    yield reply[1]
-                elif reply[0] == "done":
-                    self.last = Result(**reply[1])
-                    return
-                else:
-                    raise WorkerError(reply[1], reply[2])
+            finished = False
+            try:
+                while True:
+                    reply = self._recv()
+                    if reply[0] == "piece":
+                        yield reply[1]
+                    elif reply[0] == "done":
+                        finished = True
+                        self.last = Result(**reply[1])
+                        return
+                    else:
+                        finished = True
+                        raise WorkerError(reply[1], reply[2])
+            finally:
+                if not finished and self.alive:  # the reader went away mid-answer: stop it and drain the pipe
+                    self.stop()
+                    while self._recv()[0] == "piece":
+                        pass
 
     def stop(self) -> None:
         """Cancel the answer being generated (it ends after the current token)."""

@@ -58,3 +58,18 @@ def test_parent_side_imports_no_torch():
     code = "import sys, engine.worker, engine.sampling; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_memory_estimate_and_refusal(default_model, monkeypatch):
+    from types import SimpleNamespace
+
+    from engine import worker as w
+    from engine.sampling import InferenceError
+
+    full = w.estimate_bytes(str(default_model), [], "none", on_gpu=False)
+    assert 130e6 * 4 < full < 140e6 * 4 * 1.1  # ~135M parameters in float32
+    assert w.estimate_bytes(str(default_model), [], "nf4", on_gpu=False) < full / 6
+    monkeypatch.setattr(w.psutil, "virtual_memory", lambda: SimpleNamespace(available=full // 2))
+    with pytest.raises(InferenceError, match=r"needs about 0\.\d\d GiB, and 0\.\d\d GiB is available") as err:
+        w.check_fits(full)
+    assert err.value.kind == "out_of_memory"
