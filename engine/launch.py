@@ -157,7 +157,31 @@ def stop(run_dir: str | Path, force: bool = False) -> bool:
         return False
     if status.state != "stopping":
         rundir.update_status(run_dir, state="stopping")
-    return rundir.signal_run(run_dir, signal.SIGKILL if force else signal.SIGTERM)
+    if force:
+        return rundir.signal_run(run_dir, signal.SIGKILL)
+    # Signal only the worker processes: DeepSpeed's launcher answers SIGTERM by killing its ranks
+    # 30 s later, which would cut a slow step (QLoRA on a CPU) short of its checkpoint.
+    workers = _workers(status.pgid)
+    for proc in workers:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    return bool(workers) or rundir.signal_run(run_dir, signal.SIGTERM)
+
+
+def _workers(pgid: int | None) -> list[psutil.Process]:
+    """The run's rank / job processes (python -m engine.train|evaluate|export) in its process group."""
+    modules = ("engine.train", *JOB_MODULES.values())
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+            if pgid and os.getpgid(proc.pid) == pgid and "-m" in cmd and any(m in cmd for m in modules):
+                out.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return out
 
 
 def wait(run_dir: str | Path, timeout: float | None = None, poll: float = 0.5) -> rundir.Status | None:
