@@ -161,10 +161,11 @@ class RunManager:
             s.update()
             return s
 
-    def info(self, run_dir: Path, queue: list[Path] | None = None) -> RunInfo:
+    def info(self, run_dir: Path, queue: list[Path] | None = None, series: MetricSeries | None = None) -> RunInfo:
+        """A run's summary; pass the ``series`` a page is drawing so the numbers and the curve agree."""
         status = rundir.read_status(run_dir) or rundir.Status(state="failed", error="status.json is missing or unreadable")
         cfg = self.config(run_dir)
-        series = self.series(run_dir)
+        series = series or self.series(run_dir)
         queue = self.queue() if queue is None else queue
         return RunInfo(
             id=run_dir.name, path=run_dir, state=status.state,

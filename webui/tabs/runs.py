@@ -56,7 +56,7 @@ def build(ctx) -> None:
                                                      elem_id="compare-runs"), label="runs.compare")
         c["overlay"] = gr.Plot(show_label=False, elem_id="overlay-plot", format="png")
         with gr.Group():
-            with gr.Row(equal_height=True):
+            with gr.Row(equal_height=False, elem_classes="wb-toolbar"):
                 c["open"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("runs.open"), elem_id="open-run", scale=4),
                                           label="runs.open")
                 c["watch"] = ctx.translate(gr.Button(ctx.t("runs.watch"), scale=1, elem_id="btn-watch"), value="runs.watch")

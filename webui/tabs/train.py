@@ -122,8 +122,8 @@ def wire(ctx) -> None:
             out[c["card"]] = message("error", str(err))
             out[c["view"]] = {}
             return out
-        info = m.info(run_dir)
         series = m.series(run_dir)
+        info = m.info(run_dir, series=series)
         card = run_card(lang_, info, series)
         if view.get("card") != card:
             out[c["card"]] = card
