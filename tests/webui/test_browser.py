@@ -137,7 +137,8 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             # 3. the loss plot gets 3 points and the progress bar moves
             first = _wait_card(page, lambda c: int(c["points"] or 0) >= 1, 120, "the first loss point")
             t_first = time.time() - t_click
-            card = _wait_card(page, lambda c: int(c["points"] or 0) >= 3, 60, "3 loss points")
+            card = _wait_card(page, lambda c: int(c["points"] or 0) >= 3 and int(c["step"]) > int(first["step"]), 60,
+                              "3 loss points and the step moving")
             run_id = card["run"]
             assert card["state"] == "running" and int(card["total"]) == 300
             assert int(card["step"]) > int(first["step"]) >= 1
