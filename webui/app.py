@@ -42,7 +42,7 @@ def build_app(ctx: Context) -> gr.Blocks:
                                elem_id="lang", scale=0, min_width=180, interactive=True)
         ctx.shared["lang"] = lang
         ctx.translate(head, value=lambda lg: header_html(ctx, lg))
-        with gr.Tabs(selected="train" if ctx.manager.active() else "model", elem_id="tabs") as tabs:
+        with gr.Tabs(selected="model", elem_id="tabs") as tabs:
             ctx.shared["tabs"] = tabs
             for tab in TABS:
                 tab.build(ctx)
@@ -62,10 +62,14 @@ def build_app(ctx: Context) -> gr.Blocks:
         c = ctx.shared
 
         def on_load():
+            """A page opened while a run is active (or queued) goes straight to it, live."""
             run_id = train.pick_run(ctx)
-            return gr.update(choices=[r.path.name for r in ctx.manager.runs()], value=run_id)
+            runs = ctx.manager.runs()
+            live = any(r.id == run_id and r.state in ("queued", "starting", "running", "stopping") for r in runs)
+            return (gr.update(choices=[r.id for r in runs], value=run_id),
+                    gr.Tabs(selected="train") if live else gr.skip())
 
-        demo.load(on_load, None, c["run"])
+        demo.load(on_load, None, [c["run"], tabs])
         for fn, inputs, outputs in ctx.on_load:
             demo.load(fn, inputs, outputs, show_progress="hidden")
     return demo

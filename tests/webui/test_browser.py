@@ -147,6 +147,17 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             page.locator("#loss-plot img").wait_for()
             shot(page, "training")
 
+            # closing the tab does not pause training; a new page opens on the live run
+            page.close()
+            time.sleep(4)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(server.url)
+            page.locator("#btn-stop").wait_for()  # the Train tab is shown at once
+            card = _wait_card(page, lambda c: c.get("run") == run_id and int(c["points"]) > int(card["points"]), 60,
+                              "more points after the tab was closed")
+            assert card["state"] == "running"
+
             # 4. Stop: status stopped, with a checkpoint listed
             page.locator("#btn-stop").click()
             card = _wait_card(page, lambda c: c["state"] == "stopped", 120, "state stopped")
@@ -195,6 +206,15 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             shot(page, "resumed")
             page.locator("#btn-stop").click()
             _wait_card(page, lambda c: c["state"] == "stopped", 120, "the resumed run to stop")
+
+            # delete, with confirmation
+            page.get_by_role("tab", name="Runs").click()
+            page.locator("#btn-delete").click()
+            page.locator("#confirm-row").get_by_text(run_id).wait_for()
+            shot(page, "confirm-delete")
+            page.locator("#btn-confirm-delete").click()
+            page.locator("#runs-msg").get_by_text(f"Deleted {run_id}").wait_for()
+            assert not (workspace / "runs" / run_id).exists()
             browser.close()
     finally:
         server.stop()

@@ -54,29 +54,30 @@ def build(ctx) -> None:
         with gr.Row():
             c["compare"] = ctx.translate(gr.Dropdown([], value=[], multiselect=True, label=ctx.t("runs.compare"),
                                                      elem_id="compare-runs"), label="runs.compare")
-        c["overlay"] = gr.Plot(show_label=False, elem_id="overlay-plot", format="png")
-        with gr.Group():
-            with gr.Row(equal_height=False, elem_classes="wb-toolbar"):
-                c["open"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("runs.open"), elem_id="open-run", scale=4),
-                                          label="runs.open")
-                c["watch"] = ctx.translate(gr.Button(ctx.t("runs.watch"), scale=1, elem_id="btn-watch"), value="runs.watch")
-                c["delete"] = ctx.translate(gr.Button(ctx.t("runs.delete"), variant="stop", scale=1, elem_id="btn-delete"),
-                                            value="runs.delete")
-            with gr.Row(visible=False, elem_id="confirm-row") as confirm:
-                c["confirm_text"] = gr.HTML("")
-                c["confirm_yes"] = ctx.translate(gr.Button(ctx.t("runs.confirm_delete"), variant="stop", elem_id="btn-confirm-delete"),
-                                                 value="runs.confirm_delete")
-                c["confirm_no"] = ctx.translate(gr.Button(ctx.t("runs.cancel"), elem_id="btn-cancel-delete"), value="runs.cancel")
-            c["confirm"] = confirm
+        c["overlay"] = gr.Plot(show_label=False, elem_id="overlay-plot", format="png", visible=False)
+        with gr.Row(equal_height=False, elem_classes="wb-toolbar"):
+            c["open"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("runs.open"), elem_id="open-run", scale=4),
+                                      label="runs.open")
+            c["watch"] = ctx.translate(gr.Button(ctx.t("runs.watch"), scale=1, elem_id="btn-watch"), value="runs.watch")
+            c["delete"] = ctx.translate(gr.Button(ctx.t("runs.delete"), variant="stop", scale=1, elem_id="btn-delete"),
+                                        value="runs.delete")
+        with gr.Row(visible=False, elem_id="confirm-row") as confirm:
+            c["confirm_text"] = gr.HTML("")
+            c["confirm_yes"] = ctx.translate(gr.Button(ctx.t("runs.confirm_delete"), variant="stop", elem_id="btn-confirm-delete"),
+                                             value="runs.confirm_delete")
+            c["confirm_no"] = ctx.translate(gr.Button(ctx.t("runs.cancel"), elem_id="btn-cancel-delete"), value="runs.cancel")
+        c["confirm"] = confirm
         c["runs_msg"] = gr.HTML("", elem_id="runs-msg")
-        with gr.Row(equal_height=True):
-            c["run_config"] = gr.Code("", language="yaml", label="config.yaml", lines=18, max_lines=18,
-                                      interactive=False, elem_id="run-config")
-            c["run_plot"] = gr.Plot(show_label=False, elem_id="run-plot", format="png")
-        c["ckpt_table"] = ctx.translate(
-            gr.Dataframe(value=[], headers=[t(lang, f"runs.ckpt.{k}") for k in ("name", "step", "loss", "path")],
-                         interactive=False, label=ctx.t("runs.checkpoints"), elem_id="ckpt-table"),
-            label="runs.checkpoints", headers=lambda lg: [t(lg, f"runs.ckpt.{k}") for k in ("name", "step", "loss", "path")])
+        with gr.Column(visible=False) as details:
+            with gr.Row(equal_height=True):
+                c["run_config"] = gr.Code("", language="yaml", label="config.yaml", lines=18, max_lines=18,
+                                          interactive=False, elem_id="run-config")
+                c["run_plot"] = gr.Plot(show_label=False, elem_id="run-plot", format="png")
+            c["ckpt_table"] = ctx.translate(
+                gr.Dataframe(value=[], headers=[t(lang, f"runs.ckpt.{k}") for k in ("name", "step", "loss", "path")],
+                             interactive=False, label=ctx.t("runs.checkpoints"), elem_id="ckpt-table"),
+                label="runs.checkpoints", headers=lambda lg: [t(lg, f"runs.ckpt.{k}") for k in ("name", "step", "loss", "path")])
+        c["run_details"] = details
         c["runs_tab"] = tab
         c["runs_timer"] = gr.Timer(REFRESH_S)
         c["runs_sig"] = gr.State(None)
@@ -85,22 +86,6 @@ def build(ctx) -> None:
 def wire(ctx) -> None:
     c, m, lang = ctx.shared, ctx.manager, ctx.shared["lang"]
 
-    def refresh(lg, sig, open_id, compare):
-        rows = table(ctx, lg)
-        new_sig = (lg, repr(rows))
-        if new_sig == sig:
-            return gr.skip(), gr.skip(), gr.skip(), sig
-        ids = [r[0] for r in rows]
-        return (gr.update(value=rows, headers=headers(lg)),
-                gr.update(choices=ids, value=open_id if open_id in ids else None),
-                gr.update(choices=ids, value=[x for x in (compare or []) if x in ids]), new_sig)
-
-    refresh_io = ([lang, c["runs_sig"], c["open"], c["compare"]], [c["runs_table"], c["open"], c["compare"], c["runs_sig"]])
-    c["runs_timer"].tick(refresh, *refresh_io, show_progress="hidden", queue=False)
-    c["runs_refresh"].click(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
-    c["runs_tab"].select(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
-    ctx.on_load.append((lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1]))
-
     def on_compare(lg, ids):
         runs = []
         for run_id in ids or []:
@@ -108,32 +93,59 @@ def wire(ctx) -> None:
                 runs.append((run_id, m.series(m.run_dir(run_id))))
             except RunError:
                 continue
-        return overlay_figure(runs, plot_words(lg))
+        return gr.update(value=overlay_figure(runs, plot_words(lg)), visible=bool(runs))
+
+    def refresh(lg, sig, open_id, compare):
+        """The table, and the open run's curve and checkpoints and the overlay, when anything changed."""
+        rows = table(ctx, lg)
+        new_sig = (lg, repr(rows))
+        if new_sig == sig:
+            return (gr.skip(),) * 3 + (sig,) + (gr.skip(),) * 3
+        ids = [r[0] for r in rows]
+        keep_open = open_id if open_id in ids else None
+        keep_compare = [x for x in (compare or []) if x in ids]
+        plot = ckpts = gr.skip()
+        if keep_open:
+            run_dir = m.run_dir(keep_open)
+            plot, ckpts = loss_figure(m.series(run_dir), plot_words(lg)), checkpoint_rows(ctx, run_dir)
+        return (gr.update(value=rows, headers=headers(lg)), gr.update(choices=ids, value=keep_open),
+                gr.update(choices=ids, value=keep_compare), new_sig,
+                on_compare(lg, keep_compare) if keep_compare else gr.skip(), plot, ckpts)
+
+    refresh_io = ([lang, c["runs_sig"], c["open"], c["compare"]],
+                  [c["runs_table"], c["open"], c["compare"], c["runs_sig"], c["overlay"], c["run_plot"], c["ckpt_table"]])
+    c["runs_timer"].tick(refresh, *refresh_io, show_progress="hidden", queue=False)
+    c["runs_refresh"].click(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
+    c["runs_tab"].select(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
+    ctx.on_load.append((lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1]))
 
     c["compare"].change(on_compare, [lang, c["compare"]], c["overlay"], show_progress="hidden")
 
     def on_open(lg, run_id):
+        hidden = gr.update(visible=False)
         if not run_id:
-            return "", None, [], "", gr.update(visible=False)
+            return "", None, [], "", hidden, hidden
         try:
             run_dir = m.run_dir(run_id)
         except RunError as err:
-            return "", None, [], message("error", str(err)), gr.update(visible=False)
+            return "", None, [], message("error", str(err)), hidden, hidden
         text = (run_dir / rundir.CONFIG).read_text(encoding="utf-8")
         return (text, loss_figure(m.series(run_dir), plot_words(lg)), checkpoint_rows(ctx, run_dir), "",
-                gr.update(visible=False))
+                hidden, gr.update(visible=True))
 
-    open_out = [c["run_config"], c["run_plot"], c["ckpt_table"], c["runs_msg"], c["confirm"]]
-    c["open"].change(on_open, [lang, c["open"]], open_out, show_progress="hidden")
+    open_out = [c["run_config"], c["run_plot"], c["ckpt_table"], c["runs_msg"], c["confirm"], c["run_details"]]
+    c["open"].input(on_open, [lang, c["open"]], open_out, show_progress="hidden")
 
-    def on_select(rows, evt: gr.SelectData):
+    def on_select(lg, rows, evt: gr.SelectData):
+        """A click on a row opens that run."""
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
-            return rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
+            run_id = rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
         except (IndexError, KeyError, TypeError):
-            return gr.skip()
+            return (gr.skip(),) * (len(open_out) + 1)
+        return (run_id, *on_open(lg, run_id))
 
-    c["runs_table"].select(on_select, c["runs_table"], c["open"])
+    c["runs_table"].select(on_select, [lang, c["runs_table"]], [c["open"], *open_out], show_progress="hidden")
 
     def on_watch(lg, run_id):
         if not run_id:
@@ -153,12 +165,12 @@ def wire(ctx) -> None:
     c["confirm_no"].click(lambda: gr.update(visible=False), None, c["confirm"])
 
     def on_confirm(lg, run_id):
+        hidden = gr.update(visible=False)
         try:
             m.delete(run_id)
-        except RunError as err:
-            return gr.update(visible=False), message("error", t(lg, "runs.delete_failed"), [str(err)]), gr.skip(), None
-        except OSError as err:
-            return gr.update(visible=False), message("error", t(lg, "runs.delete_failed"), [str(err)]), gr.skip(), None
-        return gr.update(visible=False), message("ok", t(lg, "runs.deleted", run=run_id)), None, None
+        except (RunError, OSError) as err:
+            return hidden, message("error", t(lg, "runs.delete_failed"), [str(err)]), gr.skip(), None, gr.skip()
+        return hidden, message("ok", t(lg, "runs.deleted", run=run_id)), None, None, hidden
 
-    c["confirm_yes"].click(on_confirm, [lang, c["open"]], [c["confirm"], c["runs_msg"], c["open"], c["runs_sig"]])
+    c["confirm_yes"].click(on_confirm, [lang, c["open"]],
+                           [c["confirm"], c["runs_msg"], c["open"], c["runs_sig"], c["run_details"]])
