@@ -106,3 +106,12 @@ def test_the_app_builds_with_every_tab(tmp_path):
     updates = ctx.language_updates("zh")
     assert len(updates) == len(ctx.texts) and {"label": "训练"} in [
         {k: v for k, v in u.items() if k == "label"} for u in updates]
+
+
+def test_template_advice_for_a_chat_model(default_model):
+    from webui import chatfmt
+
+    assert chatfmt.suggested(default_model) == "auto"
+    assert chatfmt.advice(default_model, "auto") is None
+    kind, text = chatfmt.advice(default_model, "llama3")
+    assert kind == "mismatch" and "auto" in text

@@ -211,3 +211,17 @@ def test_info_reports_progress_from_status_and_metrics(tmp_path, model_dir, spaw
     assert (info.state, info.step, info.total_steps, info.last_loss) == ("running", 3, 10, 1.25)
     assert info.stage == "sft" and info.method == "lora" and info.datasets == ["identity"]
     assert info.devices == ("cpu",)
+
+
+def test_visible_devices_come_from_nvidia_smi_or_are_the_cpu(tmp_path, monkeypatch):
+    from webui.runs import visible_devices
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert [(d.id, d.name) for d in visible_devices()] == [("cpu", "CPU")]  # no nvidia-smi at all
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 81559 MiB'\necho '1, NVIDIA H100 80GB HBM3, 81559 MiB'\n")
+    smi.chmod(0o755)
+    assert [d.id for d in visible_devices()] == ["0", "1"]
+    assert visible_devices()[1].name == "GPU 1: NVIDIA H100 80GB HBM3 (81559 MiB)"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert [d.id for d in visible_devices()] == ["cpu"]  # a broken driver is not a GPU
