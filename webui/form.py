@@ -153,6 +153,8 @@ def from_values(values: dict[str, Any], visible: list[Device], base: RunConfig |
             value = devices_config(value, visible)
         elif s.optional and (value is None or (isinstance(value, str) and not value.strip())):
             value = None
+        elif s.optional and s.kind == "number" and value == 0 and (s.minimum or 0) > 0:
+            value = None  # the browser shows an empty optional number as 0, which is out of range: it means None
         elif s.kind in ("text", "dropdown") and isinstance(value, str) and not s.choices:
             value = value.strip()
         elif s.integer and isinstance(value, float) and value.is_integer():
@@ -173,14 +175,16 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
     """The widget of one field, labelled in the page's language, registered for language switches."""
     import gradio as gr
 
-    from .i18n import choice_label, field_info, field_label
+    from .i18n import choice_label, field_info, field_label, t
 
     s, lang = spec(key), ctx.lang
+    info = (lambda lg: f"{field_info(lg, key)} {t(lg, 'form.optional')}") if s.optional and s.kind == "number" else \
+        (lambda lg: field_info(lg, key))
     value = ctx.values[key] if value is None else value
     choices_fn = choices if callable(choices) else None
     if choices_fn is not None:
         choices = choices_fn(lang)
-    common = dict(label=field_label(lang, key), info=field_info(lang, key), elem_id="f-" + key.replace(".", "-"))
+    common = dict(label=field_label(lang, key), info=info(lang), elem_id="f-" + key.replace(".", "-"))
     common.update(kwargs)
     if s.kind == "checkbox":
         w = gr.Checkbox(value=value, **common)
@@ -207,5 +211,5 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
         extra["choices"] = choices_fn
     elif s.choices and choices is None:
         extra["choices"] = lambda lang, k=key: [(choice_label(lang, k, c), c) for c in spec(k).choices]
-    ctx.translate(w, label=lambda lang, k=key: field_label(lang, k), info=lambda lang, k=key: field_info(lang, k), **extra)
+    ctx.translate(w, label=lambda lang, k=key: field_label(lang, k), info=info, **extra)
     return w

@@ -141,3 +141,14 @@ def test_chinese_covers_every_english_text_and_every_field():
     assert i18n.field_info("en", "method.lora_rank") == "LoRA rank r."  # English help is the schema's description
     assert i18n.t("zh", "train.started", run="r1") == "已开始运行 r1。"
     assert i18n.choice_label("zh", "distributed.zero_stage", 0) == "0（关闭）"
+
+
+def test_an_empty_optional_number_shown_as_zero_means_none():
+    values = form.to_values(RunConfig(), CPU)
+    values.update({"training.eval_steps": 0, "training.save_total_limit": 0, "distributed.master_port": 0,
+                   "data.max_samples": 0})
+    cfg = form.from_values(values, CPU)
+    assert (cfg.training.eval_steps, cfg.training.save_total_limit, cfg.distributed.master_port,
+            cfg.data.max_samples) == (None, None, None, None)
+    values["training.max_steps"] = 0  # not optional: 0 is passed on as is (and -1 means 'use epochs')
+    assert form.from_values(values, CPU).training.max_steps == 0

@@ -45,28 +45,25 @@ def build(ctx) -> None:
     c = ctx.shared
     with gr.Tab(ctx.t("tabs.hparams"), id="hparams") as tab:
         ctx.translate(tab, label="tabs.hparams")
+        with gr.Row(equal_height=False, elem_classes="wb-toolbar"):
+            c["cfg_path"] = ctx.translate(
+                gr.Textbox(str(ctx.workspace / "configs" / "my-run.yaml"), label=ctx.t("hparams.cfg_path"),
+                           info=ctx.t("hparams.cfg_path_info"), scale=5, elem_id="cfg-path"),
+                label="hparams.cfg_path", info="hparams.cfg_path_info")
+            small = dict(size="md", scale=0, min_width=130)
+            c["save"] = ctx.translate(gr.Button(ctx.t("hparams.save"), elem_id="btn-save", **small), value="hparams.save")
+            c["load"] = ctx.translate(gr.Button(ctx.t("hparams.load"), elem_id="btn-load", **small), value="hparams.load")
+            c["upload"] = ctx.translate(gr.UploadButton(ctx.t("hparams.upload"), file_types=[".yaml", ".yml"],
+                                                        elem_id="btn-upload", **small), label="hparams.upload")
+            c["reset"] = ctx.translate(gr.Button(ctx.t("hparams.reset"), elem_id="btn-reset", **small), value="hparams.reset")
+            c["download"] = gr.DownloadButton(ctx.t("hparams.download"), visible=False, **small)
+        c["cfg_msg"] = gr.HTML("", elem_id="cfg-msg")
         layout = ctx.layout["hparams"]
         _grid(ctx, layout["basic"])
         for group, keys in layout["groups"].items():
             with gr.Accordion(ctx.t(f"hparams.group.{group}"), open=group == "lora", elem_id=f"acc-{group}") as acc:
                 ctx.translate(acc, label=f"hparams.group.{group}")
                 _grid(ctx, keys)
-        with gr.Group(elem_classes="wb-saveload"):
-            with gr.Row(equal_height=True):
-                c["cfg_path"] = ctx.translate(
-                    gr.Textbox(str(ctx.workspace / "configs" / "my-run.yaml"), label=ctx.t("hparams.cfg_path"),
-                               info=ctx.t("hparams.cfg_path_info"), scale=4, elem_id="cfg-path"),
-                    label="hparams.cfg_path", info="hparams.cfg_path_info")
-                with gr.Column(scale=2, min_width=200):
-                    with gr.Row():
-                        c["save"] = ctx.translate(gr.Button(ctx.t("hparams.save"), size="sm", elem_id="btn-save"), value="hparams.save")
-                        c["load"] = ctx.translate(gr.Button(ctx.t("hparams.load"), size="sm", elem_id="btn-load"), value="hparams.load")
-                    with gr.Row():
-                        c["upload"] = ctx.translate(gr.UploadButton(ctx.t("hparams.upload"), file_types=[".yaml", ".yml"], size="sm",
-                                                                    elem_id="btn-upload"), label="hparams.upload")
-                        c["reset"] = ctx.translate(gr.Button(ctx.t("hparams.reset"), size="sm", elem_id="btn-reset"), value="hparams.reset")
-                c["download"] = gr.DownloadButton(ctx.t("hparams.download"), visible=False, size="sm", scale=1)
-            c["cfg_msg"] = gr.HTML("", elem_id="cfg-msg")
 
 
 def wire(ctx) -> None:
@@ -102,7 +99,7 @@ def wire(ctx) -> None:
         try:
             path = config_path(lg, path_text, ctx.workspace, must_exist)
             cfg = load_config(path)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             lines = problem_lines(err) if isinstance(err, ConfigError) else [str(err)]
             return {c["cfg_msg"]: message("error", t(lg, "hparams.load_failed"), lines)}
         return apply(lg, cfg, t(lg, "hparams.loaded", path=path))

@@ -106,8 +106,11 @@ def wire(ctx) -> None:
         keep_compare = [x for x in (compare or []) if x in ids]
         plot = ckpts = gr.skip()
         if keep_open:
-            run_dir = m.run_dir(keep_open)
-            plot, ckpts = loss_figure(m.series(run_dir), plot_words(lg)), checkpoint_rows(ctx, run_dir)
+            try:
+                run_dir = m.run_dir(keep_open)
+                plot, ckpts = loss_figure(m.series(run_dir), plot_words(lg)), checkpoint_rows(ctx, run_dir)
+            except RunError:  # deleted between the listing and now
+                keep_open = None
         return (gr.update(value=rows, headers=headers(lg)), gr.update(choices=ids, value=keep_open),
                 gr.update(choices=ids, value=keep_compare), new_sig,
                 on_compare(lg, keep_compare) if keep_compare else gr.skip(), plot, ckpts)
