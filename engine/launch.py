@@ -155,10 +155,10 @@ def stop(run_dir: str | Path, force: bool = False) -> bool:
     status = rundir.read_status(run_dir)
     if status is None or status.state not in rundir.ACTIVE:
         return False
+    if force:  # a killed run reads as failed, as any run whose processes vanish
+        return rundir.signal_run(run_dir, signal.SIGKILL)
     if status.state != "stopping":
         rundir.update_status(run_dir, state="stopping")
-    if force:
-        return rundir.signal_run(run_dir, signal.SIGKILL)
     # Signal only the worker processes: DeepSpeed's launcher answers SIGTERM by killing its ranks
     # 30 s later, which would cut a slow step (QLoRA on a CPU) short of its checkpoint.
     workers = _workers(status.pgid)
@@ -247,7 +247,10 @@ def supervise(run_dir: Path, kind: str = "train") -> int:
     if status.pid not in (None, os.getpid()):
         return code  # the run was started again since; that attempt owns status.json now
     changes: dict = {"exit_code": code, "ended_at": status.ended_at or time.time()}
-    if status.state in rundir.ACTIVE or status.state == "queued":
+    if status.state == "stopping":
+        # asked to stop before the trainer could save (e.g. still starting): stopped, not failed
+        changes.update(state="stopped")
+    elif status.state in rundir.ACTIVE or status.state == "queued":
         changes.update(state="failed", error=status.error or rundir.guess_error(run_dir), error_kind=status.error_kind or "launcher")
     rundir.update_status(run_dir, **changes)
     print(f"[workbench] run ended: {changes.get('state', status.state)} (exit code {code})", flush=True)

@@ -128,6 +128,8 @@ def read_status(run_dir: str | Path) -> Status | None:
     status = read_status_raw(run_dir)  # it may have finished while we looked
     if status is None or status.state not in ACTIVE or group_alive(status.pgid):
         return status
+    if status.state == "stopping":  # a stop the supervisor could not record (it was killed too)
+        return update_status(run_dir, state="stopped", ended_at=status.ended_at or time.time())
     return update_status(
         run_dir,
         state="failed",

@@ -217,3 +217,14 @@ def test_zero2_two_cpu_ranks(tiny_model, tmp_path):
     assert "dist_world_size=2" in log and "world size 2" in log
     assert len(_losses(run_dir)) == 4
     assert (run_dir / "checkpoint-4" / "adapter_model.safetensors").is_file()
+
+
+def test_stop_right_after_start_reads_stopped(tiny_model, tmp_path):
+    run_dir = launch.start(_cfg(tiny_model, tmp_path / "run"))
+    time.sleep(1)  # the launcher is still starting: no trainer, no stop handler yet
+    assert launch.stop(run_dir)
+    status = launch.wait(run_dir, timeout=120)
+    deadline = time.time() + 60
+    while rundir.read_status(run_dir).exit_code is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert rundir.read_status(run_dir).state == "stopped", rundir.log_tail(run_dir)
