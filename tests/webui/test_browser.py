@@ -7,63 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 
 from engine import rundir
+from webui_server import MARKS, Server, open_page
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, workspace: Path, port: int, log: Path):
-        self.workspace, self.port, self.log = workspace, port, log
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 90) -> float:
-        t0 = time.time()
-        env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(ROOT / ".venv/bin/workbench"), "webui", "--port", str(self.port),
-                                          "--workspace", str(self.workspace)], cwd=ROOT, env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while time.time() - t0 < timeout:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if urllib.request.urlopen(self.url, timeout=2).status == 200:
-                    return time.time() - t0
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"server did not answer within {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+pytestmark = MARKS
 
 
 def _kill_runs(workspace: Path) -> None:
@@ -97,7 +48,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
     shots = tmp_path / "screens"
     shots.mkdir()
     workspace = tmp_path / "ws"
-    server = Server(workspace, _free_port(), tmp_path / "server.log")
+    server = Server(workspace, tmp_path / "server.log")
     n = iter(range(1, 100))
 
     def shot(page, name):
@@ -106,10 +57,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
     server.start()
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
-            page.goto(server.url)
+            browser, page = open_page(p, server.url)
             page.wait_for_selector("#tabs")
 
             # 2. a tiny model, a demo dataset, LoRA
@@ -174,10 +122,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
         server.stop()
         server.start()
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(30_000)
-            page.goto(server.url)
+            browser, page = open_page(p, server.url)
             page.wait_for_selector("#tabs")
             page.get_by_role("tab", name="Runs").click()
             row = page.locator("#runs-table [role=row]", has_text=run_id).first

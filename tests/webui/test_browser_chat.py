@@ -6,32 +6,16 @@ The run is a tiny-model LoRA checkpoint written to disk (no training). Screensho
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
 from chat_fixtures import make_lora_run
+from webui_server import MARKS, Server, open_page
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = MARKS
 
 
 @pytest.fixture
@@ -39,28 +23,10 @@ def server(tiny_model, tmp_path):
     workspace = tmp_path / "ws"
     run = make_lora_run(tiny_model, workspace, step=7)
     (run / "status.json").write_text(json.dumps({"state": "completed", "step": 7, "total_steps": 7}))
-    port, log = _free_port(), tmp_path / "webui.log"
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([str(ROOT / ".venv/bin/workbench"), "webui", "--port", str(port), "--workspace",
-                                 str(workspace)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        try:
-            if urllib.request.urlopen(url, timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.3)
-    yield url, run, proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    server = Server(workspace, tmp_path / "webui.log")
+    server.start()
+    yield server.url, run, server.proc
+    server.stop()
 
 
 def _workers(server_pid: int) -> list[psutil.Process]:
@@ -75,9 +41,7 @@ def test_chat_with_a_checkpoint(server, tmp_path):
     shots = tmp_path / "shots"
     shots.mkdir()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(url)
+        browser, page = open_page(pw, url, height=1100)
         page.get_by_role("tab", name="Chat").click()
         run_box = page.locator("#chat-run input")
         run_box.click()
