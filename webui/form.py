@@ -213,3 +213,13 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
         extra["choices"] = lambda lang, k=key: [(choice_label(lang, k, c), c) for c in spec(k).choices]
     ctx.translate(w, label=lambda lang, k=key: field_label(lang, k), info=info, **extra)
     return w
+
+
+def build_advanced(ctx, group: str) -> None:
+    """The group's advanced fields (webui/layout.yaml), in a closed, translated accordion."""
+    import gradio as gr
+
+    with gr.Accordion(ctx.t("common.advanced"), open=False) as acc:
+        ctx.translate(acc, label="common.advanced")
+        for key in ctx.layout[group]["advanced"]:
+            build(ctx, key)

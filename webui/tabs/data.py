@@ -102,10 +102,7 @@ def build(ctx) -> None:
                 form.build(ctx, "data.datasets", choices=choices)
                 c["registry_msg"] = gr.HTML(message("error", ctx.t("data.bad_registry"), [problem]) if problem else "",
                                             elem_id="registry-msg")
-                with gr.Accordion(ctx.t("common.advanced"), open=False) as acc:
-                    ctx.translate(acc, label="common.advanced")
-                    for key in ctx.layout["data"]["advanced"]:
-                        form.build(ctx, key)
+                form.build_advanced(ctx, "data")
             with gr.Column(scale=3):
                 c["data_preview"] = gr.HTML("", elem_id="data-preview")
 

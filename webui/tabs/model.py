@@ -86,10 +86,7 @@ def build(ctx) -> None:
                 c["template_warning"] = gr.HTML("", elem_id="template-warning", visible=False)
                 form.build(ctx, "method.finetuning_type")
                 form.build(ctx, "model.quantization")
-                with gr.Accordion(ctx.t("common.advanced"), open=False) as acc:
-                    ctx.translate(acc, label="common.advanced")
-                    for key in ctx.layout["model"]["advanced"]:
-                        form.build(ctx, key)
+                form.build_advanced(ctx, "model")
             with gr.Column(scale=2):
                 c["model_info"] = gr.HTML("", elem_id="model-info-box")
 
