@@ -18,12 +18,7 @@ def _train(args) -> int:
     if not args.foreground:
         print(f"started in the background; follow it with: tail -f {run_dir}/train.log")
         return 0
-    try:
-        status = launch.follow(run_dir)
-    except KeyboardInterrupt:
-        print("\n[workbench] stopping: finishing the current step and saving a checkpoint...", flush=True)
-        launch.stop(run_dir)
-        status = launch.follow(run_dir)
+    status = launch.follow(run_dir)
     print(f"[workbench] {status.state}" + (f": {status.error}" if status.error else ""))
     return 0 if status.state in ("completed", "stopped") else 1
 

@@ -24,11 +24,7 @@ def run(args) -> int:
     if not args.foreground:
         print(f"started in the background; follow it with: tail -f {job_dir}/train.log")
         return 0
-    try:
-        status = launch.follow(job_dir)
-    except KeyboardInterrupt:
-        launch.stop(job_dir)
-        status = launch.follow(job_dir)
+    status = launch.follow(job_dir)
     result = jobs.read_result(job_dir)
     if status.state == "completed" and result:
         print(summary(args.kind, result))

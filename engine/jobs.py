@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 import traceback
-from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
@@ -49,13 +48,7 @@ def job_root(kind: str, workspace: str | Path | None = None) -> Path:
 
 
 def new_job_dir(kind: str, workspace: str | Path | None = None) -> Path:
-    root = job_root(kind, workspace)
-    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{kind}"
-    path, n = root / stem, 1
-    while path.exists():
-        n += 1
-        path = root / f"{stem}-{n}"
-    return path
+    return launch.unique_dir(job_root(kind, workspace), kind)
 
 
 def prepare_job(kind: str, cfg, workspace: str | Path | None = None, checks: Callable | None = None) -> tuple[object, Path]:

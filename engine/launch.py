@@ -32,14 +32,18 @@ def workspace_dir(workspace: str | Path | None = None) -> Path:
     return Path(workspace or os.environ.get("WORKBENCH_WORKSPACE") or DEFAULT_WORKSPACE).resolve()
 
 
-def new_run_dir(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
-    root = workspace_dir(workspace) / "runs"
-    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.stage}-{cfg.method.finetuning_type}"
+def unique_dir(root: Path, suffix: str) -> Path:
+    """``root/<time>-<suffix>``, numbered when that name is taken."""
+    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{suffix}"
     path, n = root / stem, 1
     while path.exists():
         n += 1
         path = root / f"{stem}-{n}"
     return path
+
+
+def new_run_dir(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
+    return unique_dir(workspace_dir(workspace) / "runs", f"{cfg.method.stage}-{cfg.method.finetuning_type}")
 
 
 def _absolute(path: str) -> str:
@@ -196,21 +200,26 @@ def wait(run_dir: str | Path, timeout: float | None = None, poll: float = 0.5) -
 
 
 def follow(run_dir: str | Path, out=sys.stdout) -> rundir.Status | None:
-    """Stream train.log until the run ends (the CLI's --foreground)."""
+    """Stream train.log until the run ends (the CLI's --foreground); Ctrl-C asks for a graceful stop."""
     path = Path(run_dir) / rundir.LOG
     offset = 0
     while True:
-        status = rundir.read_status(run_dir)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-        offset += len(chunk)
-        if chunk:
-            out.write(chunk.decode("utf-8", errors="replace"))
+        try:
+            status = rundir.read_status(run_dir)
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            if chunk:
+                out.write(chunk.decode("utf-8", errors="replace"))
+                out.flush()
+            if status is not None and status.state not in rundir.ACTIVE + ("queued",):
+                return status
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            out.write("\n[workbench] stopping: finishing the current step and saving a checkpoint...\n")
             out.flush()
-        if status is not None and status.state not in rundir.ACTIVE + ("queued",):
-            return status
-        time.sleep(0.5)
+            stop(run_dir)
 
 
 # ---------------------------------------------------------------- the supervisor process
