@@ -181,7 +181,8 @@ def _workers(pgid: int | None) -> list[psutil.Process]:
     for proc in psutil.process_iter(["cmdline"]):
         try:
             cmd = proc.info["cmdline"] or []
-            if pgid and os.getpgid(proc.pid) == pgid and "-m" in cmd and any(m in cmd for m in modules):
+            # the module right after -m: DeepSpeed's launcher also names engine.train, as its argument
+            if pgid and os.getpgid(proc.pid) == pgid and "-m" in cmd[:-1] and cmd[cmd.index("-m") + 1] in modules:
                 out.append(proc)
         except (psutil.Error, OSError):
             continue

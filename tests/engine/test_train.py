@@ -100,6 +100,9 @@ def test_sigterm_stops_with_checkpoint_then_resume_matches_uninterrupted(tiny_mo
 
     run_dir = launch.start(_cfg(tiny_model, tmp_path / "stopped", training=common))
     _wait_for_step(run_dir, 3)
+    # only the rank is signalled: DeepSpeed's launcher would SIGKILL it 30 s later, mid-step
+    workers = launch._workers(rundir.read_status(run_dir).pgid)
+    assert [w.cmdline()[w.cmdline().index("-m") + 1] for w in workers] == ["engine.train"]
     t0 = time.time()
     assert launch.stop(run_dir)
     status = launch.wait(run_dir, timeout=120)
