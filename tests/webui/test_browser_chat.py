@@ -58,8 +58,16 @@ def test_chat_with_a_checkpoint(server, tmp_path):
         page.screenshot(path=shots / "1-loaded.png", full_page=True)
 
         page.get_by_text("System prompt and sampling").click()
-        page.locator("#chat-max-new-tokens input[type=number]").fill("40")
-        page.locator("#chat-max-new-tokens input[type=number]").press("Enter")
+        number = page.locator("#chat-max-new-tokens input[type=number]")
+        slider = page.locator("#chat-max-new-tokens input[type=range]")
+        expect(number).to_be_visible()
+        for _ in range(5):  # the accordion renders its contents as it opens; a value typed too early is lost
+            number.fill("40")
+            number.press("Tab")
+            if slider.input_value() == "40":
+                break
+            page.wait_for_timeout(500)
+        expect(slider).to_have_value("40")  # applied before the message is sent
         page.locator("#chat-msg textarea").fill("Who are you?")
         page.locator("#btn-chat-send").click()
         bot = page.locator("#chat-bot")
