@@ -33,12 +33,15 @@ def sft_data(ctx: StageContext) -> None:
 
 
 def sft_trainer(ctx: StageContext, model):
-    from transformers import DataCollatorWithFlattening, Trainer
+    from transformers import Trainer
+
+    from engine.collate import packed_collator
 
     train, evaluation = ctx.data
     # Padding-free batches: examples are concatenated into one row with restarting position_ids and
-    # their boundaries (cu_seq_lens); engine.attention attends within each example, so no compute goes to padding.
-    collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=True)
+    # their boundaries (cu_seq_lens); engine.attention attends within each example, so no compute goes to padding,
+    # and only trained positions are projected onto the vocabulary (engine.collate).
+    collator = packed_collator(model)
     return Trainer(
         model=model,
         args=ctx.args,
