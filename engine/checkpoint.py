@@ -124,8 +124,21 @@ def check_adapter_base(ckpt: Checkpoint, trust_remote_code: bool = False) -> Non
                               + "; ".join(problems), "model.base")
 
 
-def load_for_eval(ckpt: Checkpoint | None, base: Path, dtype, trust_remote_code: bool = False):
-    """The model of a checkpoint (adapter on its 16/32-bit base, or full weights), or the base when ckpt is None."""
+def fit_base(model, tokenizer):
+    """Grow a base model's embeddings to the tokenizer saved with a vocabulary-extended checkpoint, so its
+    adapter (whose trained embed_tokens/lm_head have the new size) fits; a no-op for any other checkpoint.
+    Every loader calls this between loading the base and attaching an adapter."""
+    from engine.vocab import resize_embeddings
+
+    resize_embeddings(model, len(tokenizer))
+    return model
+
+
+def load_for_eval(ckpt: Checkpoint | None, base: Path, dtype, trust_remote_code: bool = False, tokenizer=None):
+    """The model of a checkpoint (adapter on its 16/32-bit base, or full weights), or the base when ckpt is None.
+
+    ``tokenizer``: the checkpoint's own (read from the checkpoint when not given), to fit the base's vocabulary.
+    """
     from transformers import AutoModelForCausalLM
 
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code)
@@ -136,6 +149,10 @@ def load_for_eval(ckpt: Checkpoint | None, base: Path, dtype, trust_remote_code:
     from peft import PeftModel
 
     model = AutoModelForCausalLM.from_pretrained(ckpt.base, **kw)
+    if tokenizer is None and (ckpt.path / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer_for(ckpt.path, trust_remote_code)
+    if tokenizer is not None:
+        fit_base(model, tokenizer)
     return PeftModel.from_pretrained(model, str(ckpt.path)).eval()
 
 

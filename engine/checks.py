@@ -25,6 +25,47 @@ def _model_problems(cfg: RunConfig) -> list[Problem]:
     return []
 
 
+def _layer_count(model_dir: Path) -> int | None:
+    """Decoder layers of the model in ``model_dir``, read from its config.json (no weights loaded)."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for c in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(c.get(key), int):
+                return c[key]
+    return None
+
+
+def _model_shape_problems(cfg: RunConfig) -> list[Problem]:
+    """Problems that need the model's config.json: read after _model_problems found it, before any weights load."""
+    path, m = Path(cfg.model.path), cfg.method
+    if m.finetuning_type != "freeze" or not (path / "config.json").is_file():
+        return []
+    layers = _layer_count(path)
+    if layers is not None and m.freeze_trainable_layers > layers:
+        return [("method.freeze_trainable_layers", f"{m.freeze_trainable_layers} trainable layers, but {path.name} has only "
+                 f"{layers} decoder layers: use at most {layers} (or finetuning_type full to train all of them)")]
+    return []
+
+
+def _vocab_problems(cfg: RunConfig) -> list[Problem]:
+    """A vocabulary source that is missing, unreadable or empty. Tokens the model already has are no problem:
+    the run skips them and logs how many."""
+    if not cfg.model.extend_vocab:
+        return []
+    from engine.vocab import VocabError, read_tokens
+
+    try:
+        read_tokens(cfg.model.extend_vocab)
+    except VocabError as err:
+        return [("model.extend_vocab", str(err))]
+    return []
+
+
 def _method_problems(cfg: RunConfig) -> list[Problem]:
     m, q, out = cfg.method, cfg.model.quantization, []
     if m.stage not in STAGE_KINDS:
@@ -98,5 +139,6 @@ def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
     """Every problem with ``cfg`` as (field, message); empty when the run can start."""
     run_dir = Path(run_dir) if run_dir else (Path(cfg.output.run_dir) if cfg.output.run_dir else None)
     problems = _model_problems(cfg) + _method_problems(cfg) + _template_problems(cfg)
+    problems += _model_shape_problems(cfg) + _vocab_problems(cfg)
     problems += _data_problems(cfg) + _distributed_problems(cfg, run_dir)
     return problems

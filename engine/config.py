@@ -33,6 +33,7 @@ class ModelConfig(_Section):
     quantization: Quantization = Field("none", description="Load the base weights quantized with bitsandbytes: 4-bit NF4 or FP4, or 8-bit. QLoRA needs nf4/fp4/int8.")
     double_quant: bool = Field(True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight).")
     trust_remote_code: bool = Field(False, description="Allow the model directory to run its own Python code. Off unless you trust the files.")
+    extend_vocab: str = Field("", description="Add tokens to the vocabulary: a text file with one token per line, or a tokenizer (directory, tokenizer.json or SentencePiece .model) whose vocabulary is merged in; embed_tokens and lm_head then train too.")
 
 
 class MethodConfig(_Section):

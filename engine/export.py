@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from engine import jobs
-from engine.checkpoint import CheckpointError, check_adapter_base, inspect
+from engine.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval
 from engine.jobconfig import ExportConfig
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -110,18 +110,11 @@ def greedy(model, tokenizer, ids, max_new_tokens: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def _load_source(ckpt, trust_remote_code: bool):
-    """(model in fp32 with the adapter applied, base-only logits function or None)."""
+def _load_source(ckpt, trust_remote_code: bool, tokenizer):
+    """The checkpoint's model in fp32 (an adapter on its unquantized base, also for QLoRA adapters)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if ckpt.kind == "full":
-        return AutoModelForCausalLM.from_pretrained(ckpt.path, **kw).eval()
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(ckpt.base, **kw)  # unquantized, also for QLoRA adapters
-    return PeftModel.from_pretrained(base, str(ckpt.path)).eval()
+    return load_for_eval(ckpt, ckpt.base, torch.float32, trust_remote_code, tokenizer)
 
 
 def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict) -> str:
@@ -176,7 +169,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     progress.phase("loading the checkpoint")
     tok_dir = ckpt.path if (ckpt.path / "tokenizer_config.json").is_file() else ckpt.base
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
-    model = _load_source(ckpt, cfg.model.trust_remote_code)
+    model = _load_source(ckpt, cfg.model.trust_remote_code, tokenizer)
     ids = _prompt_ids(tokenizer, cfg.verify.prompt)
     ref = _logits(model, ids)
     if ckpt.kind == "adapter":

@@ -84,6 +84,7 @@ class ChatModel:
              template: str | None = None, dtype: str = "auto", device_map=None) -> "ChatModel":
         from peft import PeftModel
 
+        from engine.checkpoint import fit_base
         from engine.models import load_base_model, load_tokenizer, resolve_dtype
 
         self = cls()
@@ -106,6 +107,7 @@ class ChatModel:
             self._check_adapter(adapter, base_shape)
         model = load_base_model(cfg, resolve_dtype(cfg), device_map=device_map, attn="sdpa")
         if target.adapters:
+            fit_base(model, self.tokenizer)  # a vocabulary-extended adapter needs the base grown to its tokenizer
             names = []
             for i, adapter in enumerate(target.adapters):
                 name_i = f"a{i}"

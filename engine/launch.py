@@ -54,6 +54,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make every path in the config absolute, so the run directory's config.yaml stands alone."""
     cfg = cfg.model_copy(deep=True)
     cfg.model.path = _absolute(cfg.model.path)
+    cfg.model.extend_vocab = _absolute(cfg.model.extend_vocab)
     cfg.data.registry = _absolute(cfg.data.registry)
     cfg.data.datasets = [_absolute(d) if Path(d).expanduser().exists() else d for d in cfg.data.datasets]
     if cfg.distributed.hostfile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -96,8 +97,15 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool):
-    """Apply full / freeze / lora / qlora to a loaded model; returns the model to train."""
+def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, train_embeddings: bool = False):
+    """Apply full / freeze / lora / qlora to a loaded model; returns the model to train.
+
+    freeze trains the last ``freeze_trainable_layers`` decoder layers and ``modules_to_save``; the embeddings,
+    the final norm and lm_head stay frozen. ``train_embeddings`` (a vocabulary-extended run) also trains the
+    input and output embeddings: LoRA/QLoRA save them whole next to the adapter (modules_to_save; tied weights
+    stay tied), freeze makes them trainable, full trains them anyway.
+    """
+    extra = _embedding_names(model) if train_embeddings else []
     # Training batches are packed (padding-free): transformers only keeps packed examples apart
     # when no KV cache is built, so the cache must be off or examples attend to each other.
     model.config.use_cache = False
@@ -109,21 +117,28 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool):
         elif gradient_checkpointing:
             model.enable_input_require_grads()
         target = method.lora_target.strip()
+        to_save = list(dict.fromkeys(_csv(method.modules_to_save) + extra))
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
         lcfg = LoraConfig(
             r=method.lora_rank,
             lora_alpha=method.lora_alpha,
             lora_dropout=method.lora_dropout,
             target_modules="all-linear" if target == "all-linear" else _csv(target),
-            modules_to_save=_csv(method.modules_to_save) or None,
+            modules_to_save=to_save or None,
+            ensure_weight_tying=tied and bool(set(to_save) & set(_embedding_names(model))),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lcfg)
+        if extra:
+            # The trained copies of the embeddings are saved (modules_to_save); PEFT would also save the
+            # resized base matrices, twice the size again, which fit_base rebuilds from the base instead.
+            model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     elif method.finetuning_type == "freeze":
         model.requires_grad_(False)
         layers = decoder_layers(model)
         for layer in layers[-method.freeze_trainable_layers:]:
             layer.requires_grad_(True)
-        for name in _csv(method.modules_to_save):
+        for name in _csv(method.modules_to_save) + extra:
             model.get_submodule(_find_module(model, name)).requires_grad_(True)
     else:
         model.requires_grad_(True)
@@ -131,6 +146,12 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool):
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+def _embedding_names(model) -> list[str]:
+    """Short names of the input and output embedding modules (embed_tokens, lm_head for Llama-style models)."""
+    wanted = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules() if any(m is w for w in wanted)))
 
 
 def _find_module(model, short: str) -> str:

@@ -99,6 +99,12 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     log.info("precision %s, %d threads, world size %s", precision, torch.get_num_threads(), os.environ.get("WORLD_SIZE", "1"))
 
     tokenizer = load_tokenizer(cfg.model)
+    vocab = {}
+    if cfg.model.extend_vocab:  # before any encoding, so the data uses the new tokens
+        from engine.vocab import extend_tokenizer, sample_text
+
+        vocab = extend_tokenizer(tokenizer, cfg.model.extend_vocab, sample_text(cfg.data))
+        log.info("vocabulary: %s", json.dumps(vocab, ensure_ascii=False))
     template = get_template(cfg.model.template, tokenizer)
     if cfg.model.template != "auto":
         tokenizer.chat_template = template.jinja()  # saved with every checkpoint, so chat uses the same format
@@ -106,7 +112,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     stage = STAGES[cfg.method.stage]
     ctx = StageContext(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template)
     stage.prepare_data(ctx)
-    log.info("data: %s", json.dumps(ctx.stats))
+    if vocab:
+        ctx.stats["vocab"] = vocab
+    log.info("data: %s", json.dumps(ctx.stats, ensure_ascii=False))
     if stop.requested:
         return "stopped"
 
@@ -117,7 +125,11 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     model = load_base_model(cfg.model, compute_dtype, attn=register())
     log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s", cfg.model.path, cfg.model.quantization,
              getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False), model.dtype)
-    model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing)
+    if vocab:
+        from engine.vocab import resize_embeddings
+
+        resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
+    model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab))
     ctx.callbacks = [RunReporter(run_dir, config_text), stop]
     trainer = stage.build_trainer(ctx, model)
 
