@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.jobcli import add_parsers as add_job_parsers  # eval, export
 
     add_job_parsers(sub)
+
+    from engine.datacli import add_parsers as add_data_parsers  # data inspect, data add
+
+    add_data_parsers(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ and the field, so the web UI and ``status.json`` can show it as is, e.g.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -32,7 +33,8 @@ class DataError(ValueError):
         if self.file:
             where.append(self.file)
         if self.line is not None:
-            unit = "row" if (self.file or "").endswith(".parquet") else "line"
+            file = self.file or ""
+            unit = "row" if file.endswith(".parquet") or os.path.isdir(file) else "line"  # a dir: save_to_disk
             where.append(f"{unit} {self.line}")
         message = self.message
         if self.file and self.field and not re.search(rf"(?<![\w.]){re.escape(self.field)}(?![\w])", message):

@@ -28,6 +28,23 @@ KIND_OF_FORMAT: dict[str, str] = {
 FORMATS: tuple[str, ...] = tuple(KIND_OF_FORMAT)
 KINDS: tuple[str, ...] = ("sft", "preference", "kto", "pretrain")
 
+# The canonical fields each format reads (a column mapping renames the file's columns to these),
+# the ones it cannot do without first. Preference and KTO records take their prompt from
+# ``prompt`` or from a ``conversations``/``messages`` list; ``turns`` records are bare lists.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "output", "input", "system", "history"),
+    "sharegpt": ("conversations", "system"), "fastchat": ("conversations", "system"),
+    "messages": ("messages", "system"), "turns": (), "firefly": ("conversation", "system"),
+    "preference": ("chosen", "rejected", "prompt", "conversations", "messages", "system"),
+    "kto": ("label", "prompt", "completion", "messages", "conversations", "system"),
+    "text": ("text",),
+}
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "output"), "sharegpt": ("conversations",), "fastchat": ("conversations",),
+    "messages": ("messages",), "turns": (), "firefly": ("conversation",), "preference": ("chosen", "rejected"),
+    "kto": ("label",), "text": ("text",),
+}
+
 # Speaker names in sharegpt ("from") and OpenAI-style ("role") messages. Tool results are
 # input to the model (user side); function calls are its output (assistant side).
 ROLES = {
@@ -85,19 +102,21 @@ def iter_examples(path: str | Path, fmt: str, columns: dict[str, str] | None = N
     are the turns of ONE conversation (a nested list is a conversation of its own).
     """
     path = Path(path)
-    for line, record in _raw_records(path, fmt, limit):
+    for line, record in raw_records(path, fmt, limit):
         try:
             yield line, normalize(record, fmt, columns)
         except DataError as err:
             raise err.located(path, line) from None
 
 
-def _raw_records(path: Path, fmt: str, limit: int | None):
+def raw_records(path: Path, fmt: str, limit: int | None = None,
+                on_error: readers.OnError | None = None) -> Iterator[tuple[int, Any]]:
+    """The file's records as ``normalize`` takes them in format ``fmt`` (see ``iter_examples``)."""
     if fmt != "turns" or path.suffix.lower() != ".json":
-        yield from readers.read_records(path, limit)
+        yield from readers.read_records(path, limit, on_error)
         return
     turns, first, count = [], None, 0
-    for line, record in readers.read_records(path):
+    for line, record in readers.read_records(path, on_error=on_error):
         if isinstance(record, list):
             yield line, record
             count += 1

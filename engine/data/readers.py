@@ -1,11 +1,19 @@
 """Streaming readers: one data file in, ``(line, record)`` pairs out.
 
-``read_records`` understands .json, .jsonl, .csv/.tsv, .parquet and .txt. Every problem
-becomes a :class:`DataError` that names the file and the line (the row for parquet):
-JSON syntax errors carry the line and column of ``json.JSONDecodeError``, invalid UTF-8
-names the line it sits on, and an empty file says so. JSON Lines, CSV and text files are
-read line by line, never whole; a .json file is one document, so it is read at once, but
-records still come out one at a time with the line each one starts on.
+``read_records`` understands .json, .jsonl, .csv/.tsv, .parquet and .txt files, and
+``datasets`` ``save_to_disk`` directories (Arrow shards, read batch by batch from a memory
+map; a DatasetDict gives its ``train`` split). Every problem becomes a :class:`DataError`
+that names the file and the line (the row for parquet and Arrow): JSON syntax errors carry
+the line and column of ``json.JSONDecodeError``, invalid UTF-8 names the line it sits on,
+and an empty file says so. JSON Lines, CSV and text files are read line by line, never
+whole; a .json file is one document, so it is read at once, but records still come out one
+at a time with the line each one starts on.
+
+By default the first problem raises. With ``on_error``, a problem confined to one record
+(a broken JSON Lines line, a line that is not valid UTF-8, a CSV row with the wrong number
+of values, an array item that is not an object) is handed to ``on_error`` and reading goes
+on with the next record; problems with the whole file (empty, a JSON syntax error in a
+.json document, a bad header) still raise.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,66 +29,95 @@ from .errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 _WS = re.compile(r"[ \t\n\r]*")
+OnError = Callable[[DataError], None]
 
 
-def read_records(path: str | Path, limit: int | None = None) -> Iterator[tuple[int, Any]]:
+def _raise(err: DataError) -> None:
+    raise err
+
+
+def read_records(path: str | Path, limit: int | None = None,
+                 on_error: OnError | None = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(line, record)`` for each record of ``path``, at most ``limit`` of them.
 
-    ``line`` is the 1-based line a record starts on (the 1-based row for parquet). A record
-    is a dict, except that JSON and JSON Lines files may hold lists (``turns`` format).
+    ``line`` is the 1-based line a record starts on (the 1-based row for parquet and Arrow).
+    A record is a dict, except that JSON and JSON Lines files may hold lists (``turns``
+    format). ``on_error`` receives each one-record problem instead of raising it (see above).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"unsupported file type '{suffix or path.name}' (use {', '.join(SUFFIXES)})", path)
-    if not path.is_file():
-        raise DataError("file not found", path)
-    reader = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv,
-              ".parquet": _read_parquet, ".txt": _read_txt}[suffix]
+    if path.is_dir():
+        reader = _read_arrow_dir
+    else:
+        suffix = path.suffix.lower()
+        if suffix not in SUFFIXES:
+            raise DataError(f"unsupported file type '{suffix or path.name}' (use {', '.join(SUFFIXES)}, "
+                            "or a datasets save_to_disk directory)", path)
+        if not path.is_file():
+            raise DataError("file not found", path)
+        reader = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv,
+                  ".parquet": _read_parquet, ".txt": _read_txt}[suffix]
     if limit is not None and limit <= 0:
         return
-    for count, item in enumerate(reader(path), 1):
+    for count, item in enumerate(reader(path, on_error or _raise), 1):
         yield item
         if limit is not None and count >= limit:
             return
 
 
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each line of a UTF-8 file, read lazily, newline kept."""
+def is_data_path(path: Path) -> bool:
+    """A file of a readable type, or a ``datasets`` save_to_disk directory."""
+    if path.is_dir():
+        return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    return path.is_file() and path.suffix.lower() in SUFFIXES
+
+
+def _decoded_lines(path: Path, on_error: OnError) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) for each line of a UTF-8 file, read lazily, newline kept; text is None
+    for a line that is not valid UTF-8 (after ``on_error`` was told), so line numbers stay right."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"the file is not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                                "save it as UTF-8", path, number) from None
+                on_error(DataError(f"the file is not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                                   f"{err.start + 1}); save it as UTF-8", path, number))
+                yield number, None
+                continue
             if number == 1:
                 text = text.removeprefix("\ufeff")
             yield number, text
 
 
-def _check_record(record: Any, path: Path, line: int) -> Any:
-    if not isinstance(record, (dict, list)):
-        raise DataError(f"expected a JSON object, found {type(record).__name__} {json.dumps(record)[:40]}", path, line)
-    return record
+def _not_a_record(record: Any, path: Path, line: int) -> DataError | None:
+    if isinstance(record, (dict, list)):
+        return None
+    return DataError(f"expected a JSON object, found {type(record).__name__} {json.dumps(record)[:40]}", path, line)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(path: Path, on_error: OnError) -> Iterator[tuple[int, Any]]:
     seen = False
-    for number, text in _decoded_lines(path):
+    for number, text in _decoded_lines(path, on_error):
+        if text is None:
+            seen = True
+            continue
         if not text.strip():
             continue
         seen = True
         try:
             record = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as err:
-            raise DataError(f"invalid JSON ({err.msg} at column {err.colno})", path, number) from None
-        yield number, _check_record(record, path, number)
+            on_error(DataError(f"invalid JSON ({err.msg} at column {err.colno})", path, number))
+            continue
+        problem = _not_a_record(record, path, number)
+        if problem:
+            on_error(problem)
+            continue
+        yield number, record
     if not seen:
         raise DataError("file is empty", path)
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_json(path: Path, on_error: OnError) -> Iterator[tuple[int, Any]]:
     data = path.read_bytes()
     try:
         text = data.decode("utf-8").removeprefix("\ufeff")
@@ -111,7 +148,11 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
         if rest < len(text):
             hint = "; one object per line is JSON Lines: rename the file to .jsonl" if text[rest] in "{[" else ""
             fail(f"extra data after the first JSON value{hint}", rest)
-        yield lines.at(pos)[0], _check_record(record, path, lines.at(pos)[0])
+        line = lines.at(pos)[0]
+        problem = _not_a_record(record, path, line)
+        if problem:
+            raise problem
+        yield line, record
         return
     pos = _WS.match(text, pos + 1).end()
     if pos < len(text) and text[pos] == "]":
@@ -121,7 +162,11 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
             fail("unexpected end of file, the array is not closed with ']'", len(text) - 1)
         record, end = value(pos)
         line = lines.at(pos)[0]
-        yield line, _check_record(record, path, line)
+        problem = _not_a_record(record, path, line)
+        if problem:
+            on_error(problem)
+        else:
+            yield line, record
         pos = _WS.match(text, end).end()
         if pos >= len(text):
             fail("unexpected end of file, the array is not closed with ']'", len(text) - 1)
@@ -150,9 +195,9 @@ class _LineCounter:
         return self.line, pos - self.text.rfind("\n", 0, pos)
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_csv(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    source = (text for _, text in _decoded_lines(path))
+    source = ("\n" if text is None else text for _, text in _decoded_lines(path, on_error))
     reader = csv.reader(source, delimiter=delimiter)
     header: list[str] = []
     try:
@@ -176,18 +221,20 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
         except StopIteration:
             break
         except csv.Error as err:
-            raise DataError(f"invalid CSV ({err})", path, start) from None
+            on_error(DataError(f"invalid CSV ({err})", path, start))
+            continue
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
-        if len(row) != len(header):
-            raise DataError(f"the row has {len(row)} values but the header has {len(header)} columns", path, start)
         seen = True
+        if len(row) != len(header):
+            on_error(DataError(f"the row has {len(row)} values but the header has {len(header)} columns", path, start))
+            continue
         yield start, dict(zip(header, row))
     if not seen:
         raise DataError("file is empty (a header but no rows)", path)
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_parquet(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
     try:
@@ -203,20 +250,66 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
             yield number, record
 
 
-def _read_txt(path: Path) -> Iterator[tuple[int, dict]]:
-    """Plain text: documents are separated by one or more blank lines."""
-    start, lines, seen = 0, [], False
-    for number, text in _decoded_lines(path):
+def _split_dir(path: Path) -> Path:
+    """The directory holding ``state.json``: ``path`` itself, or the train split of a DatasetDict."""
+    if (path / "state.json").is_file():
+        return path
+    if not (path / "dataset_dict.json").is_file():
+        raise DataError("a directory must be a datasets save_to_disk directory (with state.json or "
+                        "dataset_dict.json); point to a data file instead", path)
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"dataset_dict.json cannot be read ({err})", path) from None
+    if "train" not in splits:
+        raise DataError(f"this DatasetDict has no train split (splits: {', '.join(splits)}); point to one split's "
+                        "directory", path)
+    return path / "train"
+
+
+def _read_arrow_dir(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:
+    """Rows of a save_to_disk directory, shard by shard, batch by batch (memory-mapped)."""
+    import pyarrow as pa
+
+    split = _split_dir(path)
+    try:
+        state = json.loads((split / "state.json").read_text(encoding="utf-8"))
+        shards = [split / f["filename"] for f in state["_data_files"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"state.json cannot be read ({err})", split) from None
+    number = 0
+    for shard in shards:
+        try:
+            with pa.memory_map(str(shard)) as source:
+                for batch in pa.ipc.open_stream(source):
+                    for record in batch.to_pylist():
+                        number += 1
+                        yield number, record
+        except (OSError, pa.ArrowInvalid) as err:
+            raise DataError(f"Arrow shard {shard.name} cannot be read ({err})", path, number + 1) from None
+    if number == 0:
+        raise DataError("file is empty (0 rows)", path)
+
+
+def _read_txt(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:
+    """Plain text: documents are separated by one or more blank lines. A document with a line
+    that is not valid UTF-8 is left out (``on_error`` was told about that line)."""
+    start, lines, seen, bad = 0, [], False, False
+    for number, text in _decoded_lines(path, on_error):
+        if text is None:
+            seen = bad = True
+            continue
         text = text.rstrip("\r\n")
         if text.strip():
             if not lines:
                 start = number
             lines.append(text)
-        elif lines:
+            continue
+        if lines and not bad:
             seen = True
             yield start, {"text": "\n".join(lines)}
-            lines = []
-    if lines:
+        lines, bad = [], False
+    if lines and not bad:
         seen = True
         yield start, {"text": "\n".join(lines)}
     if not seen:

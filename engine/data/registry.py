@@ -7,25 +7,38 @@
       kind: sft                    # sft | preference | kto | pretrain (derived from format if left out)
       description: one line for the UI
 
-Every problem in the registry is reported at once, each with its line, so a broken entry
-gives the UI a message instead of an empty dropdown.
+``file`` may also be a ``datasets`` save_to_disk directory. The one reserved top-level key,
+``include``, layers a registry over others (a path or a list of paths, relative to this
+file): their datasets come first and this file adds its own. A workspace's registry
+(``<workspace>/datasets/dataset_info.yaml``, written by the web UI's Data tab and by
+``workbench data add``) includes the project's ``data/dataset_info.yaml`` this way, so one
+``data.registry`` path names both the demo datasets and the user's own.
+
+Every problem in the registry (and in the ones it includes) is reported at once, each with
+its file and line, so a broken entry gives the UI a message instead of an empty dropdown.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .errors import DataError
-from .formats import FORMATS, KIND_OF_FORMAT, KINDS, detect_format
-from .readers import SUFFIXES, read_records
+from .formats import FORMAT_FIELDS, FORMATS, KIND_OF_FORMAT, KINDS, detect_format
+from .readers import SUFFIXES, is_data_path, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
+PROJECT_REGISTRY = ROOT / "data" / "dataset_info.yaml"
+INCLUDE = "include"
 ENTRY_KEYS = ("file", "format", "columns", "kind", "description")
-CANONICAL_FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages",
-                    "conversation", "prompt", "chosen", "rejected", "completion", "label", "text")
+CANONICAL_FIELDS = tuple(dict.fromkeys(f for fields in FORMAT_FIELDS.values() for f in fields))
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass
@@ -36,6 +49,7 @@ class DatasetSpec:
     kind: str
     columns: dict = field(default_factory=dict)
     description: str = ""
+    registry: Path | None = field(default=None, compare=False)  # the file that registers it (None: a bare path)
 
 
 class RegistryError(DataError):
@@ -46,9 +60,10 @@ class RegistryError(DataError):
         self.problems, self.specs = problems, specs or {}
         if len(problems) == 1:
             p = problems[0]
-            super().__init__(p.message, file, p.line, p.field)
+            super().__init__(p.message, p.file or file, p.line, p.field)
         else:
-            joined = "; ".join(f"line {p.line}: {p.message}" if p.line else p.message for p in problems)
+            joined = "; ".join(str(p) if p.file and p.file != str(file) else
+                               f"line {p.line}: {p.message}" if p.line else p.message for p in problems)
             super().__init__(f"{len(problems)} problems: {joined}", file)
 
     def __reduce__(self):
@@ -73,7 +88,13 @@ def detect_file(path: Path) -> str:
     raise DataError("file is empty", path)
 
 
-def load_registry(path: str | Path) -> dict[str, DatasetSpec]:
+def workspace_registry(workspace: str | Path) -> Path:
+    """Where a workspace's own datasets are registered (the file may not exist yet)."""
+    return Path(workspace) / "datasets" / "dataset_info.yaml"
+
+
+def load_registry(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, DatasetSpec]:
+    """Every dataset of a registry file and of the registries it includes, by name."""
     path = find_path(path)
     if not path.is_file():
         raise DataError("dataset registry not found", path)
@@ -94,9 +115,16 @@ def load_registry(path: str | Path) -> dict[str, DatasetSpec]:
     specs: dict[str, DatasetSpec] = {}
     problems: list[DataError] = []
     for key, value in root.value:
+        if key.value == INCLUDE:
+            _include(value, path, _including + (path.resolve(),), specs, problems)
+    for key, value in root.value:
         name, line = str(key.value), key.start_mark.line + 1
+        if name == INCLUDE:
+            continue
         if name in specs:
-            problems.append(DataError(f"dataset '{name}' is registered twice", path, line, name))
+            other = specs[name].registry
+            where = f" (also in {other})" if other and other != path else ""
+            problems.append(DataError(f"dataset '{name}' is registered twice{where}", path, line, name))
             continue
         try:
             specs[name] = _entry(name, value, path)
@@ -105,6 +133,31 @@ def load_registry(path: str | Path) -> dict[str, DatasetSpec]:
     if problems:
         raise RegistryError(problems, path, specs)
     return specs
+
+
+def _include(node, path: Path, including: tuple[Path, ...], specs: dict, problems: list) -> None:
+    """Load the registries an ``include`` key names into ``specs`` (their problems into ``problems``)."""
+    line = node.start_mark.line + 1
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    for item in items:
+        if not isinstance(item, yaml.ScalarNode) or not str(item.value).strip():
+            problems.append(DataError(f"'{INCLUDE}' must be a registry path or a list of them", path, line, INCLUDE))
+            continue
+        target = (path.parent / Path(item.value).expanduser()).resolve()
+        if target in including:
+            problems.append(DataError(f"'{INCLUDE}' of {target} makes a cycle (it includes this file)", path,
+                                      item.start_mark.line + 1, INCLUDE))
+            continue
+        try:
+            found = load_registry(target, including)
+        except RegistryError as err:
+            found = err.specs
+            problems.extend(err.problems)
+        except DataError as err:
+            problems.append(DataError(f"'{INCLUDE}': {err}", path, item.start_mark.line + 1, INCLUDE))
+            continue
+        for name, spec in found.items():
+            specs.setdefault(name, spec)
 
 
 def _scalar(node, name: str, key: str, path: Path) -> str:
@@ -125,13 +178,13 @@ def _entry(name: str, node, path: Path) -> DatasetSpec:
         fields[key.value] = value
     if "file" not in fields:
         raise DataError(f"entry '{name}': key 'file' is missing", path, where, "file")
-    file = path.parent / _scalar(fields["file"], name, "file", path)
+    file = path.parent / Path(_scalar(fields["file"], name, "file", path)).expanduser()
     line = fields["file"].start_mark.line + 1
-    if not file.is_file():
+    if not file.exists():
         raise DataError(f"entry '{name}': file '{file}' does not exist", path, line, "file")
-    if file.suffix.lower() not in SUFFIXES:
-        raise DataError(f"entry '{name}': file '{file}' has an unsupported type (use {', '.join(SUFFIXES)})",
-                        path, line, "file")
+    if not is_data_path(file):
+        raise DataError(f"entry '{name}': file '{file}' has an unsupported type (use {', '.join(SUFFIXES)}, or "
+                        "a datasets save_to_disk directory)", path, line, "file")
     fmt = _scalar(fields["format"], name, "format", path) if "format" in fields else "auto"
     if fmt not in FORMATS and fmt != "auto":
         raise DataError(f"entry '{name}': unknown format '{fmt}' (one of auto, {', '.join(FORMATS)})",
@@ -161,7 +214,7 @@ def _entry(name: str, node, path: Path) -> DatasetSpec:
                                 f"(one of {', '.join(CANONICAL_FIELDS)})", path, ck.start_mark.line + 1, "columns")
             columns[str(ck.value)] = _scalar(cv, name, f"columns.{ck.value}", path)
     description = _scalar(fields["description"], name, "description", path) if "description" in fields else ""
-    return DatasetSpec(name, file, fmt, kind, columns, description)
+    return DatasetSpec(name, file, fmt, kind, columns, description, path)
 
 
 def resolve_dataset(name_or_path: str, registry_path: str | Path) -> DatasetSpec:
@@ -174,7 +227,7 @@ def resolve_dataset(name_or_path: str, registry_path: str | Path) -> DatasetSpec
     if name_or_path in registry:
         return registry[name_or_path]
     path = find_path(name_or_path)
-    if path.is_file():
+    if is_data_path(path):
         fmt = detect_file(path)
         return DatasetSpec(name_or_path, path, fmt, KIND_OF_FORMAT[fmt], {}, f"file {path.name}")
     if problem is not None:
@@ -182,3 +235,64 @@ def resolve_dataset(name_or_path: str, registry_path: str | Path) -> DatasetSpec
     known = ", ".join(registry) or "none"
     raise DataError(f"unknown dataset '{name_or_path}': not a registered name (known: {known}) and not a data file",
                     find_path(registry_path))
+
+
+def check_name(name: str, registry: Path) -> None:
+    """Refuse a dataset name that is malformed or already taken in ``registry`` (or what it includes)."""
+    if not NAME.fullmatch(name or "") or name == INCLUDE:
+        raise DataError(f"'{name}' cannot name a dataset: use 1-64 letters, digits, '_', '-' or '.', starting with a "
+                        f"letter or digit (and not '{INCLUDE}')", field="name")
+    if not registry.is_file():
+        return
+    try:
+        specs = load_registry(registry)
+    except RegistryError as err:
+        specs = err.specs
+    if name in specs:
+        where = specs[name].registry or registry
+        raise DataError(f"a dataset named '{name}' is already registered in {where}; choose another name",
+                        field="name")
+
+
+@contextmanager
+def locked(registry: Path):
+    """Hold an exclusive lock on a registry while it is checked and written (two Saves at once)."""
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.open(registry.parent, os.O_RDONLY)  # the folder, which exists before the registry does
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def append_entry(registry: Path, name: str, file: Path, fmt: str, kind: str, columns: dict | None = None,
+                 description: str = "") -> DatasetSpec:
+    """Add one entry to ``registry`` (created, including the project's registry, if it does not exist).
+
+    ``file`` is written relative to the registry when it lies beside or below it, absolute
+    otherwise. The caller holds ``locked(registry)`` and has checked the name. Returns the
+    entry as the registry now reads it.
+    """
+    if not registry.is_file():
+        registry.write_text("# Datasets added in the web UI's Data tab or with `workbench data add`.\n"
+                            f"# '{INCLUDE}' layers this registry over the project's demo datasets.\n"
+                            + yaml.safe_dump({INCLUDE: [str(PROJECT_REGISTRY)]}, sort_keys=False),
+                            encoding="utf-8")
+    file = file.resolve()
+    where = file.relative_to(registry.parent.resolve()) if file.is_relative_to(registry.parent.resolve()) else file
+    entry = {"file": str(where), "format": fmt, "kind": kind}
+    if columns:
+        entry["columns"] = dict(columns)
+    if description:
+        entry["description"] = description
+    block = yaml.safe_dump({name: entry}, sort_keys=False, allow_unicode=True, width=1000)
+    ends_open = not registry.read_bytes().endswith(b"\n")
+    with open(registry, "a", encoding="utf-8") as f:  # appended: the entries already there are never rewritten
+        f.write(("\n" if ends_open else "") + "\n" + block)
+    try:
+        return load_registry(registry)[name]
+    except RegistryError as err:
+        if name in err.specs:  # another entry's problem; this one is fine
+            return err.specs[name]
+        raise

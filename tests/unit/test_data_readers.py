@@ -140,3 +140,58 @@ def test_unsupported_and_missing_files(tmp_path):
         list(read_records(write(tmp_path, "a.xlsx", "x")))
     with pytest.raises(DataError, match=r"nope.json: file not found"):
         list(read_records(tmp_path / "nope.json"))
+
+
+def collect(path, **kw):
+    """(records, problems) of a file read with on_error."""
+    problems = []
+    return list(read_records(path, on_error=problems.append, **kw)), [str(p) for p in problems]
+
+
+def test_on_error_skips_a_broken_jsonl_line_and_goes_on(tmp_path):
+    path = write(tmp_path, "a.jsonl", '{"a": 1}\n{"a": 2\n42\n{"a": 4}\n')
+    records, problems = collect(path)
+    assert records == [(1, {"a": 1}), (4, {"a": 4})]
+    assert problems == [f"{path}, line 2: invalid JSON (Expecting ',' delimiter at column 8)",
+                        f"{path}, line 3: expected a JSON object, found int 42"]
+
+
+def test_on_error_keeps_line_numbers_after_a_non_utf8_line(tmp_path):
+    path = write(tmp_path, "a.csv", b'q,a\nok,1\ncaf\xe9,2\nlast,3\nx,y,z\n', binary=True)
+    records, problems = collect(path)
+    assert records == [(2, {"q": "ok", "a": "1"}), (4, {"q": "last", "a": "3"})]
+    assert problems == [f"{path}, line 3: the file is not valid UTF-8 (byte 0xe9 at column 4); save it as UTF-8",
+                        f"{path}, line 5: the row has 3 values but the header has 2 columns"]
+
+
+def test_on_error_leaves_out_the_text_document_with_a_bad_line(tmp_path):
+    path = write(tmp_path, "a.txt", b"good doc\n\nbad \xff doc\nsecond line\n\nlast\n", binary=True)
+    records, problems = collect(path)
+    assert records == [(1, {"text": "good doc"}), (6, {"text": "last"})]
+    assert problems == [f"{path}, line 3: the file is not valid UTF-8 (byte 0xff at column 5); save it as UTF-8"]
+
+
+def test_on_error_does_not_hide_a_json_syntax_error_or_an_empty_file(tmp_path):
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
+        collect(write(tmp_path, "bad.json", '[{"a": 1},\n {"a": 2,}]'))
+    with pytest.raises(DataError, match="file is empty"):
+        collect(write(tmp_path, "e.jsonl", "\n"))
+
+
+def test_save_to_disk_directories(tmp_path):
+    import datasets
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(2500)]  # more than one Arrow batch
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "one")
+    assert [r for _, r in read_records(tmp_path / "one")] == rows
+    assert next(read_records(tmp_path / "one", limit=1)) == (1, rows[0])
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                          "test": datasets.Dataset.from_list(rows[3:4])}).save_to_disk(tmp_path / "dict")
+    assert list(read_records(tmp_path / "dict")) == [(1, rows[0]), (2, rows[1]), (3, rows[2])]
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(tmp_path / "notrain")
+    with pytest.raises(DataError, match=r"notrain: this DatasetDict has no train split \(splits: test\)"):
+        list(read_records(tmp_path / "notrain"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match=r"plain: a directory must be a datasets save_to_disk directory"):
+        list(read_records(tmp_path / "plain"))
+    assert str(DataError("field 'output' is empty", tmp_path / "one", 7)) == f"{tmp_path / 'one'}, row 7: field 'output' is empty"

@@ -96,3 +96,67 @@ def test_resolve_reports_a_broken_registry(tmp_path):
     path = registry_file(tmp_path, "x:\n  file: nope.json\n")
     with pytest.raises(DataError, match="entry 'x': file .* does not exist"):
         resolve_dataset("x", path)
+
+
+def test_include_layers_a_registry_over_another(tmp_path):
+    (tmp_path / "ws").mkdir()
+    path = registry_file(tmp_path / "ws", f"include: {SHIPPED}\nmine:\n  file: a.json\n")
+    registry = load_registry(path)
+    assert list(registry) == [*EXPECTED, "mine"]
+    assert registry["identity"].registry == SHIPPED and registry["mine"].registry == path
+    assert resolve_dataset("identity", path).path == ROOT / "data" / "identity.json"
+    assert resolve_dataset("mine", path).path == tmp_path / "ws" / "a.json"
+
+
+def test_include_problems_name_their_own_file(tmp_path):
+    registry_file(tmp_path, "")
+    (tmp_path / "base.yaml").write_text("x:\n  file: nope.json\n", encoding="utf-8")
+    top = tmp_path / "top.yaml"
+    top.write_text("include: [base.yaml, top.yaml]\nidentity:\n  file: a.json\nx2:\n  file: a.json\n", encoding="utf-8")
+    with pytest.raises(RegistryError) as err:
+        load_registry(top)
+    assert [(p.file, p.line) for p in err.value.problems] == [(str(tmp_path / "base.yaml"), 2), (str(top), 1)]
+    assert "makes a cycle" in err.value.problems[1].message
+    assert str(err.value).startswith(f"{top}: 2 problems: {tmp_path / 'base.yaml'}, line 2: entry 'x': file ")
+    assert list(err.value.specs) == ["identity", "x2"]
+
+
+def test_a_name_registered_in_an_included_registry_and_here(tmp_path):
+    path = registry_file(tmp_path, f"include: {SHIPPED}\nidentity:\n  file: a.json\n")
+    with pytest.raises(RegistryError) as err:
+        load_registry(path)
+    assert str(err.value) == f"{path}, line 2: dataset 'identity' is registered twice (also in {SHIPPED})"
+
+
+def test_a_save_to_disk_directory_is_a_dataset_file(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "one"}, {"text": "two"}]).save_to_disk(tmp_path / "corpus")
+    path = registry_file(tmp_path, "corpus:\n  file: corpus\n")
+    assert (load_registry(path)["corpus"].format, resolve_dataset(str(tmp_path / "corpus"), path).kind) == ("text", "pretrain")
+
+
+def test_check_name_and_append_entry(tmp_path):
+    from engine.data.registry import append_entry, check_name, workspace_registry
+
+    registry = workspace_registry(tmp_path / "ws")
+    for bad in ("", "a/b", "has space", "include", "-x"):
+        with pytest.raises(DataError, match="cannot name a dataset"):
+            check_name(bad, registry)
+    check_name("fine", registry)  # no registry yet: any good name is free
+    registry.parent.mkdir(parents=True)
+    (registry.parent / "qa.csv").write_text("question,answer\nq,a\n", encoding="utf-8")
+    spec = append_entry(registry, "qa", registry.parent / "qa.csv", "alpaca", "sft",
+                        {"instruction": "question", "output": "answer"}, "Q & A: \"quoted\"")
+    assert spec == DatasetSpec("qa", registry.parent / "qa.csv", "alpaca", "sft",
+                               {"instruction": "question", "output": "answer"}, 'Q & A: "quoted"')
+    assert "file: qa.csv\n" in registry.read_text(encoding="utf-8")  # relative: the workspace can move
+    elsewhere = registry_file(tmp_path, "")
+    append_entry(registry, "other", tmp_path / "a.json", "alpaca", "sft")
+    assert load_registry(registry)["other"].path == tmp_path / "a.json" and elsewhere.exists()
+    assert list(load_registry(registry)) == [*EXPECTED, "qa", "other"]
+    with pytest.raises(DataError) as err:
+        check_name("identity", registry)
+    assert str(err.value) == f"a dataset named 'identity' is already registered in {SHIPPED}; choose another name"
+    with pytest.raises(DataError, match=f"'qa' is already registered in {registry}"):
+        check_name("qa", registry)
