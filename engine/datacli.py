@@ -92,6 +92,8 @@ def report_lines(report, lengths=None, model: str = "", template: str = "") -> l
             share = 100 * lengths.truncated / lengths.count
             lines.append(f"cutoff_len {lengths.cutoff_len:,}: {lengths.truncated:,} truncated ({share:.1f}%), "
                          f"{lengths.lost:,} lose their whole answer (dropped in training)")
+    elif report.sample and not model:
+        lines.append("tokens: pass --model PATH for token lengths and truncation")
     lines.append("result: " + ("OK" if report.ok else "INVALID"))
     return lines
 
@@ -120,8 +122,6 @@ def inspect(args) -> int:
             print(f"error: cannot tokenize with {args.model} and template {args.template}: {err}", file=sys.stderr)
             return EXIT_USAGE
     print("\n".join(report_lines(report, lengths, args.model or "", args.template)))
-    if tok is None:
-        print("(token lengths and truncation: pass --model PATH)")
     return 0 if report.ok else EXIT_INVALID
 
 
