@@ -1,4 +1,5 @@
-"""Tokenization for training: SFT examples with label masks, and packed pretraining blocks.
+"""Tokenization for training: SFT examples with label masks, prompts with candidate answers (preference,
+KTO), and packed pretraining blocks.
 
 The web UI's label-mask preview calls ``encode_sft`` and ``label_spans`` too, so what the
 user sees is exactly what the trainer gets.
@@ -77,19 +78,65 @@ def encode_sft(example: dict, template, tokenizer, cutoff_len: int,
     return [_join(kept, trained)]
 
 
-def encode_pretrain(texts: list[str], tokenizer, cutoff_len: int) -> list[dict]:
-    """Concatenate documents, each followed by EOS, and cut into blocks of exactly ``cutoff_len``.
+def encode_answers(prompt: list[dict], answers: list[str], template, tokenizer,
+                   cutoff_len: int) -> tuple[list[int], list[list[int]]] | None:
+    """Tokenize a prompt and each of its candidate answers (a preference pair's chosen and rejected, or a KTO
+    completion) exactly as ``encode_sft`` tokenizes the conversation ``prompt + [assistant answer]``.
 
-    The remainder shorter than a block is dropped; ``labels`` equals ``input_ids``.
+    Returns ``(prompt_ids, [answer_ids, ...])``: ``prompt_ids`` is every token before the last answer
+    (prefix, system prompt, earlier turns, the last user turn and the assistant header), each
+    ``answer_ids`` the answer with its end-of-turn token(s), so ``prompt_ids + answer_ids`` equals the
+    SFT encoding of that conversation. Truncation keeps the prompt whole and cuts every answer to the
+    room left in ``cutoff_len``; when the prompt alone fills ``cutoff_len`` (no answer token fits),
+    ``None`` is returned and the caller counts the example as dropped.
+    """
+    prompt_ids, out = None, []
+    for answer in answers:
+        pairs = template.encode_turns(tokenizer, list(prompt) + [{"role": "assistant", "content": answer}])
+        head = [t for p, r in pairs[:-1] for t in p + r] + pairs[-1][0]
+        if prompt_ids is not None and head != prompt_ids:
+            raise DataError(f"template '{template.name}' renders the same prompt differently for different answers, "
+                            "so the answers cannot be compared", field="template")
+        prompt_ids = head
+        out.append(pairs[-1][1])
+    if prompt_ids is None or len(prompt_ids) >= cutoff_len:
+        return None
+    room = cutoff_len - len(prompt_ids)
+    return prompt_ids, [a[:room] for a in out]
+
+
+def encode_pretrain(texts: list[str], tokenizer, cutoff_len: int) -> list[dict]:
+    """Pack documents into blocks of ``cutoff_len`` tokens for continued pretraining.
+
+    Every document is followed by EOS and the documents are laid end to end, so a block holds exactly
+    ``cutoff_len`` tokens (only the last block may be shorter) and no position is padding. A document
+    that reaches the end of a block is cut there and its remainder opens the next block.
+
+    Document boundaries are kept inside a block: ``position_ids`` restart at 0 at the start of every
+    document and of every continued remainder (a *piece*), attention stays within a piece (the
+    padding-free collator turns the restarts into sequence boundaries), and ``labels`` is -100 at the
+    first token of every piece, because no visible token precedes it. Every other token, the EOS
+    included, is a target: ``labels`` equals ``input_ids`` there.
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token to separate documents", field="tokenizer")
     eos = tokenizer.eos_token_id
-    ids: list[int] = []
+    blocks: list[dict] = []
+    block = {"input_ids": [], "labels": [], "position_ids": []}
     for doc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        ids += list(doc) + [eos]
-    blocks = [ids[i: i + cutoff_len] for i in range(0, len(ids) - cutoff_len + 1, cutoff_len)]
-    return [{"input_ids": b, "labels": list(b)} for b in blocks]
+        doc = list(doc) + [eos]
+        while doc:
+            room = cutoff_len - len(block["input_ids"])
+            piece, doc = doc[:room], doc[room:]
+            block["input_ids"] += piece
+            block["labels"] += [IGNORE_INDEX] + piece[1:]
+            block["position_ids"] += list(range(len(piece)))
+            if len(block["input_ids"]) == cutoff_len:
+                blocks.append(block)
+                block = {"input_ids": [], "labels": [], "position_ids": []}
+    if block["input_ids"]:
+        blocks.append(block)
+    return blocks
 
 
 def label_spans(tokenizer, encoded: dict) -> list[tuple[str, bool]]:

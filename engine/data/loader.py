@@ -1,4 +1,5 @@
-"""Load datasets as canonical examples (cached by ``datasets``), and build tokenized SFT splits.
+"""Load datasets as canonical examples (cached by ``datasets``), and build the tokenized splits of each stage:
+SFT examples, packed pretraining blocks, preference pairs, KTO examples and RL prompts.
 
 Each data file becomes one ``datasets.Dataset`` built by ``Dataset.from_generator``. The
 generator's arguments include the file's path, modification time and size, so a second load
@@ -14,7 +15,7 @@ import json
 import datasets
 import pyarrow.compute as pc
 
-from .encode import encode_sft
+from .encode import encode_answers, encode_pretrain, encode_sft
 from .errors import DataError
 from .formats import iter_examples
 from .registry import DatasetSpec, resolve_dataset
@@ -86,6 +87,18 @@ def example_messages(row: dict) -> list[dict]:
     return json.loads(messages) if isinstance(messages, str) else list(messages)
 
 
+def split_examples(examples: datasets.Dataset, data_cfg, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, held-out or None): ``data_cfg.val_size`` of the examples, drawn with ``seed``, before any encoding."""
+    if data_cfg.val_size <= 0:
+        return examples, None
+    n_eval = max(1, round(len(examples) * data_cfg.val_size))
+    if len(examples) - n_eval < 1:
+        raise DataError(f"dataset {', '.join(data_cfg.datasets)} has {len(examples)} examples, too few to hold out "
+                        f"val_size={data_cfg.val_size}", field="data.val_size")
+    split = examples.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
 def _encode_batch(batch, indices, template, tokenizer, cutoff_len, multiturn_loss, version):
     out = {"input_ids": [], "labels": [], "_source": [], "_tokens": [], "_trained": []}
     for index, messages in zip(indices, batch["messages"]):
@@ -128,16 +141,8 @@ def build_sft_dataset(data_cfg, tokenizer, template, seed: int) -> tuple[dataset
     dropped_too_long (conversations that produced nothing), tokens (input tokens) and
     trained_tokens (tokens with a label), plus train and eval sizes.
     """
-    examples = load_examples(data_cfg, "sft")
+    examples, raw_eval = split_examples(load_examples(data_cfg, "sft"), data_cfg, seed)
     name = ", ".join(data_cfg.datasets)
-    raw_eval = None
-    if data_cfg.val_size > 0:
-        n_eval = max(1, round(len(examples) * data_cfg.val_size))
-        if len(examples) - n_eval < 1:
-            raise DataError(f"dataset {name} has {len(examples)} examples, too few to hold out "
-                            f"val_size={data_cfg.val_size}", field="data.val_size")
-        split = examples.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-        examples, raw_eval = split["train"], split["test"]
     train, stats = _encode(examples, data_cfg, tokenizer, template)
     evaluation = None
     if raw_eval is not None:
@@ -148,4 +153,134 @@ def build_sft_dataset(data_cfg, tokenizer, template, seed: int) -> tuple[dataset
                         f"cutoff_len={data_cfg.cutoff_len})", field="data.cutoff_len")
     stats["train"] = len(train)
     stats["eval"] = len(evaluation) if evaluation is not None else 0
+    return train, evaluation, stats
+
+
+# ---------------------------------------------------------------- the other stages
+
+PACK_BATCH = 10_000  # documents packed together; blocks never span two such batches
+_BLOCKS = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
+                             "labels": datasets.List(datasets.Value("int32")),
+                             "position_ids": datasets.List(datasets.Value("int32"))})
+
+
+def _pack_batch(batch, tokenizer, cutoff_len, version):
+    blocks = encode_pretrain(batch["text"], tokenizer, cutoff_len)
+    return {key: [b[key] for b in blocks] for key in _BLOCKS}
+
+
+def _pack(ds: datasets.Dataset, data_cfg, tokenizer) -> datasets.Dataset:
+    return ds.map(_pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=ds.column_names, features=_BLOCKS,
+                  fn_kwargs=dict(tokenizer=tokenizer, cutoff_len=data_cfg.cutoff_len, version=ENCODE_VERSION),
+                  desc="Packing")
+
+
+def build_pretrain_dataset(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
+    """(train, eval or None, stats) of packed pretraining blocks (``encode_pretrain``: input_ids, labels, position_ids).
+
+    The validation split holds out whole documents before packing. ``stats``: documents read, blocks,
+    tokens (all real: nothing is padding), trained_tokens, and train and eval sizes in blocks.
+    """
+    docs, raw_eval = split_examples(load_examples(data_cfg, "pretrain"), data_cfg, seed)
+    train = _pack(docs, data_cfg, tokenizer)
+    evaluation = _pack(raw_eval, data_cfg, tokenizer) if raw_eval is not None else None
+    if len(train) == 0:
+        raise DataError(f"dataset {', '.join(data_cfg.datasets)} has no text", field="data.datasets")
+    parts = [train] + ([evaluation] if evaluation is not None else [])
+    tokens = sum(pc.sum(pc.list_value_length(p.data.column("input_ids"))).as_py() or 0 for p in parts)
+    pieces = sum(pc.sum(pc.equal(pc.list_flatten(p.data.column("position_ids")), 0)).as_py() or 0 for p in parts)
+    stats = {"examples": len(docs) + (len(raw_eval) if raw_eval is not None else 0), "blocks": sum(map(len, parts)),
+             "tokens": tokens, "trained_tokens": tokens - pieces,
+             "train": len(train), "eval": len(evaluation) if evaluation is not None else 0}
+    return train, evaluation, stats
+
+
+_PAIRS = datasets.Features({"prompt_ids": datasets.List(datasets.Value("int32")),
+                            "chosen_ids": datasets.List(datasets.Value("int32")),
+                            "rejected_ids": datasets.List(datasets.Value("int32"))})
+_UNPAIRED = datasets.Features({"prompt_ids": datasets.List(datasets.Value("int32")),
+                               "completion_ids": datasets.List(datasets.Value("int32")),
+                               "label": datasets.Value("bool")})
+
+
+def _answers_batch(batch, template, tokenizer, cutoff_len, version):
+    paired = "chosen" in batch
+    out = {k: [] for k in (_PAIRS if paired else _UNPAIRED)}
+    for i, prompt in enumerate(batch["prompt"]):
+        answers = [batch["chosen"][i], batch["rejected"][i]] if paired else [batch["completion"][i]]
+        enc = encode_answers(prompt, answers, template, tokenizer, cutoff_len)
+        if enc is None:
+            continue
+        out["prompt_ids"].append(enc[0])
+        if paired:
+            out["chosen_ids"].append(enc[1][0])
+            out["rejected_ids"].append(enc[1][1])
+        else:
+            out["completion_ids"].append(enc[1][0])
+            out["label"].append(batch["label"][i])
+    return out
+
+
+def _encode_answers(ds: datasets.Dataset, data_cfg, tokenizer, template) -> datasets.Dataset:
+    features = _PAIRS if "chosen" in ds.column_names else _UNPAIRED
+    return ds.map(_answers_batch, batched=True, remove_columns=ds.column_names, features=features,
+                  fn_kwargs=dict(template=template, tokenizer=tokenizer, cutoff_len=data_cfg.cutoff_len,
+                                 version=ENCODE_VERSION), desc="Tokenizing")
+
+
+def build_answer_dataset(data_cfg, tokenizer, template, seed: int, kind: str):
+    """(train, eval or None, stats) of tokenized preference pairs (kind ``preference``: prompt_ids, chosen_ids,
+    rejected_ids) or KTO examples (kind ``kto``: prompt_ids, completion_ids, label), encoded by ``encode_answers``
+    with the run's template, so prompts and answers have exactly the tokens SFT gives them.
+
+    ``stats``: examples read, encoded, dropped_too_long (prompt alone fills cutoff_len), tokens (prompt plus
+    every answer), and train and eval sizes.
+    """
+    examples, raw_eval = split_examples(load_examples(data_cfg, kind), data_cfg, seed)
+    train = _encode_answers(examples, data_cfg, tokenizer, template)
+    evaluation = _encode_answers(raw_eval, data_cfg, tokenizer, template) if raw_eval is not None else None
+    read = len(examples) + (len(raw_eval) if raw_eval is not None else 0)
+    parts = [train] + ([evaluation] if evaluation is not None else [])
+    encoded = sum(map(len, parts))
+    if len(train) == 0:
+        raise DataError(f"dataset {', '.join(data_cfg.datasets)} is empty after filtering ({read - encoded} prompts "
+                        f"fill cutoff_len={data_cfg.cutoff_len})", field="data.cutoff_len")
+    answer_columns = [c for c in parts[0].column_names if c.endswith("_ids")]
+    stats = {"examples": read, "encoded": encoded, "dropped_too_long": read - encoded,
+             "tokens": sum(pc.sum(pc.list_value_length(p.data.column(c))).as_py() or 0
+                           for p in parts for c in answer_columns),
+             "train": len(train), "eval": len(evaluation) if evaluation is not None else 0}
+    return train, evaluation, stats
+
+
+def _prompt_rows(batch, template, tokenizer, room, version):
+    out = {"prompt": []}
+    for prompt in batch["prompt"]:
+        if len(tokenizer.encode(template.render_generation_prompt(prompt), add_special_tokens=False)) <= room:
+            out["prompt"].append(prompt)
+    return out
+
+
+def build_prompt_dataset(data_cfg, tokenizer, template, seed: int, max_new_tokens: int):
+    """(train, eval or None, stats) of RL prompts: the ``prompt`` conversations of preference data (their answers
+    are not used). A prompt whose generation prompt (rendered with the run's template) leaves fewer than
+    ``max_new_tokens`` of ``cutoff_len`` for the completion is dropped and counted."""
+    examples, raw_eval = split_examples(load_examples(data_cfg, "preference"), data_cfg, seed)
+    room = data_cfg.cutoff_len - max_new_tokens
+
+    def keep(ds):
+        return ds.map(_prompt_rows, batched=True, remove_columns=ds.column_names,
+                      features=datasets.Features({"prompt": _MESSAGES}),
+                      fn_kwargs=dict(template=template, tokenizer=tokenizer, room=room, version=ENCODE_VERSION),
+                      desc="Selecting prompts")
+
+    train = keep(examples)
+    evaluation = keep(raw_eval) if raw_eval is not None else None
+    read = len(examples) + (len(raw_eval) if raw_eval is not None else 0)
+    encoded = len(train) + (len(evaluation) if evaluation is not None else 0)
+    if len(train) == 0:
+        raise DataError(f"dataset {', '.join(data_cfg.datasets)} has no prompt shorter than cutoff_len - max_new_tokens "
+                        f"= {room} tokens", field="data.cutoff_len")
+    stats = {"examples": read, "encoded": encoded, "dropped_too_long": read - encoded,
+             "train": len(train), "eval": len(evaluation) if evaluation is not None else 0}
     return train, evaluation, stats

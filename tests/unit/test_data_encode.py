@@ -1,10 +1,12 @@
-"""encode_sft label masks for every multi-turn mode, the truncation rule, and pretraining blocks."""
+"""encode_sft label masks for every multi-turn mode, the truncation rule, preference/KTO answers, and packed
+pretraining blocks."""
 
 from __future__ import annotations
 
 import pytest
 
 from engine.data import IGNORE_INDEX, encode_pretrain, encode_sft, get_template, label_spans
+from engine.data.encode import encode_answers
 
 X = IGNORE_INDEX
 CONV = {"messages": [
@@ -111,14 +113,63 @@ def test_bad_mode():
         encode_sft(CONV, FixedTemplate(), None, cutoff_len=10, multiturn_loss="first")
 
 
+PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+
+
+def test_answers_are_tokenized_as_sft_tokenizes_them(tokenizer, template):
+    prompt_ids, (chosen, rejected) = encode_answers(PROMPT, ["4", "Five, I think."], template, tokenizer, 1024)
+    for answer, ids in (("4", chosen), ("Five, I think.", rejected)):
+        [sft] = encode_sft({"messages": PROMPT + [{"role": "assistant", "content": answer}]}, template, tokenizer, 1024,
+                           multiturn_loss="last")
+        assert prompt_ids + ids == sft["input_ids"]
+        assert ids == [t for t in sft["labels"] if t != X]  # the answer is exactly what SFT trains on
+    assert chosen == ANSWER2 and tokenizer.decode(rejected) == "Five, I think.<|im_end|>\n"
+    assert prompt_ids == chat_ids(tokenizer, PROMPT, add_generation_prompt=True)
+
+
+def test_answer_truncation_keeps_the_prompt(tokenizer, template):
+    prompt_ids, (chosen, rejected) = encode_answers(PROMPT, ["4", "Five, I think."], template, tokenizer, 1024)
+    n = len(prompt_ids)
+    # every answer is cut to the room the whole prompt leaves
+    assert encode_answers(PROMPT, ["4", "Five, I think."], template, tokenizer, n + 2) == (prompt_ids, [chosen[:2], rejected[:2]])
+    assert encode_answers(PROMPT, ["4"], template, tokenizer, n + 1) == (prompt_ids, [chosen[:1]])
+    assert encode_answers(PROMPT, ["4"], template, tokenizer, n) is None  # the prompt alone fills cutoff_len
+
+
 def test_encode_pretrain_blocks(tokenizer):
     texts = ["The quick brown fox.", "Jumps over the lazy dog!", "Short."]
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     stream = ids[0] + [2] + ids[1] + [2] + ids[2] + [2]
     assert len(stream) == 17  # 5 + eos + 7 + eos + 2 + eos
     blocks = encode_pretrain(texts, tokenizer, cutoff_len=8)
-    assert [b["input_ids"] for b in blocks] == [stream[:8], stream[8:16]]  # the last token is dropped
-    assert blocks[0]["input_ids"][5] == 2 and blocks[1]["input_ids"][5] == 2
-    assert all(b["labels"] == b["input_ids"] for b in blocks)
-    assert encode_pretrain(texts, tokenizer, cutoff_len=17)[0]["input_ids"] == stream
-    assert encode_pretrain(texts, tokenizer, cutoff_len=18) == []
+    # no padding: the blocks are the stream cut every 8 tokens, the last one shorter
+    assert [b["input_ids"] for b in blocks] == [stream[:8], stream[8:16], stream[16:]]
+    # positions restart at every document and at the remainder of a cut one: doc 2 starts at 6 and is cut at 8,
+    # its 6 other tokens open block 2; doc 3 starts there at 6 and its EOS is cut off into block 3
+    assert blocks[0]["position_ids"] == [0, 1, 2, 3, 4, 5, 0, 1]
+    assert blocks[1]["position_ids"] == [0, 1, 2, 3, 4, 5, 0, 1]
+    assert blocks[2]["position_ids"] == [0]
+    # the first token of every piece is no target; everything else is, the EOS included
+    for b in blocks:
+        assert b["labels"] == [X if p == 0 else t for t, p in zip(b["input_ids"], b["position_ids"])]
+    assert blocks[0]["labels"][5] == 2 and blocks[1]["labels"][5] == 2 and blocks[2]["labels"] == [X]
+    [whole] = encode_pretrain(texts, tokenizer, cutoff_len=17)
+    assert whole["input_ids"] == stream and whole["position_ids"] == list(range(6)) + list(range(8)) + list(range(3))
+    assert encode_pretrain(texts, tokenizer, cutoff_len=1000) == [whole]
+
+
+def test_packed_blocks_attend_within_documents(tokenizer, tiny_model):
+    """The PT collator turns each block's position restarts into sequence boundaries of one padding-free row."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.stages import DocumentPieces
+
+    texts = ["The quick brown fox.", "Jumps over the lazy dog!", "Short."]
+    blocks = encode_pretrain(texts, tokenizer, cutoff_len=8)
+    batch = DocumentPieces(AutoModelForCausalLM.from_pretrained(tiny_model))(blocks[:2])
+    assert batch["input_ids"].tolist() == [blocks[0]["input_ids"] + blocks[1]["input_ids"]]
+    assert batch["position_ids"].tolist() == [blocks[0]["position_ids"] + blocks[1]["position_ids"]]
+    assert batch["labels"].tolist() == [blocks[0]["labels"] + blocks[1]["labels"]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 6, 8, 14, 16]
+    assert (batch["input_ids"] != tokenizer.pad_token_id).sum() == 14  # only the 2 EOS are pad-id tokens: no padding

@@ -10,6 +10,8 @@ import pytest
 from engine.config import DataConfig
 from engine.data import (DataError, build_sft_dataset, encode_pretrain, encode_sft, get_template, load_examples,
                          load_registry)
+from engine.data.encode import encode_answers
+from engine.data.loader import build_answer_dataset, build_pretrain_dataset, build_prompt_dataset
 from engine.data import readers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +72,48 @@ def test_text_demo_encodes_into_blocks(tokenizer):
     texts = load_examples(cfg(["text_demo"]), "pretrain")["text"]
     blocks = encode_pretrain(texts, tokenizer, cutoff_len=256)
     total = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in texts)
-    assert len(blocks) == total // 256 and all(len(b["input_ids"]) == 256 for b in blocks)
+    assert len(blocks) == -(-total // 256) and all(len(b["input_ids"]) == 256 for b in blocks[:-1])
+    assert sum(len(b["input_ids"]) for b in blocks) == total  # every token kept, none added
+
+
+def test_pretrain_dataset_holds_out_documents(tokenizer):
+    train, evaluation, stats = build_pretrain_dataset(cfg(["text_demo"], cutoff_len=256, val_size=0.1), tokenizer, seed=0)
+    assert train.column_names == ["input_ids", "labels", "position_ids"]
+    assert stats["examples"] == 102 and (stats["train"], stats["eval"]) == (len(train), len(evaluation))
+    docs = load_examples(cfg(["text_demo"]), "pretrain")["text"]
+    total = sum(len(tokenizer.encode(t, add_special_tokens=False)) + 1 for t in docs)
+    pieces = sum(p == 0 for part in (train, evaluation) for row in part["position_ids"] for p in row)
+    assert stats["tokens"] == total and stats["trained_tokens"] == total - pieces
+    assert stats["blocks"] == len(train) + len(evaluation) and len(evaluation) >= 1
+
+
+def test_preference_pairs_and_kto_examples(tmp_path, tokenizer):
+    template = get_template("auto", tokenizer)
+    train, evaluation, stats = build_answer_dataset(cfg(["preference_demo"], val_size=0.1), tokenizer, template,
+                                                    seed=0, kind="preference")
+    assert train.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+    assert (stats["examples"], stats["encoded"], stats["train"], stats["eval"]) == (83, 83, 75, 8)
+    first = load_examples(cfg(["preference_demo"]), "preference")[0]
+    enc = encode_answers(first["prompt"], [first["chosen"], first["rejected"]], template, tokenizer, 1024)
+    assert enc in [(r["prompt_ids"], [r["chosen_ids"], r["rejected_ids"]]) for r in list(train) + list(evaluation)]
+    kto, _, kstats = build_answer_dataset(cfg(["kto_demo"]), tokenizer, template, seed=0, kind="kto")
+    assert kto.column_names == ["prompt_ids", "completion_ids", "label"] and sum(kto["label"]) == 30
+    # a prompt that fills cutoff_len is dropped and counted
+    rows = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, {"prompt": "word " * 60, "chosen": "a", "rejected": "b"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    chatml = get_template("chatml", tokenizer)
+    train, _, stats = build_answer_dataset(cfg([path], cutoff_len=32), tokenizer, chatml, seed=0, kind="preference")
+    assert (stats["examples"], stats["encoded"], stats["dropped_too_long"]) == (2, 1, 1)
+    assert stats["tokens"] == sum(len(train[0][c]) for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+
+
+def test_rl_prompts_leave_room_for_the_completion(tmp_path, tokenizer):
+    template = get_template("chatml", tokenizer)
+    rows = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}, {"prompt": "word " * 20, "chosen": "a", "rejected": "b"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    train, _, stats = build_prompt_dataset(cfg([path], cutoff_len=32), tokenizer, template, seed=0, max_new_tokens=16)
+    assert train["prompt"] == [[{"role": "user", "content": "Hi"}]]  # 10 prompt tokens + 16 fit in 32; 20 words do not
+    assert (stats["examples"], stats["encoded"], stats["dropped_too_long"]) == (2, 1, 1)
 
 
 def test_build_sft_stats_exact(tmp_path, tokenizer):
