@@ -49,7 +49,11 @@ class GracefulStop(TrainerCallback):
 
 
 class RunReporter(TrainerCallback):
-    """Appends one row per log step to metrics.jsonl and keeps status.json current (rank 0 only)."""
+    """Appends one row per log step to metrics.jsonl and keeps status.json current (rank 0 only).
+
+    A row keeps every finite number the trainer logs under the trainer's own name (TRL's ``rewards/margins``,
+    ``eval_accuracy``, ...), next to the progress fields (step, tokens, speed, ETA, memory).
+    """
 
     def __init__(self, run_dir: Path, config_text: str):
         self.run_dir = Path(run_dir)
@@ -76,12 +80,13 @@ class RunReporter(TrainerCallback):
         for key, value in logs.items():
             if key in ("epoch", "total_flos", "num_input_tokens_seen") or key.startswith("train_"):
                 continue
-            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            if isinstance(value, (int, float)) and math.isfinite(value):
                 row[key] = value
         if "loss" in logs or not any(k.startswith("eval_") for k in logs):
+            if state.num_input_tokens_seen:  # not counted by every trainer (ORPO)
+                row.update(tokens=state.num_input_tokens_seen,
+                           tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else None)
             row.update(
-                tokens=state.num_input_tokens_seen,
-                tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else None,
                 elapsed_s=round(elapsed, 2),
                 eta_s=round(elapsed / done * (state.max_steps - state.global_step), 1) if done else None,
                 memory_mb=round(memory_mb(), 1),

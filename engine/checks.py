@@ -86,6 +86,59 @@ def _method_problems(cfg: RunConfig) -> list[Problem]:
     return out
 
 
+def _reward_model_problems(path: str) -> list[Problem]:
+    field = "method.reward_model"
+    if not path.strip():
+        return [(field, "rl optimises the model against a reward model: set method.reward_model to the final/ or "
+                        "checkpoint-N directory of an rm run")]
+    import json
+
+    from engine.checkpoint import CheckpointError, inspect
+
+    try:
+        ckpt = inspect(path, field=field)
+    except CheckpointError as err:
+        return [(field, str(err))]
+    if ckpt.run_config is not None:
+        stage = (ckpt.run_config.get("method") or {}).get("stage", "sft")
+        if stage != "rm":
+            return [(field, f"{ckpt.path} is a checkpoint of a {stage} run; the reward model must come from an rm run")]
+        return []
+    meta = ckpt.path / ("adapter_config.json" if ckpt.kind == "adapter" else "config.json")
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    if data.get("task_type") != "SEQ_CLS" and not any(a.endswith("ForSequenceClassification") for a in data.get("architectures") or []):
+        return [(field, f"{ckpt.path} is not a reward model (no sequence-classification score head)")]
+    return []
+
+
+def _stage_problems(cfg: RunConfig) -> list[Problem]:
+    """Stage settings that cannot train, each with the reason."""
+    m, t, out = cfg.method, cfg.training, []
+    if m.stage == "rl":
+        out += _reward_model_problems(m.reward_model)
+        group = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.distributed.num_processes
+        if group % m.num_generations:
+            out.append(("method.num_generations", f"rl compares {m.num_generations} completions per prompt, so batch size "
+                        f"× accumulation × processes ({group}) must be a multiple of {m.num_generations}"))
+        elif cfg.data.val_size > 0 and (t.per_device_train_batch_size * cfg.distributed.num_processes) % m.num_generations:
+            out.append(("training.per_device_train_batch_size", f"rl evaluates whole groups of {m.num_generations} "
+                        "completions: with val_size > 0, batch size × processes must be a multiple of num_generations"))
+        if m.max_new_tokens >= cfg.data.cutoff_len:
+            out.append(("method.max_new_tokens", f"{m.max_new_tokens} new tokens leave no room for a prompt within "
+                        f"cutoff_len={cfg.data.cutoff_len}"))
+    if m.stage == "kto" and t.per_device_train_batch_size < 2:
+        out.append(("training.per_device_train_batch_size", "kto estimates its KL term from the other examples of a "
+                    "batch: use a batch size of at least 2"))
+    targets = {x.strip() for x in m.lora_target.split(",")}
+    if m.stage in ("dpo", "kto") and m.finetuning_type in ("lora", "qlora") and "lm_head" in targets:
+        out.append(("method.lora_target", f"{m.stage} reads log-probabilities from lm_head's weight directly, so an "
+                    "adapter on lm_head would never train: leave lm_head out"))
+    return out
+
+
 def _data_problems(cfg: RunConfig) -> list[Problem]:
     from engine.data.errors import DataError
     from engine.data.registry import resolve_dataset
@@ -138,7 +191,7 @@ def _distributed_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]
 def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
     """Every problem with ``cfg`` as (field, message); empty when the run can start."""
     run_dir = Path(run_dir) if run_dir else (Path(cfg.output.run_dir) if cfg.output.run_dir else None)
-    problems = _model_problems(cfg) + _method_problems(cfg) + _template_problems(cfg)
+    problems = _model_problems(cfg) + _method_problems(cfg) + _stage_problems(cfg) + _template_problems(cfg)
     problems += _model_shape_problems(cfg) + _vocab_problems(cfg)
     problems += _data_problems(cfg) + _distributed_problems(cfg, run_dir)
     return problems

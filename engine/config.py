@@ -20,6 +20,9 @@ DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
 Stage = Literal["sft", "pt", "rm", "dpo", "kto", "orpo", "rl"]
 FinetuningType = Literal["full", "freeze", "lora", "qlora"]
 Quantization = Literal["none", "nf4", "fp4", "int8"]
+# TRL 1.16 DPOConfig.loss_type values that need no further parameter ("sft" is sft_weight; exo_pair and robust need label smoothing)
+DpoLoss = Literal["sigmoid", "ipo", "hinge", "bco_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired",
+                  "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
 
 
 class _Section(BaseModel):
@@ -45,6 +48,21 @@ class MethodConfig(_Section):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target: str = Field("all-linear", description="Modules that get adapters: 'all-linear' or a comma-separated list such as q_proj,v_proj.")
     modules_to_save: str = Field("", description="Comma-separated modules trained fully next to the adapters, e.g. embed_tokens,lm_head.")
+    # Preference stages (dpo, kto, orpo) and online RL (rl); `stages` names the stages that read a field.
+    beta: float = Field(0.1, gt=0.0, le=100.0, json_schema_extra={"stages": ["dpo", "kto", "orpo"]},
+                        description="dpo, kto: β, how far the model may move from the reference (higher: closer); orpo: λ, the weight of the odds-ratio term.")
+    dpo_loss: DpoLoss = Field("sigmoid", json_schema_extra={"stages": ["dpo"]},
+                              description="dpo: preference loss: sigmoid (DPO), ipo, hinge (SLiC), bco_pair, nca_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm.")
+    sft_weight: float = Field(0.0, ge=0.0, le=100.0, json_schema_extra={"stages": ["dpo"]},
+                              description="dpo: weight of an SFT loss on the chosen answers added to the preference loss (0: none).")
+    reward_model: str = Field("", json_schema_extra={"stages": ["rl"]},
+                              description="rl: the reward model, the final/ or checkpoint-N directory of an rm run.")
+    num_generations: int = Field(4, ge=2, le=256, json_schema_extra={"stages": ["rl"]},
+                                 description="rl: completions sampled per prompt and compared with each other; batch size × accumulation × processes must be a multiple of it.")
+    max_new_tokens: int = Field(64, ge=1, le=32_768, json_schema_extra={"stages": ["rl"]},
+                                description="rl: most tokens generated per completion; prompts longer than cutoff_len minus this are skipped.")
+    kl_beta: float = Field(0.04, ge=0.0, le=100.0, json_schema_extra={"stages": ["rl"]},
+                           description="rl: weight of the KL penalty that keeps the policy near the starting model (0: no penalty, no KL logged).")
 
 
 class DataConfig(_Section):

@@ -56,6 +56,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     cfg.model.path = _absolute(cfg.model.path)
     cfg.model.extend_vocab = _absolute(cfg.model.extend_vocab)
     cfg.data.registry = _absolute(cfg.data.registry)
+    cfg.method.reward_model = _absolute(cfg.method.reward_model)
     cfg.data.datasets = [_absolute(d) if Path(d).expanduser().exists() else d for d in cfg.data.datasets]
     if cfg.distributed.hostfile:
         cfg.distributed.hostfile = _absolute(cfg.distributed.hostfile)

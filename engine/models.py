@@ -64,8 +64,11 @@ def quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype):
     )
 
 
-def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = None, device_map=None, attn: str | None = None):
-    from transformers import AutoModelForCausalLM
+def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = None, device_map=None, attn: str | None = None,
+                    head: str = "lm"):
+    """The base model with its language-model head, or with ``head="score"`` a scalar score head (a reward model:
+    sequence classification with one label, its new linear layer named ``score``)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = resolve_dtype(model_cfg)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
@@ -77,6 +80,8 @@ def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = 
         kwargs["device_map"] = device_map or ({"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"})
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    if head == "score":
+        return AutoModelForSequenceClassification.from_pretrained(model_cfg.path, num_labels=1, **kwargs)
     return AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
 
 
@@ -97,14 +102,17 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, train_embeddings: bool = False):
+def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, train_embeddings: bool = False,
+                     head: str = "lm"):
     """Apply full / freeze / lora / qlora to a loaded model; returns the model to train.
 
     freeze trains the last ``freeze_trainable_layers`` decoder layers and ``modules_to_save``; the embeddings,
     the final norm and lm_head stay frozen. ``train_embeddings`` (a vocabulary-extended run) also trains the
     input and output embeddings: LoRA/QLoRA save them whole next to the adapter (modules_to_save; tied weights
-    stay tied), freeze makes them trainable, full trains them anyway.
+    stay tied), freeze makes them trainable, full trains them anyway. A ``score`` head (reward model) is new, so it
+    always trains: saved whole next to a LoRA adapter, trainable under freeze.
     """
+    heads = ["score"] if head == "score" else []
     extra = _embedding_names(model) if train_embeddings else []
     # Training batches are packed (padding-free): transformers only keeps packed examples apart
     # when no KV cache is built, so the cache must be off or examples attend to each other.
@@ -117,7 +125,7 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, 
         elif gradient_checkpointing:
             model.enable_input_require_grads()
         target = method.lora_target.strip()
-        to_save = list(dict.fromkeys(_csv(method.modules_to_save) + extra))
+        to_save = list(dict.fromkeys(_csv(method.modules_to_save) + extra + heads))
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         lcfg = LoraConfig(
             r=method.lora_rank,
@@ -126,7 +134,7 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, 
             target_modules="all-linear" if target == "all-linear" else _csv(target),
             modules_to_save=to_save or None,
             ensure_weight_tying=tied and bool(set(to_save) & set(_embedding_names(model))),
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if heads else "CAUSAL_LM",
         )
         model = get_peft_model(model, lcfg)
         if extra:
@@ -138,7 +146,7 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, 
         layers = decoder_layers(model)
         for layer in layers[-method.freeze_trainable_layers:]:
             layer.requires_grad_(True)
-        for name in _csv(method.modules_to_save) + extra:
+        for name in _csv(method.modules_to_save) + extra + heads:
             model.get_submodule(_find_module(model, name)).requires_grad_(True)
     else:
         model.requires_grad_(True)

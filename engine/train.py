@@ -28,13 +28,14 @@ def deepspeed_config(cfg: RunConfig) -> dict | None:
     return json.loads((CONFIGS / "deepspeed" / name).read_text())
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: bool):
+def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: bool, cls=None, **stage_fields):
+    """The run's TrainingArguments, or the stage's subclass ``cls`` (a TRL config) with its own ``stage_fields``."""
     import torch
     from transformers import TrainingArguments
 
     t = cfg.training
     cuda = torch.cuda.is_available()
-    return TrainingArguments(
+    common = dict(
         output_dir=str(run_dir),
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
@@ -70,6 +71,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    return (cls or TrainingArguments)(**{**common, **stage_fields})
 
 
 def _threads() -> None:
@@ -118,18 +120,19 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     if stop.requested:
         return "stopped"
 
-    ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None)
+    ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None, **stage.arguments(cfg))
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     from engine.attention import register
 
-    model = load_base_model(cfg.model, compute_dtype, attn=register())
+    model = load_base_model(cfg.model, compute_dtype, attn=register(), head=stage.head)
     log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s", cfg.model.path, cfg.model.quantization,
              getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False), model.dtype)
     if vocab:
         from engine.vocab import resize_embeddings
 
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
-    model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab))
+    model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab),
+                             head=stage.head)
     ctx.callbacks = [RunReporter(run_dir, config_text), stop]
     trainer = stage.build_trainer(ctx, model)
 

@@ -158,7 +158,7 @@ def test_failure_inside_engine_is_reported(tiny_model, tmp_path):
         ({"model": {"template": "no-such-template"}}, "model.template", "unknown template"),
         ({"data": {"datasets": ["/nonexistent/data.json"]}}, "data.datasets[0]", "no-such"),
         ({"method": {"finetuning_type": "qlora"}}, "model.quantization", "qlora"),
-        ({"method": {"stage": "dpo"}}, "method.stage", "not available"),
+        ({"method": {"stage": "dpo"}}, "data.datasets[0]", "needs preference data"),
         ({"training": {"resume_from": "/nonexistent/checkpoint-3"}}, "training.resume_from", "not a checkpoint"),
     ],
 )
@@ -187,7 +187,7 @@ def test_every_problem_reported_at_once(tiny_model, tmp_path):
     with pytest.raises(ConfigError) as err:
         launch.start(cfg)
     fields = {f for f, _ in err.value.problems}
-    assert {"model.path", "model.template", "method.stage"} <= fields
+    assert {"model.path", "model.template", "data.datasets[0]"} <= fields
 
 
 def test_malformed_dataset_line_fails_the_run_with_its_line(tiny_model, tmp_path):
