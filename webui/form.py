@@ -102,7 +102,9 @@ def spec(key: str) -> FieldSpec:
 def load_defaults(path: str | Path = DEFAULTS_FILE) -> RunConfig:
     """The form's starting config: RunConfig's defaults with the UI's CPU-friendly overrides."""
     text = Path(path).read_text(encoding="utf-8")
-    return parse_config(yaml.safe_load(text) or {}, str(path), text)
+    data = yaml.safe_load(text) or {}
+    data.pop("data_roots", None)  # not a run-config field: the folders the Data tab may read typed paths from
+    return parse_config(data, str(path), text)
 
 
 # ------------------------------------------------------------------ config <-> widget values

@@ -114,3 +114,27 @@ def overlay_figure(runs: list[tuple[str, MetricSeries]], words: dict[str, str]) 
 
 def has_cjk_font() -> bool:
     return len(_font_family()) > 1
+
+
+def length_figure(prompt: list[int], response: list[int], cutoff: int, words: dict[str, str]) -> Figure:
+    """Token lengths of a dataset's examples (total filled; prompt and response as outlines) with the cutoff."""
+    fig, ax = _figure(6.4, 3.2)
+    _labels(ax, words["title"], words["tokens"], words["examples"])
+    total = [p + r for p, r in zip(prompt, response)]
+    if not total:
+        _empty(ax, words["empty"])
+        return fig
+    longest = max(total)
+    top = max(longest, cutoff) if cutoff <= 1.5 * longest else longest  # a far-off cutoff would squash the bars
+    bins = [top * i / 40 for i in range(41)]
+    ax.hist(total, bins, color=SMOOTH, alpha=0.22, label=words["total"])
+    if any(prompt):  # pretraining text has no prompt: its total is its response
+        ax.hist(prompt, bins, histtype="step", color=EVAL, linewidth=1.4, label=words["prompt"])
+        ax.hist(response, bins, histtype="step", color=LR, linewidth=1.4, label=words["response"])
+    if cutoff <= top:
+        ax.axvline(cutoff, color="#ef4444", linestyle="--", linewidth=1.4, label=words["cutoff"])
+    else:
+        ax.text(0.99, 0.02, f"{words['cutoff']} →", transform=ax.transAxes, ha="right", va="bottom", color="#ef4444",
+                fontsize=8, family=_font_family())
+    ax.legend(fontsize=8, frameon=False, loc="upper right", prop={"family": _font_family(), "size": 8})
+    return fig

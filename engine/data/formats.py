@@ -79,7 +79,7 @@ def detect_format(record: Any) -> str:
     shown = ", ".join(sorted(map(str, keys))[:8]) or "none"
     raise DataError(f"cannot tell the format from the keys ({shown}); expected instruction+output (alpaca), "
                     "conversations (sharegpt), messages, conversation (firefly), prompt+chosen+rejected "
-                    "(preference), label (kto) or text; or register the dataset with a format and columns")
+                    "(preference), label (kto) or text; or choose the format and map the file's columns to its fields")
 
 
 def normalize(record: Any, fmt: str, columns: dict[str, str] | None = None) -> dict:

@@ -1,4 +1,5 @@
-"""Data tab: the stage, the datasets it accepts, and a preview (count + first examples as conversations)."""
+"""Data tab: the stage, the datasets it accepts, and a preview (count + first examples as conversations);
+below it, the "Add a dataset" panel (``data_add``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from engine.stages import STAGE_KINDS
 
 from .. import form
 from ..i18n import t
-from ..views import conversation, esc, message
+from ..views import esc, message
+from . import data_add
 
 PREVIEW_ROWS = 3
 COUNT_CAP = 200_000
@@ -78,17 +80,9 @@ def preview_html(lang: str, stage: str, names: list[str], registry: str) -> str:
 
 def _example(record, spec) -> str:
     try:
-        ex = normalize(record, spec.format, spec.columns)
+        return data_add.example_html(normalize(record, spec.format, spec.columns))
     except DataError as err:
         return message("error", str(err))
-    if "messages" in ex:
-        return conversation(ex["messages"])
-    if "chosen" in ex:
-        return conversation(ex["prompt"], [("chosen ✓", ex["chosen"]), ("rejected ✗", ex["rejected"])])
-    if "completion" in ex:
-        mark = "✓" if ex["label"] else "✗"
-        return conversation(ex["prompt"], [(f"completion {mark}", ex["completion"])])
-    return f'<div class="wb-convo"><div class="wb-text">{esc(ex.get("text", ""))}</div></div>'
 
 
 def build(ctx) -> None:
@@ -105,6 +99,7 @@ def build(ctx) -> None:
                 form.build_advanced(ctx, "data")
             with gr.Column(scale=3):
                 c["data_preview"] = gr.HTML("", elem_id="data-preview")
+        data_add.build(ctx)
 
 
 def wire(ctx) -> None:
@@ -115,7 +110,9 @@ def wire(ctx) -> None:
         names = {v for _, v in choices}
         keep = [d for d in (chosen or []) if d in names or Path(d).suffix]  # typed file paths stay
         msg = message("error", t(lg, "data.bad_registry"), [problem]) if problem else ""
-        return gr.update(choices=choices, value=keep), msg
+        # the value is only set when something must go: an unchanged one may be older than the page's
+        # (the Add panel's Save sets the registry and a new selection at once)
+        return gr.update(choices=choices, **({"value": keep} if keep != list(chosen or []) else {})), msg
 
     for comp in (f["data.registry"], f["method.stage"]):
         comp.change(refresh_choices, [lang, f["data.registry"], f["method.stage"], f["data.datasets"]],
@@ -124,3 +121,4 @@ def wire(ctx) -> None:
     f["data.datasets"].change(preview_html, inputs, c["data_preview"], show_progress="minimal")
     ctx.on_load.append((preview_html, inputs, c["data_preview"]))
     ctx.on_lang.append((preview_html, inputs, c["data_preview"]))
+    data_add.wire(ctx, dataset_choices)
