@@ -87,7 +87,7 @@ def report_lines(report, lengths=None, model: str = "", template: str = "") -> l
         lines += _table(lengths)
         if lengths.packed:
             lines.append(f"cutoff_len {lengths.cutoff_len:,}: documents are packed into blocks of cutoff_len tokens; "
-                         "none is truncated")
+                         f"{lengths.truncated:,} longer ones continue in the next block, nothing is dropped")
         else:
             share = 100 * lengths.truncated / lengths.count
             lines.append(f"cutoff_len {lengths.cutoff_len:,}: {lengths.truncated:,} truncated ({share:.1f}%), "

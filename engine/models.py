@@ -70,6 +70,14 @@ def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = 
     sequence classification with one label, its new linear layer named ``score``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        # ZeRO-3 partitions the weights while they load (zero.Init), and sizes its batch from deepspeed.comm's
+        # world size: on CPU ranks nothing has set deepspeed.comm up yet, so it would count one rank of several.
+        deepspeed.init_distributed()
     dtype = resolve_dtype(model_cfg)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     if attn:

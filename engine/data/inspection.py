@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .encode import encode_pretrain, encode_sft
+from .encode import IGNORE_INDEX, encode_answers, encode_pretrain, encode_sft
 from .errors import DataError
 from .formats import KIND_OF_FORMAT, detect_format, normalize, raw_records
 from .readers import SUFFIXES, is_data_path
@@ -268,34 +268,33 @@ def _mixed(err: DataError, record: Any, fmt: str, columns: dict, report: Report)
 # ------------------------------------------------------------------ tokens
 
 
-def conversations(example: dict, kind: str) -> list[tuple[str, list[dict]]]:
-    """(part, messages) for each conversation of an example that ends in a trained answer; part is
-    "" (sft), "chosen"/"rejected" (preference) or "desirable"/"undesirable" (kto)."""
-    if kind == "sft":
-        return [("", example["messages"])]
-    prompt = list(example["prompt"])
+def answers(example: dict, kind: str) -> list[tuple[str, str]]:
+    """(part, answer) of a preference pair ("chosen", "rejected") or a KTO example ("desirable" or "undesirable")."""
     if kind == "preference":
-        return [("chosen", prompt + [{"role": "assistant", "content": example["chosen"]}]),
-                ("rejected", prompt + [{"role": "assistant", "content": example["rejected"]}])]
-    if kind == "kto":
-        part = "desirable" if example["label"] else "undesirable"
-        return [(part, prompt + [{"role": "assistant", "content": example["completion"]}])]
-    raise ValueError(f"kind {kind!r} has no conversations")
+        return [("chosen", example["chosen"]), ("rejected", example["rejected"])]
+    return [("desirable" if example["label"] else "undesirable", example["completion"])]
 
 
 def encode_example(example: dict, kind: str, tokenizer, template, cutoff_len: int,
                    multiturn_loss: str = "all") -> list[tuple[str, dict]]:
-    """(part, {input_ids, labels}) as the trainer's encoder makes them (several per part with
-    multiturn_loss=split; empty ids when nothing trainable fits); pretraining text as one
-    document of a packed block."""
+    """(part, {input_ids, labels}) as the stage's encoder makes them, labels -100 where nothing is trained.
+
+    sft: ``encode_sft`` (several parts with multiturn_loss=split); preference and kto: ``encode_answers``,
+    one part per answer (the prompt, then that answer); pretrain: the first block ``encode_pretrain`` packs
+    the document into. A part with no input_ids: nothing trainable fits in ``cutoff_len``.
+    """
     if kind == "pretrain":
-        n = len(tokenizer(example["text"], add_special_tokens=False)["input_ids"]) + 1  # + eos
-        return [("", block) for block in encode_pretrain([example["text"]], tokenizer, min(cutoff_len, n))[:1]]
-    out = []
-    for part, messages in conversations(example, kind):
-        encoded = encode_sft({"messages": messages}, template, tokenizer, cutoff_len, multiturn_loss)
-        out += [(part, enc) for enc in encoded] or [(part, {"input_ids": [], "labels": []})]
-    return out
+        return [("", block) for block in encode_pretrain([example["text"]], tokenizer, cutoff_len)[:1]]
+    if kind == "sft":
+        encoded = encode_sft(example, template, tokenizer, cutoff_len, multiturn_loss)
+        return [("", enc) for enc in encoded] or [("", {"input_ids": [], "labels": []})]
+    parts = answers(example, kind)
+    encoded = encode_answers(example["prompt"], [a for _, a in parts], template, tokenizer, cutoff_len)
+    if encoded is None:
+        return [(part, {"input_ids": [], "labels": []}) for part, _ in parts]
+    prompt_ids, answer_ids = encoded
+    return [(part, {"input_ids": prompt_ids + ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids})
+            for (part, _), ids in zip(parts, answer_ids)]
 
 
 @dataclass
@@ -305,10 +304,10 @@ class Lengths:
     prompt: list[int]
     response: list[int]
     cutoff_len: int
-    truncated: int  # examples longer than cutoff_len: cut
+    truncated: int  # examples longer than cutoff_len: cut (pretraining: split across blocks)
     lost: int  # examples of which no answer token is left: the trainer drops them
     population: int  # valid examples the sample was drawn from
-    packed: bool = False  # pretraining: documents are packed into blocks, nothing is truncated
+    packed: bool = False  # pretraining: documents are packed into blocks, nothing is dropped
 
     @property
     def total(self) -> list[int]:
@@ -331,26 +330,25 @@ def percentile(values: list[int], q: float) -> int:
 
 def token_lengths(examples: list[dict], kind: str, tokenizer, template, cutoff_len: int,
                   population: int | None = None) -> Lengths:
-    """Prompt and response tokens per example (for preference data, the longer answer)."""
+    """Prompt and response tokens per example, by the stage's encoder (for preference data, the longer answer)."""
     prompt, response, truncated, lost = [], [], 0, 0
     for example in examples:
         if kind == "pretrain":
-            n = len(tokenizer(example["text"], add_special_tokens=False)["input_ids"]) + 1
-            prompt.append(0)
-            response.append(n)
-            continue
-        p = r = 0
-        cut = gone = False
-        for _, messages in conversations(example, kind):
-            enc = encode_sft({"messages": messages}, template, tokenizer, NO_LIMIT)[0]
-            trained = sum(label != -100 for label in enc["labels"])
-            p, r = max(p, len(enc["labels"]) - trained), max(r, trained)
-            if len(enc["input_ids"]) > cutoff_len:
-                cut = True
-                gone = gone or not encode_sft({"messages": messages}, template, tokenizer, cutoff_len)
+            p, r = 0, len(tokenizer(example["text"], add_special_tokens=False)["input_ids"]) + 1  # + eos
+            gone = False
+        elif kind == "sft":
+            enc = encode_sft(example, template, tokenizer, NO_LIMIT)[0]
+            r = sum(label != IGNORE_INDEX for label in enc["labels"])
+            p = len(enc["labels"]) - r
+            gone = p + r > cutoff_len and not encode_sft(example, template, tokenizer, cutoff_len)
+        else:
+            prompt_ids, answer_ids = encode_answers(example["prompt"], [a for _, a in answers(example, kind)],
+                                                    template, tokenizer, NO_LIMIT)
+            p, r = len(prompt_ids), max(map(len, answer_ids))
+            gone = p >= cutoff_len  # encode_answers keeps the prompt whole: no answer token fits
         prompt.append(p)
         response.append(r)
-        truncated += cut
+        truncated += p + r > cutoff_len
         lost += gone
     return Lengths(prompt, response, cutoff_len, truncated, lost, population or len(examples), kind == "pretrain")
 

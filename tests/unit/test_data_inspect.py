@@ -235,6 +235,26 @@ def test_label_preview_equals_the_trainers_labels(tokenizer, tmp_path):
             [(e["input_ids"], e["labels"]) for e in preview]
 
 
+def test_preference_preview_equals_the_dpo_stages_tokens(tokenizer, tmp_path):
+    from engine.config import DataConfig
+    from engine.data.loader import build_answer_dataset
+
+    path = jsonl(tmp_path / "pref.jsonl", [{"prompt": f"Question {i}?", "chosen": "Good " * i, "rejected": "Bad."}
+                                           for i in range(1, 5)] + [{"prompt": "long " * 60, "chosen": "a", "rejected": "b"}])
+    template = get_template("auto", tokenizer)
+    train, _, _ = build_answer_dataset(DataConfig(datasets=[str(path)], cutoff_len=64), tokenizer, template, 0,
+                                       "preference")
+    previews = [encode_example(ex, "preference", tokenizer, template, 64) for _, ex in inspect(path).examples]
+    assert [[p for p, _ in parts] for parts in previews] == [["chosen", "rejected"]] * 5
+    assert previews[-1][0][1]["input_ids"] == []  # the long prompt leaves no room: the stage drops it too
+    for row, ((_, chosen), (_, rejected)) in zip(train, previews[:-1], strict=True):
+        assert chosen["input_ids"] == row["prompt_ids"] + row["chosen_ids"]
+        assert rejected["input_ids"] == row["prompt_ids"] + row["rejected_ids"]
+        assert [x for x in chosen["labels"] if x != -100] == row["chosen_ids"]
+    lengths = token_lengths([ex for _, ex in inspect(path).examples], "preference", tokenizer, template, 64)
+    assert (lengths.truncated, lengths.lost) == (1, 1)
+
+
 def test_add_dataset_copies_an_upload_and_makes_it_trainable(tmp_path):
     from engine.checks import check
     from engine.config import RunConfig

@@ -187,7 +187,7 @@ def lengths_view(lang: str, pending: dict, model: str, template: str, cutoff):
         return None, message("error", t(lang, "data.add.cannot_encode"), [str(err)])
     which = (t(lang, "data.add.sampled", n=f"{lengths.count:,}", total=f"{lengths.population:,}") if lengths.sampled
              else t(lang, "data.add.all_of", n=f"{lengths.count:,}"))
-    cut = (t(lang, "data.add.packed", cutoff=cutoff) if lengths.packed else
+    cut = (t(lang, "data.add.packed", cutoff=cutoff, truncated=f"{lengths.truncated:,}") if lengths.packed else
            t(lang, "data.add.truncation", cutoff=cutoff, truncated=f"{lengths.truncated:,}", lost=f"{lengths.lost:,}"))
     words = {k: t(lang, f"data.add.plot.{k}") for k in ("title", "tokens", "examples", "empty", "total", "prompt", "response")}
     words["title"] += f" ({which})"
