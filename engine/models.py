@@ -69,7 +69,6 @@ def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = 
     """The base model with its language-model head, or with ``head="score"`` a scalar score head (a reward model:
     sequence classification with one label, its new linear layer named ``score``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
