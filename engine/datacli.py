@@ -79,7 +79,9 @@ def report_lines(report, lengths=None, model: str = "", template: str = "") -> l
         lines += [f"  {err}" for err in problems]
         if report.error_count > len(report.errors):
             lines.append(f"  ... and {report.error_count - len(report.errors):,} more unusable records")
-    lines += [f"note: {n}" for n in report.notes if not n.startswith("format ")]
+    if not report.complete:
+        lines.append(f"note: only the first {report.records:,} records were checked; the rest were not read")
+    lines += [f"note: {n}" for n in report.notes]
     if lengths is not None and lengths.count:
         which = (f"a random sample of {lengths.count:,} of {lengths.population:,} usable records" if lengths.sampled
                  else f"all {lengths.count:,} usable records")

@@ -160,7 +160,7 @@ class Report:
     errors: list[DataError] = field(default_factory=list)  # the first max_errors problems
     error_count: int = 0  # unusable records
     fatal: DataError | None = None  # a problem that stopped reading: nothing after it was checked
-    complete: bool = True  # False when max_records ended the check early
+    complete: bool = True  # False when max_records ended the check early: the rest was not read
     other_formats: Counter = field(default_factory=Counter)  # formats of unusable records that fit another one
     examples: list[tuple[int, dict]] = field(default_factory=list)  # the first valid examples
     sample: list[dict] = field(default_factory=list)  # valid examples for statistics (uniform when sampled)
@@ -203,7 +203,14 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
     report = Report(source, columns=columns)
     where = source.path or source.label
 
+    def full() -> bool:
+        if max_records is not None and report.records >= max_records:
+            report.complete = False
+        return not report.complete
+
     def problem(err: DataError) -> None:
+        if full():
+            raise _Enough
         report.records += 1
         report.error_count += 1
         if len(report.errors) < max_errors:
@@ -211,16 +218,14 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
 
     try:
         if fmt == "auto":
-            fmt, line = detect_source(source, columns)
+            fmt, _ = detect_source(source, columns)
             report.detected = True
-            report.notes.append(f"format {fmt} detected from line {line}")
         if fmt not in KIND_OF_FORMAT:
             raise DataError(f"unknown format '{fmt}' (one of {', '.join(KIND_OF_FORMAT)})", field="format")
         report.format, report.kind = fmt, KIND_OF_FORMAT[fmt]
         rng = random.Random(seed)
         for line, record in source.records(fmt, on_error=problem):
-            if max_records is not None and report.records >= max_records:
-                report.complete = False
+            if full():
                 break
             try:
                 example = normalize(record, fmt, columns)
@@ -237,17 +242,21 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
                 slot = rng.randrange(report.valid)
                 if slot < sample:
                     report.sample[slot] = example
+    except _Enough:
+        pass
     except DataError as err:
         report.fatal = err if err.file or source.hub else err.located(where)
     if report.fatal is None and report.valid == 0 and report.error_count:
         report.notes.append("no record is usable")
-    if not report.complete:
-        report.notes.append(f"checked the first {report.records:,} records only; the rest were not read")
     if report.other_formats:
         found = ", ".join(f"{n:,} record{'s are' if n > 1 else ' is'} {f}" for f, n in report.other_formats.most_common())
         report.notes.append(f"mixed schemas: the file is {fmt} ({report.valid:,} usable records), but {found}; "
                             "split the file, or fix those records")
     return report
+
+
+class _Enough(Exception):
+    """max_records were read: stop the reader from inside its on_error callback."""
 
 
 def _mixed(err: DataError, record: Any, fmt: str, columns: dict, report: Report) -> DataError:

@@ -66,6 +66,8 @@ def test_inspect_exits_1_on_invalid_data_and_names_each_line(capsys, tmp_path):
     assert f"  {path}, line 2: invalid JSON (Expecting ',' delimiter at column 20)" in out
     assert f"  {path}, line 3: field 'output' is empty" in out
     assert out.splitlines()[-1] == "result: INVALID"
+    code, out, _ = run(capsys, "data", "inspect", str(path), "--max-records", "1")
+    assert code == 0 and "note: only the first 1 records were checked; the rest were not read" in out
     empty = tmp_path / "e.csv"
     empty.write_text("", encoding="utf-8")
     code, out, _ = run(capsys, "data", "inspect", str(empty))

@@ -48,9 +48,10 @@ def _fields(fmt: str) -> tuple[str, ...]:
     return FORMAT_FIELDS.get(fmt, ())
 
 
-def mapping_of(fmt: str, values) -> dict[str, str]:
-    """{canonical field: file column} of the mapping dropdowns that the format uses and that are set."""
-    return {f: v for f, v in zip(CANONICAL_FIELDS, values) if v and f in _fields(fmt)}
+def mapping_of(state: dict, fmt: str, values) -> dict[str, str]:
+    """{canonical field: file column} of the mapping dropdowns that the format (or the detected one) uses and that are set."""
+    used = _fields(fmt if fmt != "auto" else state.get("detected") or "")
+    return {f: v for f, v in zip(CANONICAL_FIELDS, values) if v and f in used}
 
 
 def suggested_name(text: str) -> str:
@@ -90,9 +91,7 @@ def report_html(lang: str, report) -> str:
                bad=f"{report.error_count:,}")
     kind = "ok" if report.ok else "error" if report.fatal or not report.valid else "warn"
     title = t(lang, "data.add.all_usable" if report.ok else "data.add.stopped" if report.fatal else "data.add.not_all_usable")
-    notes = [n for n in report.notes if not n.startswith("format ")]
-    if not report.complete:
-        notes = [t(lang, "data.add.partial", n=f"{report.records:,}")] + notes[:-1]
+    notes = ([] if report.complete else [t(lang, "data.add.partial", n=f"{report.records:,}")]) + report.notes
     head = (f'<div class="wb-ds-head" id="data-check-head" data-records="{report.records}" data-valid="{report.valid}" '
             f'data-errors="{report.error_count}" data-format="{esc(report.format)}">'
             f'<span class="wb-chip">{esc(how)}</span><span class="wb-chip">{esc(counts)}</span></div>')
@@ -245,7 +244,7 @@ def build(ctx) -> None:
             c["add_save"] = tr(gr.Button(ctx.t("data.add.save"), variant="primary", elem_id="btn-data-save", scale=0,
                                          min_width=160), value="data.add.save")
         c["add_msg"] = gr.HTML("", elem_id="data-save-msg")
-        c["add_source"] = gr.State({})  # {"path": str} or {"hub": name}, "upload": bool
+        c["add_source"] = gr.State({})  # {"path": str, "upload": bool} or {"hub": name}, and "detected": format
         c["add_pending"] = gr.State({})  # the last check: kind, valid count, first examples, the statistics sample
 
 
@@ -257,12 +256,6 @@ def wire(ctx, dataset_choices) -> None:
     ws_registry = workspace_registry(ctx.workspace)
     if ws_registry.is_file():  # Reset (Hyperparameters) returns to the registry that holds the user's datasets
         ctx.defaults.data.registry = str(ws_registry)
-
-    def _detected(state) -> str:
-        try:
-            return detect_source(_source(state))[0]
-        except DataError:
-            return ""
 
     def load(lg, upload, text):
         """A new source: its columns fill the mapping dropdowns; the format is detected when it can be."""
@@ -279,6 +272,7 @@ def wire(ctx, dataset_choices) -> None:
             detected = detect_source(source)[0]
         except DataError:
             detected = None  # the check that follows says why
+        state["detected"] = detected
         columns = columns_of(source)
         name = suggested_name(Path(upload).name if upload else text.strip())
         return ([state, "", gr.update(choices=format_choices(lg, detected), value="auto"), name,
@@ -294,8 +288,8 @@ def wire(ctx, dataset_choices) -> None:
         """Validate every record (up to CHECK_RECORDS), then preview example 1 and the length histogram."""
         if not state:
             return message("warn", t(lg, "data.add.no_source")), {}, gr.update(visible=False), "", None, "", ""
-        report = inspect_source(_source(state), fmt, mapping_of(fmt if fmt != "auto" else _detected(state), values),
-                                max_records=CHECK_RECORDS, preview=PREVIEW, sample=SAMPLE)
+        report = inspect_source(_source(state), fmt, mapping_of(state, fmt, values), max_records=CHECK_RECORDS,
+                                preview=PREVIEW, sample=SAMPLE)
         pending = {"kind": report.kind, "valid": report.valid, "examples": report.examples, "sample": report.sample}
         n = len(report.examples)
         slider = gr.update(visible=n > 1, maximum=max(n, 2), value=1)
@@ -310,7 +304,7 @@ def wire(ctx, dataset_choices) -> None:
     c["add_check"].click(check, check_inputs, check_outputs)
 
     def on_format(lg, state, fmt):
-        shown = fmt if fmt != "auto" else (_detected(state) if state else "")
+        shown = fmt if fmt != "auto" else (state or {}).get("detected") or ""
         return [KIND_OF_FORMAT.get(shown, "")] + mapping_updates(lg, shown)
 
     c["add_format"].input(on_format, [lang, c["add_source"], c["add_format"]], [c["add_kind"]] + maps)
@@ -322,10 +316,8 @@ def wire(ctx, dataset_choices) -> None:
         """Validate every record and register the dataset; it is then selected when the stage trains on its kind."""
         if not state:
             return message("warn", t(lg, "data.add.no_source")), gr.skip(), gr.skip()
-        source = _source(state)
-        columns = mapping_of(fmt if fmt != "auto" else _detected(state), values)
         try:
-            spec, report = add_dataset(source, (name or "").strip(), ws_registry, fmt, columns,
+            spec, report = add_dataset(_source(state), (name or "").strip(), ws_registry, fmt, mapping_of(state, fmt, values),
                                        description=description or "", copy=bool(state.get("upload")),
                                        skip_invalid=bool(skip))
         except (DataError, OSError) as err:
