@@ -175,14 +175,14 @@ class Report:
         return len(self.sample) < self.valid
 
 
-def detect_source(source: Source, columns: dict | None = None) -> tuple[str, int]:
-    """(format, line) detected from the first readable record, its columns renamed by ``columns``."""
+def detect_source(source: Source, columns: dict | None = None) -> str:
+    """The format of the first readable record, its columns renamed by ``columns``."""
     unreadable: list[DataError] = []
     for line, record in source.records("auto", 1, on_error=unreadable.append):
         if columns and isinstance(record, dict):
             record = dict(record, **{canon: record[col] for canon, col in columns.items() if col in record})
         try:
-            return detect_format(record), line
+            return detect_format(record)
         except DataError as err:
             message = err.message
             cols = [str(c) for c in record] if isinstance(record, dict) else []
@@ -218,7 +218,7 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
 
     try:
         if fmt == "auto":
-            fmt, _ = detect_source(source, columns)
+            fmt = detect_source(source, columns)
             report.detected = True
         if fmt not in KIND_OF_FORMAT:
             raise DataError(f"unknown format '{fmt}' (one of {', '.join(KIND_OF_FORMAT)})", field="format")

@@ -55,8 +55,10 @@ def mapping_of(state: dict, fmt: str, values) -> dict[str, str]:
 
 
 def suggested_name(text: str) -> str:
-    stem = Path(text.rstrip("/")).stem if "/" not in text or Path(text).exists() else text.split("/")[-1]
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_.-")[:64] or "my_data"
+    """A registry name from a file, directory or Hub name: its last part without the data suffix."""
+    name = Path(text.rstrip("/")).name
+    name = Path(name).stem if Path(name).suffix.lower() in FILE_TYPES else name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.-")[:64] or "my_data"
 
 
 def mapping_updates(lang: str, fmt: str, columns: list[str] | None = None, reset: bool = False) -> list:
@@ -269,7 +271,7 @@ def wire(ctx, dataset_choices) -> None:
             return [{}, message("error", t(lg, "data.add.cannot_open"), [str(err)]), gr.skip(), gr.skip(),
                     gr.skip()] + [gr.skip()] * len(maps)
         try:
-            detected = detect_source(source)[0]
+            detected = detect_source(source)
         except DataError:
             detected = None  # the check that follows says why
         state["detected"] = detected
