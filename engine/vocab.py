@@ -141,7 +141,9 @@ def preview(model_path: str | Path, source: str | Path, text: str, trust_remote_
 
 
 def sample_text(data_cfg, chars: int = SAMPLE_CHARS) -> str:
-    """About ``chars`` characters of the run's datasets (every string of their first records), to measure on."""
+    """About ``chars`` characters of the run's datasets (every string of their first records), to measure on.
+    A dataset that cannot be read is left out here; the run's data loading reports it."""
+    from engine.data.errors import DataError
     from engine.data.readers import read_records
     from engine.data.registry import resolve_dataset
 
@@ -160,10 +162,13 @@ def sample_text(data_cfg, chars: int = SAMPLE_CHARS) -> str:
                 walk(v)
 
     for name in data_cfg.datasets:
-        for _, record in read_records(resolve_dataset(name, data_cfg.registry).path):
-            walk(record)
-            if total >= chars / len(data_cfg.datasets):
-                break
+        try:
+            for _, record in read_records(resolve_dataset(name, data_cfg.registry).path):
+                walk(record)
+                if total >= chars / len(data_cfg.datasets):
+                    break
+        except DataError:
+            continue
     return "\n".join(parts)[:chars]
 
 
