@@ -100,20 +100,30 @@ def report_lines(report, lengths=None, model: str = "", template: str = "") -> l
     return lines
 
 
+def _exit_codes(run):
+    """A subcommand whose UsageError exits 2 and whose DataError exits 1, each printed as one error line."""
+    def wrapped(args) -> int:
+        from engine.data.errors import DataError
+
+        try:
+            return run(args)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
+    return wrapped
+
+
+@_exit_codes
 def inspect(args) -> int:
     from engine.data.errors import DataError
     from engine.data.inspection import inspect_source, open_source, token_lengths
 
-    try:
-        columns = parse_columns(args.columns)
-        source = open_source(args.file)
-        tok = _tokenizer_and_template(args.model, args.template) if args.model else None
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
+    columns = parse_columns(args.columns)
+    source = open_source(args.file)
+    tok = _tokenizer_and_template(args.model, args.template) if args.model else None
     report = inspect_source(source, args.format, columns, max_errors=args.max_errors, sample=args.sample,
                             max_records=args.max_records)
     lengths = None
@@ -121,29 +131,20 @@ def inspect(args) -> int:
         try:
             lengths = token_lengths(report.sample, report.kind, *tok, args.cutoff_len, report.valid)
         except (DataError, ValueError) as err:
-            print(f"error: cannot tokenize with {args.model} and template {args.template}: {err}", file=sys.stderr)
-            return EXIT_USAGE
+            raise UsageError(f"cannot tokenize with {args.model} and template {args.template}: {err}") from None
     print("\n".join(report_lines(report, lengths, args.model or "", args.template)))
     return 0 if report.ok else EXIT_INVALID
 
 
+@_exit_codes
 def add(args) -> int:
     from engine import launch
-    from engine.data.errors import DataError
     from engine.data.inspection import add_dataset, open_source
     from engine.data.registry import workspace_registry
 
     registry = Path(args.registry) if args.registry else workspace_registry(launch.workspace_dir(args.workspace))
-    try:
-        columns = parse_columns(args.columns)
-        spec, report = add_dataset(open_source(args.file), args.name, registry, args.format, columns, args.kind,
-                                   args.description or "", copy=args.copy, skip_invalid=args.skip_invalid)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
+    spec, report = add_dataset(open_source(args.file), args.name, registry, args.format, parse_columns(args.columns),
+                               args.kind, args.description or "", copy=args.copy, skip_invalid=args.skip_invalid)
     skipped = f", {report.error_count:,} unusable records left out" if report.error_count else ""
     print(f"registered '{spec.name}' in {registry}: {spec.format} format, {spec.kind} data, "
           f"{report.valid:,} records{skipped}, file {spec.path}")
