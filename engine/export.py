@@ -7,7 +7,10 @@
 4. verification: the export is reloaded, its logits are compared with the adapter model's. It fails when the
    difference exceeds the tolerance or the export is closer to the base than to the adapter (an unmerged
    export cannot pass), and the failed weights are deleted;
-5. optional push to a model hub: one attempt, a clear message when offline.
+5. optional GGUF files (engine.gguf_export: f16, q8_0, q4_0) written from the export, each loaded back with
+   transformers' ``gguf_file=`` and checked: tokenizer ids, logits against the merged model with the file's
+   rounding (a wrong file fails and is deleted), quantization loss reported;
+6. optional push to a model hub: one attempt, a clear message when offline.
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ def count_parameters(model_dir: Path, trust_remote_code: bool = False) -> int:
 
 
 def estimate_bytes(cfg: ExportConfig, n_params: int) -> int:
-    return int(n_params * _BYTES[cfg.output.dtype] * 1.05) + 50_000_000
+    from engine.gguf_export import BYTES_PER_PARAM
+
+    per_param = _BYTES[cfg.output.dtype] + sum(BYTES_PER_PARAM[q] for q in cfg.output.gguf)
+    return int(n_params * per_param * 1.05) + 50_000_000
 
 
 def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
@@ -83,6 +89,11 @@ def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
             if free < need:
                 problems.append(("output.dir", f"not enough disk space at {parent}: the export needs about "
                                                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"))
+    if cfg.output.gguf:
+        from engine.gguf_export import gguf_problems
+
+        tok_dir = ckpt.path if (ckpt.path / "tokenizer.json").is_file() else ckpt.base
+        problems += [("output.gguf", m) for m in gguf_problems(ckpt.base or ckpt.path, tok_dir)]
     return problems
 
 
@@ -117,7 +128,7 @@ def _load_source(ckpt, trust_remote_code: bool, tokenizer):
     return load_for_eval(ckpt, ckpt.base, torch.float32, trust_remote_code, tokenizer)
 
 
-def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict) -> str:
+def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict, gguf: list[dict]) -> str:
     import yaml
 
     run = ckpt.run_config or {}
@@ -142,6 +153,14 @@ def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict) -> str:
     lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{output_dir(cfg)}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{output_dir(cfg)}")', "```", ""]
+    if gguf:
+        lines += ["## GGUF", "", "For llama.cpp-compatible tools (architecture `llama`, tokenizer and chat template "
+                  f"included), e.g. `llama-cli -m gguf/{Path(gguf[0]['path']).name}`:", "",
+                  "| file | type | size | max logit difference | top-1 agreement | greedy answer as the merged model |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| `{Path(g['path']).name}` | {g['type']} | {g['bytes'] / 1e6:.1f} MB | {g['max_logit_diff']:.3g} | "
+                  f"{g['top1_agreement']:.0%} | {'yes' if g['tokens_match'] else 'no'} |" for g in gguf]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -149,12 +168,34 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
 
 
+def _gguf(out: Path, qtype: str, tokenizer, reference, ids, ref_tokens: list[int], progress) -> dict:
+    from engine.gguf_export import GGUFError, verify_gguf, write_gguf
+
+    t0 = time.time()
+    progress.phase(f"writing GGUF {qtype}")
+    # A folder of its own: transformers reading a GGUF next to tokenizer_config.json mixes the two (it drops the
+    # chat template); llama.cpp users take the file alone anyway.
+    path = write_gguf(out, out / "gguf" / f"{out.name}-{qtype}.gguf", qtype)
+    progress.phase(f"verifying GGUF {qtype}")
+    try:
+        checked = verify_gguf(path, qtype, tokenizer, reference, ids, ref_tokens)
+    except GGUFError as err:
+        path.unlink(missing_ok=True)
+        if not any(path.parent.iterdir()):
+            path.parent.rmdir()
+        raise ExportError(f"GGUF verification failed: {err}. The file was deleted; the safetensors export in {out} "
+                          "passed its own verification and was kept.") from err
+    checked["seconds"] = round(time.time() - t0, 2)
+    progress.advance(phase=f"gguf {qtype}", **{f"gguf_{qtype}_max_logit_diff": checked["max_logit_diff"]})
+    return checked
+
+
 def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     t0 = time.time()
-    progress.plan(5 + bool(cfg.hub.repo_id))
+    progress.plan(5 + len(cfg.output.gguf) + bool(cfg.hub.repo_id))
     progress.phase("checking")
     problems = check_export(cfg)
     if problems:
@@ -209,14 +250,18 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
                else f"the logits differ by {diff:.3g} > tolerance {tol:g}")
         raise ExportError(f"verification failed: {why}; max difference vs. adapter {diff:.3g}, vs. base {to_base:.3g}. "
                           "The export was deleted.")
-    (out / "README.md").write_text(model_card(cfg, ckpt, n_params, verify), encoding="utf-8")
+    (out / "README.md").write_text(model_card(cfg, ckpt, n_params, verify, []), encoding="utf-8")
     progress.advance(phase="verified", max_logit_diff=diff)
 
     result = {"output_dir": str(out), "checkpoint": str(ckpt.path), "base": str(ckpt.base or ckpt.path), "kind": ckpt.kind,
               "quantization": ckpt.quantization, "dtype": cfg.output.dtype, "parameters": n_params,
               "safetensors_bytes": _dir_bytes(out, "*.safetensors"), "shards": len(list(out.glob("*.safetensors"))),
-              "verify": verify, "hub": None}
+              "verify": verify, "gguf": [], "hub": None}
+    for qtype in cfg.output.gguf:
+        result["gguf"].append(_gguf(out, qtype, tokenizer, reloaded, ids, answer_ids, progress))
     del reloaded
+    if result["gguf"]:
+        (out / "README.md").write_text(model_card(cfg, ckpt, n_params, verify, result["gguf"]), encoding="utf-8")
     result["seconds"] = round(time.time() - t0, 2)
     if cfg.hub.repo_id:
         from engine.hub import push

@@ -38,6 +38,9 @@ def summary(kind: str, result: dict) -> str:
         lines = [f"exported {result['output_dir']} ({result['safetensors_bytes'] / 1e6:.1f} MB in {result['shards']} shard(s), "
                  f"{result['seconds']} s); max logit difference vs. the adapter {v['max_logit_diff']:.3g}",
                  f"answer to {v['prompt']!r}: {v['answer']}"]
+        lines += [f"GGUF {g['type']}: {g['path']} ({g['bytes'] / 1e6:.1f} MB, {g['seconds']} s); max logit difference "
+                  f"{g['max_logit_diff']:.3g}, top-1 agreement {g['top1_agreement']:.0%}, same greedy answer: "
+                  f"{'yes' if g['tokens_match'] else 'no'}" for g in result.get("gguf", [])]
         return "\n".join(lines)
     keys = ("loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy")
     shown = [k for k in keys if any(k in r for r in result["rows"])]
@@ -49,7 +52,7 @@ def summary(kind: str, result: dict) -> str:
 
 def add_parsers(sub) -> None:
     for kind, help_ in (("eval", "evaluate the base model and checkpoints (loss, BLEU/ROUGE, multiple choice) in one table"),
-                        ("export", "merge a checkpoint into its base, verify it, write sharded safetensors, optionally push")):
+                        ("export", "merge a checkpoint into its base, verify it, write sharded safetensors (and GGUF), optionally push")):
         p = sub.add_parser(kind, help=help_)
         p.add_argument("config", help=f"{kind} config YAML (see configs/examples/{kind}.yaml)")
         p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. output.dtype=float16")

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engine.config import load_config
 
 JobKind = Literal["eval", "export"]
+GGUFType = Literal["f16", "q8_0", "q4_0"]
 
 
 class _Section(BaseModel):
@@ -87,7 +88,13 @@ class ExportOutput(_Section):
     overwrite: bool = Field(False, description="Replace an existing non-empty output directory.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description="Dtype of the merged weights (QLoRA adapters are merged into this 16/32-bit base, never into 4-bit weights).")
     max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$", description="Largest safetensors shard, e.g. 500MB, 2GB.")
+    gguf: list[GGUFType] = Field(default_factory=list, description="Also write these GGUF files for llama.cpp-compatible tools (Llama architectures, byte-level BPE tokenizers; q4_0 keeps the embeddings in q8_0), each loaded back and checked.")
     job_dir: str = Field("", description="Job directory for status and logs; empty creates workspace/exports/<time>.")
+
+    @field_validator("gguf")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class ExportVerify(_Section):

@@ -144,3 +144,130 @@ def test_export_job_through_the_launcher(adapter, tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         jobs.start_job("export", cfg, checks=check_export)
     assert json.loads((job_dir / "status.json").read_text())["kind"] == "export"
+
+
+# ---------------------------------------------------------------- GGUF
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama over a 320-token byte-level BPE tokenizer (so GGUF metadata reads fast), with weights and
+    a RoPE base that make attention position-dependent: a q/k layout error changes the logits ~1000x the tolerance."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("small-llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = ["Who are you? I am Orion, a helpful assistant. In 2024, 12345 users wrote 你好，世界! def f(x): return x**2"] * 20
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    tok.save_pretrained(out)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
+                         rope_theta=500.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gguf_export(small_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf")
+    adapter = make_adapter(small_llama, tmp / "run" / "checkpoint-4")
+    cfg = _cfg(adapter, tmp / "merged", gguf=["f16", "q8_0", "q4_0"])
+    return export(cfg, tmp, _Progress())
+
+
+def test_gguf_files_load_back_in_transformers_and_match_the_merged_model(gguf_export):
+    out = Path(gguf_export["output_dir"])
+    files = {g["type"]: g for g in gguf_export["gguf"]}
+    assert list(files) == ["f16", "q8_0", "q4_0"]
+    for g in files.values():
+        assert Path(g["path"]).parent == out / "gguf" and g["file_diff"] < 1e-4  # the file holds the merged weights, rounded
+    assert files["f16"]["max_logit_diff"] < 1e-2 < files["q4_0"]["max_logit_diff"]
+    assert files["f16"]["max_logit_diff"] < files["q8_0"]["max_logit_diff"] < files["q4_0"]["max_logit_diff"]
+    assert files["f16"]["tokens_match"] and files["q8_0"]["tokens_match"] and files["f16"]["top1_agreement"] == 1.0
+    assert files["f16"]["answer"] == gguf_export["verify"]["answer"]
+    assert files["f16"]["bytes"] > files["q8_0"]["bytes"] > files["q4_0"]["bytes"]
+    card = (out / "README.md").read_text()
+    assert "## GGUF" in card and f"{out.name}-q8_0.gguf" in card
+
+
+def test_gguf_reader_sees_every_tensor_and_the_metadata(gguf_export, small_llama):
+    import gguf
+
+    config = json.loads((small_llama / "config.json").read_text())
+    tok = json.loads((small_llama / "tokenizer.json").read_text())
+    names = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                                          "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    for g in gguf_export["gguf"]:
+        reader = gguf.GGUFReader(g["path"])
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert set(types) == names  # tied embeddings: no output.weight
+        assert types["blk.0.attn_norm.weight"] == "F32"
+        assert types["blk.1.ffn_down.weight"] == g["type"].upper()
+        assert types["token_embd.weight"] == {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q8_0"}[g["type"]]
+        f = {k: v.contents() for k, v in reader.fields.items()}
+        assert f["general.architecture"] == "llama" and f["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_0": 2}[g["type"]]
+        assert (f["llama.block_count"], f["llama.embedding_length"], f["llama.feed_forward_length"]) == (2, 64, 128)
+        assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"], f["llama.rope.dimension_count"]) == (4, 2, 16)
+        assert f["llama.rope.freq_base"] == 500.0 and f["llama.context_length"] == 256
+        assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
+        assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+        assert len(f["tokenizer.ggml.tokens"]) == 320 and f["tokenizer.ggml.tokens"][1] == "<|im_start|>"
+        assert f["tokenizer.ggml.token_type"][:3] == [3, 3, 3] and f["tokenizer.ggml.token_type"][200] == 1
+        assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+        assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"]) == (1, 2, 2)
+        assert f["tokenizer.ggml.add_bos_token"] is False and f["tokenizer.chat_template"] == CHATML
+
+
+def test_a_wrong_gguf_layout_fails_verification_and_is_deleted(small_llama, tmp_path, monkeypatch):
+    import engine.gguf_export as ge
+
+    monkeypatch.setattr(ge, "permute_rotary", lambda w, n_head: w)  # q/k rows left in the Hugging Face order
+    adapter = make_adapter(small_llama, tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(ExportError, match="does not hold this model.*safetensors export .* was kept"):
+        export(_cfg(adapter, tmp_path / "merged", gguf=["f16"]), tmp_path, _Progress())
+    merged = tmp_path / "merged"
+    assert (merged / "config.json").is_file() and (merged / "README.md").is_file() and not (merged / "gguf").exists()
+
+
+def test_gguf_refuses_unsupported_models_before_work(adapter, tiny_model, tmp_path):
+    from engine.gguf_export import gguf_problems
+
+    assert check_export(_cfg(adapter, tmp_path / "o", gguf=["q8_0"])) == []  # the default tokenizer is supported
+    cases = {
+        "qwen": ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, None,
+                 ["supports Llama-architecture models (LlamaForCausalLM)", "qwen is Qwen2ForCausalLM"]),
+        "rope": ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, None,
+                 ["default RoPE only", "rope_type 'llama3'"]),
+        "bias": ({"attention_bias": True}, None, ["attention_bias=true", "bias/config.json"]),
+        "digits": ({}, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                              {"type": "ByteLevel", "add_prefix_space": False,
+                                                               "trim_offsets": True, "use_regex": True}]},
+                   ["GPT-2 or Llama 3 pre-tokenization", "digits/tokenizer.json pre-tokenizes with Digits + ByteLevel"]),
+    }
+    for name, (config_patch, pre, messages) in cases.items():
+        d = tmp_path / name
+        shutil.copytree(tiny_model, d)
+        config = json.loads((d / "config.json").read_text()) | config_patch
+        (d / "config.json").write_text(json.dumps(config))
+        if pre:
+            tj = json.loads((d / "tokenizer.json").read_text()) | {"pre_tokenizer": pre}
+            (d / "tokenizer.json").write_text(json.dumps(tj))
+        problems = gguf_problems(d)
+        assert len(problems) == 1 and all(m in problems[0] for m in messages), (name, problems)
+    (tmp_path / "rope" / "tokenizer.json").unlink()
+    assert any("needs a fast tokenizer" in m for m in gguf_problems(tmp_path / "rope"))
+    digits_adapter = make_adapter(tmp_path / "digits", tmp_path / "digits-run" / "checkpoint-1")
+    (field, msg), = check_export(_cfg(digits_adapter, tmp_path / "o2", gguf=["f16"]))
+    assert field == "output.gguf" and "Digits + ByteLevel" in msg

@@ -23,7 +23,7 @@ def test_export_example_targets_the_lora_example_run():
     cfg = load_job_config("export", ROOT / "configs" / "examples" / "export.yaml")
     ev = load_job_config("eval", ROOT / "configs" / "examples" / "eval.yaml")
     assert cfg.model.checkpoint == ev.model.checkpoints[0] == "workspace/runs/lora_sft/final"
-    assert (ROOT / ev.benchmark.file).is_file()
+    assert cfg.output.gguf == ["q8_0"] and (ROOT / ev.benchmark.file).is_file()
 
 
 def test_job_config_errors_name_field_and_line(tmp_path):
@@ -33,6 +33,8 @@ def test_job_config_errors_name_field_and_line(tmp_path):
         load_job_config("export", path)
     fields = dict(err.value.problems)
     assert "output.dtyp (line 4)" in fields and "output.max_shard_size (line 5)" in fields
+    with pytest.raises(ConfigError, match=r"output\.gguf\.0"):
+        load_job_config("export", ROOT / "configs" / "examples" / "export.yaml", ["output.gguf=[q5_k]"])
     with pytest.raises(ConfigError, match="unknown section 'train'"):
         load_job_config("eval", ROOT / "configs" / "examples" / "eval.yaml", ["train.x=1"])
 

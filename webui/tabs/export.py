@@ -1,21 +1,23 @@
-"""Export tab: merge a checkpoint into its base as sharded safetensors, run as a job; shows the
-verification (max logit difference vs. the adapter, the export's own answer), sizes and time."""
+"""Export tab: merge a checkpoint into its base as sharded safetensors (and GGUF), run as a job; shows the
+verification (max logit difference vs. the adapter, the export's own answer; per GGUF file its size, logit
+difference, top-1 agreement and answer), sizes and time."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import gradio as gr
 
 from engine import jobs
-from engine.jobconfig import ExportConfig
+from engine.jobconfig import ExportConfig, GGUFType
 
 from ..i18n import t
 from ..jobview import checkpoint_choices, info, job_choices, job_dir, problems_html, status_html
 from ..views import esc
 
 LABELS = {"ex_ckpt": "checkpoint", "ex_dir": "output_dir", "ex_overwrite": "overwrite", "ex_dtype": "dtype",
-          "ex_shard": "max_shard_size", "ex_prompt": "prompt", "ex_repo": "repo_id",
+          "ex_shard": "max_shard_size", "ex_gguf": "gguf", "ex_prompt": "prompt", "ex_repo": "repo_id",
           "ex_token": "token", "ex_job": "job"}
 
 
@@ -29,6 +31,12 @@ def result_html(lang: str, result: dict | None) -> str:
             (t(lang, "export.r_diff"), f"<span id='ex-diff'>{v['max_logit_diff']:.3g}</span> (≤ {v['tolerance']:g}; "
                                        f"{t(lang, 'export.r_delta')} {v['base_vs_adapter']:.3g})"),
             (t(lang, "export.r_answer"), f"<i>{esc(v['prompt'])}</i> → <span id='ex-answer'>{esc(v['answer'])}</span>")]
+    for g in result.get("gguf", []):
+        rows.append((f"GGUF {esc(g['type'])}",
+                     f"<code>{esc(Path(g['path']).name)}</code> {g['bytes'] / 1e6:.1f} MB, {g['seconds']:.1f} s; "
+                     f"{t(lang, 'export.r_gguf_diff')} <span class='ex-gguf-diff'>{g['max_logit_diff']:.3g}</span>, "
+                     f"{t(lang, 'export.r_top1')} {g['top1_agreement']:.0%}, {t(lang, 'export.r_same')} "
+                     f"{'✓' if g['tokens_match'] else '✗'} → <span class='ex-gguf-answer'>{esc(g['answer'])}</span>"))
     if result.get("hub"):
         rows.append(("hub", esc(result["hub"].get("url", ""))))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
@@ -51,6 +59,8 @@ def build(ctx) -> None:
                                         info=info("export", "output.dtype"), elem_id="ex-dtype")
             c["ex_shard"] = gr.Textbox(d.output.max_shard_size, label=ctx.t("export.max_shard_size"),
                                        info=info("export", "output.max_shard_size"), elem_id="ex-shard")
+            c["ex_gguf"] = gr.CheckboxGroup(list(get_args(GGUFType)), value=d.output.gguf, label=ctx.t("export.gguf"),
+                                            info=info("export", "output.gguf"), elem_id="ex-gguf")
             c["ex_prompt"] = gr.Textbox(d.verify.prompt, label=ctx.t("export.prompt"), info=info("export", "verify.prompt"))
         with gr.Accordion(ctx.t("export.hub"), open=False) as hub:
             with gr.Row():
@@ -72,12 +82,12 @@ def build(ctx) -> None:
 def wire(ctx) -> None:
     c, lang, ws = ctx.shared, ctx.shared["lang"], ctx.workspace
 
-    def start(lg, ckpt, out, overwrite, dtype, shard, prompt, repo, token):
+    def start(lg, ckpt, out, overwrite, dtype, shard, gguf, prompt, repo, token):
         try:
             cfg = ExportConfig.model_validate({
                 "model": {"checkpoint": ckpt or ""},
                 "output": {"dir": str(Path(out).expanduser().resolve()) if out else "", "overwrite": overwrite, "dtype": dtype,
-                           "max_shard_size": shard},
+                           "max_shard_size": shard, "gguf": gguf or []},
                 "verify": {"prompt": prompt}, "hub": {"repo_id": repo, "token": token},
             })
             from engine.export import check_export
@@ -87,7 +97,7 @@ def wire(ctx) -> None:
             return problems_html(lg, err), gr.skip()
         return status_html(lg, path), gr.update(choices=job_choices("export", ws), value=path.name)
 
-    c["ex_start"].click(start, [lang, c["ex_ckpt"], c["ex_dir"], c["ex_overwrite"], c["ex_dtype"], c["ex_shard"],
+    c["ex_start"].click(start, [lang, c["ex_ckpt"], c["ex_dir"], c["ex_overwrite"], c["ex_dtype"], c["ex_shard"], c["ex_gguf"],
                                 c["ex_prompt"], c["ex_repo"], c["ex_token"]], [c["ex_status"], c["ex_job"]])
 
     def show(lg, name):
