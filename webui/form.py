@@ -58,6 +58,17 @@ def _field(key: str):
     return RunConfig.model_fields[section].annotation.model_fields[name]
 
 
+def stages_of(key: str) -> list[str] | None:
+    """The stages that read a field (its schema's ``stages``), or None when every stage does."""
+    extra = _field(key).json_schema_extra
+    return list(extra["stages"]) if isinstance(extra, dict) and "stages" in extra else None
+
+
+def visible_for(key: str, stage: str) -> bool:
+    stages = stages_of(key)
+    return stages is None or stage in stages
+
+
 @lru_cache(maxsize=None)
 def spec(key: str) -> FieldSpec:
     info = _field(key)

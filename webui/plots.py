@@ -11,6 +11,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .form import LAYOUT  # noqa: E402
 from .metrics import MetricSeries, smooth  # noqa: E402
 
 INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
@@ -32,14 +33,7 @@ def _font_family() -> list[str]:
 def _figure(width: float = 6.4, height: float = 3.4):
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     ax = fig.add_subplot()
-    ax.grid(True, color=GRID, linewidth=0.8)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    for side in ("left", "bottom"):
-        ax.spines[side].set_color("#d1d5db")
-    ax.tick_params(colors=MUTED, labelsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _style(ax)
     return fig, ax
 
 
@@ -57,9 +51,32 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def loss_figure(series: MetricSeries | None, words: dict[str, str]) -> Figure:
-    """Training loss (raw and smoothed) and eval loss by step."""
-    fig, ax = _figure()
+def _style(ax) -> None:
+    ax.grid(True, color=GRID, linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    for side in ("left", "bottom"):
+        ax.spines[side].set_color("#d1d5db")
+    ax.tick_params(colors=MUTED, labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def stage_panels(stage: str) -> list[list[str]]:
+    """The metric panels drawn under the loss for a stage (webui/layout.yaml ``stage_metrics``)."""
+    return LAYOUT.get("stage_metrics", {}).get(stage or "", [])
+
+
+def loss_figure(series: MetricSeries | None, words: dict[str, str], stage: str = "") -> Figure:
+    """Training loss (raw and smoothed) and eval loss by step; under it, the stage's own metrics (rewards,
+    margins, accuracy, KL, ...), one small panel each, once the run has logged them."""
+    panels = [p for p in stage_panels(stage) if series and any(_metric(series, k)[0] for k in p)]
+    fig, ax = _figure(6.4, 3.4 + (2.3 if panels else 0))
+    if panels:
+        grid = fig.add_gridspec(2, len(panels), height_ratios=[3.4, 2.3])
+        ax.set_subplotspec(grid[0, :])
+        for n, keys in enumerate(panels):
+            _metric_panel(fig.add_subplot(grid[1, n]), series, keys, n)
     _labels(ax, words["loss"], words["step"], words["loss"])
     xs, ys = series.column("loss") if series else ([], [])
     if not xs:
@@ -76,6 +93,23 @@ def loss_figure(series: MetricSeries | None, words: dict[str, str]) -> Figure:
     if len(xs) == 1:
         ax.set_xlim(xs[0] - 1, xs[0] + 1)
     return fig
+
+
+def _metric(series: MetricSeries, key: str) -> tuple[list[int], list[float]]:
+    return series.column(key, "eval" if key.startswith("eval_") else "train")
+
+
+def _metric_panel(ax, series: MetricSeries, keys: list[str], n: int) -> None:
+    _style(ax)
+    ax.tick_params(labelsize=7)
+    for i, key in enumerate(keys):
+        xs, ys = _metric(series, key)
+        if not xs:
+            continue
+        color = PALETTE[(n * 2 + i) % len(PALETTE)]
+        ax.plot(xs, ys, color=color, linewidth=1.4, marker="o" if len(xs) <= 20 else None, markersize=2.5,
+                label=key, alpha=0.9 if key.startswith("eval_") else 1.0, linestyle="--" if key.startswith("eval_") else "-")
+    ax.legend(fontsize=7, frameon=False, loc="best")
 
 
 def lr_figure(series: MetricSeries | None, words: dict[str, str]) -> Figure:

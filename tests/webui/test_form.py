@@ -16,9 +16,12 @@ def _changed_config() -> RunConfig:
     """A config where every form field differs from its default."""
     return RunConfig.model_validate({
         "model": {"path": "/models/x", "template": "chatml", "dtype": "bfloat16", "quantization": "nf4",
-                  "double_quant": False, "trust_remote_code": True},
+                  "double_quant": False, "trust_remote_code": True,
+                  "extend_vocab": "/vocab.txt"},
         "method": {"stage": "sft", "finetuning_type": "qlora", "freeze_trainable_layers": 5, "lora_rank": 32,
-                   "lora_alpha": 64, "lora_dropout": 0.05, "lora_target": "q_proj,v_proj", "modules_to_save": "lm_head"},
+                   "lora_alpha": 64, "lora_dropout": 0.05, "lora_target": "q_proj,v_proj", "modules_to_save": "lm_head",
+                   "beta": 0.3, "dpo_loss": "ipo", "sft_weight": 0.5, "reward_model": "/runs/rm/final",
+                   "num_generations": 8, "max_new_tokens": 32, "kl_beta": 0.1},
         "data": {"datasets": ["identity", "instruct_demo"], "registry": "/r/reg.yaml", "cutoff_len": 333,
                  "max_samples": 77, "val_size": 0.1, "multiturn_loss": "split"},
         "training": {"num_train_epochs": 1.5, "max_steps": 30, "per_device_train_batch_size": 8,
@@ -45,8 +48,16 @@ def test_every_field_is_placed_exactly_once():
 
 def test_changed_config_differs_in_every_form_field():
     a, b = form.to_values(RunConfig(), GPUS), form.to_values(_changed_config(), GPUS)
-    same = [k for k in form.form_keys() if a[k] == b[k] and k != "method.stage"]  # sft is the only stage today
+    same = [k for k in form.form_keys() if a[k] == b[k] and k != "method.stage"]  # sft is the default stage
     assert same == []
+
+
+def test_stage_fields_show_only_for_their_stages():
+    assert form.visible_for("method.beta", "dpo") and not form.visible_for("method.beta", "sft")
+    assert form.visible_for("method.reward_model", "rl") and not form.visible_for("method.reward_model", "dpo")
+    assert form.visible_for("training.learning_rate", "rm")
+    stage_only = {k for k in form.form_keys() if form.stages_of(k)}
+    assert stage_only and stage_only <= set(form.LAYOUT["tabs"]["hparams"]["groups"]["stage"])
 
 
 @pytest.mark.parametrize("devices", [CPU, GPUS])

@@ -92,3 +92,22 @@ def test_smoothing_is_debiased_and_flat_on_constant_input():
     out = smooth([10.0, 0.0, 0.0, 0.0], weight=0.5)
     assert out[0] == pytest.approx(10.0)  # no pull towards zero at the start
     assert out == sorted(out, reverse=True)
+
+
+def test_stage_metrics_are_drawn_under_the_loss(tmp_path):
+    from webui.plots import loss_figure, stage_panels
+    from webui.tabs.train import plot_words
+
+    rows = [{"step": s, "loss": 0.69 - 0.01 * s, "rewards/chosen": 0.01 * s, "rewards/rejected": -0.01 * s,
+             "rewards/margins": 0.02 * s, "rewards/accuracies": 0.5 + 0.05 * s} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    series = MetricSeries(tmp_path)
+    series.update()
+    words = plot_words("en")
+    dpo = loss_figure(series, words, "dpo")
+    assert len(dpo.axes) == 1 + len(stage_panels("dpo")) == 4
+    drawn = {line.get_label() for ax in dpo.axes[1:] for line in ax.get_lines()}
+    assert drawn == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    assert len(loss_figure(series, words, "sft").axes) == 1
+    # a stage whose metrics have not been logged yet draws the loss alone
+    assert len(loss_figure(series, words, "rl").axes) == 1

@@ -18,10 +18,16 @@ PER_ROW = 4
 
 
 def _grid(ctx, keys: list[str]) -> None:
+    stage = ctx.values["method.stage"]
     for i in range(0, len(keys), PER_ROW):
         with gr.Row(equal_height=False):
             for key in keys[i:i + PER_ROW]:
-                form.build(ctx, key)
+                form.build(ctx, key, visible=form.visible_for(key, stage))
+
+
+def stage_keys(ctx) -> list[str]:
+    """Fields shown only for some stages (method.beta, reward_model, ...)."""
+    return [k for k in ctx.field_list() if form.stages_of(k) is not None]
 
 
 def config_path(lang: str, text: str, workspace: Path, must_exist: bool) -> Path:
@@ -61,9 +67,12 @@ def build(ctx) -> None:
         layout = ctx.layout["hparams"]
         _grid(ctx, layout["basic"])
         for group, keys in layout["groups"].items():
-            with gr.Accordion(ctx.t(f"hparams.group.{group}"), open=group == "lora", elem_id=f"acc-{group}") as acc:
+            shown = any(form.visible_for(k, ctx.values["method.stage"]) for k in keys)
+            with gr.Accordion(ctx.t(f"hparams.group.{group}"), open=group in ("lora", "stage"), elem_id=f"acc-{group}",
+                              visible=shown) as acc:
                 ctx.translate(acc, label=f"hparams.group.{group}")
                 _grid(ctx, keys)
+            c[f"acc_{group}"] = acc
 
 
 def wire(ctx) -> None:
@@ -108,6 +117,18 @@ def wire(ctx) -> None:
     c["load"].click(lambda lg, p: load_from(lg, p), [lang, c["cfg_path"]], outputs)
     c["upload"].upload(lambda lg, file: load_from(lg, file), [lang, c["upload"]], outputs)
     c["reset"].click(lambda lg: apply(lg, ctx.defaults, t(lg, "hparams.reset_done")), [lang], outputs)
+
+    # The stage's own fields (and their accordion) show only while that stage is chosen.
+    only = stage_keys(ctx)
+    stage_groups = [g for g, ks in ctx.layout["hparams"]["groups"].items() if all(k in only for k in ks)]
+
+    def on_stage(stage):
+        out = [gr.update(visible=form.visible_for(k, stage)) for k in only]
+        return out + [gr.update(visible=any(form.visible_for(k, stage) for k in ctx.layout["hparams"]["groups"][g]))
+                      for g in stage_groups]
+
+    f["method.stage"].change(on_stage, f["method.stage"], [f[k] for k in only] + [c[f"acc_{g}"] for g in stage_groups],
+                             show_progress="hidden")
 
     def on_devices(selected):
         ids = [d for d in (selected or []) if d != "cpu"]

@@ -40,6 +40,12 @@ def checkpoint_rows(ctx, run_dir) -> list[list]:
     return out
 
 
+def run_figure(m, run_dir, lang: str):
+    """The run's loss curve with its stage's own metrics under it."""
+    cfg = m.config(run_dir)
+    return loss_figure(m.series(run_dir), plot_words(lang), cfg.method.stage if cfg else "")
+
+
 def build(ctx) -> None:
     c = ctx.shared
     lang = ctx.lang
@@ -108,7 +114,7 @@ def wire(ctx) -> None:
         if keep_open:
             try:
                 run_dir = m.run_dir(keep_open)
-                plot, ckpts = loss_figure(m.series(run_dir), plot_words(lg)), checkpoint_rows(ctx, run_dir)
+                plot, ckpts = run_figure(m, run_dir, lg), checkpoint_rows(ctx, run_dir)
             except RunError:  # deleted between the listing and now
                 keep_open = None
         return (gr.update(value=rows, headers=headers(lg)), gr.update(choices=ids, value=keep_open),
@@ -133,7 +139,7 @@ def wire(ctx) -> None:
         except RunError as err:
             return "", None, [], message("error", str(err)), hidden, hidden
         text = (run_dir / rundir.CONFIG).read_text(encoding="utf-8")
-        return (text, loss_figure(m.series(run_dir), plot_words(lg)), checkpoint_rows(ctx, run_dir), "",
+        return (text, run_figure(m, run_dir, lg), checkpoint_rows(ctx, run_dir), "",
                 hidden, gr.update(visible=True))
 
     open_out = [c["run_config"], c["run_plot"], c["ckpt_table"], c["runs_msg"], c["confirm"], c["run_details"]]

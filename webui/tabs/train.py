@@ -130,7 +130,7 @@ def wire(ctx) -> None:
         sig = (run_id, series.version, lang_)
         if view.get("plots") != sig:
             words = plot_words(lang_)
-            out[c["loss_plot"]], out[c["lr_plot"]] = loss_figure(series, words), lr_figure(series, words)
+            out[c["loss_plot"]], out[c["lr_plot"]] = loss_figure(series, words, info.stage), lr_figure(series, words)
         log = run_dir / rundir.LOG
         log_sig = (run_id, log.stat().st_size if log.exists() else 0)
         if view.get("log") != log_sig:
