@@ -22,7 +22,25 @@ def _grid(ctx, keys: list[str]) -> None:
     for i in range(0, len(keys), PER_ROW):
         with gr.Row(equal_height=False):
             for key in keys[i:i + PER_ROW]:
-                form.build(ctx, key, visible=form.visible_for(key, stage))
+                extra = {"choices": reward_models(ctx.workspace)} if key == "method.reward_model" else {}
+                form.build(ctx, key, visible=form.visible_for(key, stage), **extra)
+
+
+def reward_models(workspace: Path) -> list[tuple[str, str]]:
+    """(label, path) of the final/ and checkpoint-N/ directories of the workspace's rm runs, newest first."""
+    from engine import rundir
+    from engine.config import load_config
+
+    out = []
+    for run in rundir.list_runs(workspace):
+        try:
+            if load_config(run / rundir.CONFIG).method.stage != "rm":
+                continue
+        except ConfigError:
+            continue
+        dirs = ([run / rundir.FINAL] if (run / rundir.FINAL).is_dir() else []) + [p for _, p in reversed(rundir.checkpoints(run))]
+        out += [(f"{run.name}/{d.name}", str(d)) for d in dirs]
+    return out
 
 
 def stage_keys(ctx) -> list[str]:
@@ -123,7 +141,8 @@ def wire(ctx) -> None:
     stage_groups = [g for g, ks in ctx.layout["hparams"]["groups"].items() if all(k in only for k in ks)]
 
     def on_stage(stage):
-        out = [gr.update(visible=form.visible_for(k, stage)) for k in only]
+        out = [gr.update(visible=form.visible_for(k, stage),
+                         **({"choices": reward_models(ctx.workspace)} if k == "method.reward_model" else {})) for k in only]
         return out + [gr.update(visible=any(form.visible_for(k, stage) for k in ctx.layout["hparams"]["groups"][g]))
                       for g in stage_groups]
 

@@ -19,6 +19,15 @@ def model_roots(ctx):
     return [ROOT / "models", ctx.workspace / "models"]
 
 
+def model_choices(ctx) -> list[str]:
+    """Local model directories, then the workspace's merged exports (newest first): the next stage of a
+    PT -> SFT -> RM -> DPO chain starts from the previous stage's export."""
+    from ..jobview import checkpoint_choices
+
+    exports = [path for label, path in checkpoint_choices(ctx.workspace) if label.startswith("export: ")]
+    return list(dict.fromkeys(local_models(model_roots(ctx)) + exports))
+
+
 def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff, rank, freeze, gc, gpu: bool) -> str:
     try:
         path = resolve_model_path(path_text)
@@ -81,7 +90,7 @@ def build(ctx) -> None:
         ctx.translate(tab, label="tabs.model")
         with gr.Row():
             with gr.Column(scale=3):
-                form.build(ctx, "model.path", choices=local_models(model_roots(ctx)))
+                form.build(ctx, "model.path", choices=model_choices(ctx))
                 form.build(ctx, "model.template", choices=template_names())
                 c["template_warning"] = gr.HTML("", elem_id="template-warning", visible=False)
                 form.build(ctx, "method.finetuning_type")
@@ -89,6 +98,7 @@ def build(ctx) -> None:
                 form.build_advanced(ctx, "model")
             with gr.Column(scale=2):
                 c["model_info"] = gr.HTML("", elem_id="model-info-box")
+        c["model_tab"] = tab
 
 
 def wire(ctx) -> None:
@@ -122,6 +132,8 @@ def wire(ctx) -> None:
                                show_progress="hidden")
     ctx.on_load.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
     ctx.on_lang.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
+
+    c["model_tab"].select(lambda: gr.update(choices=model_choices(ctx)), None, f["model.path"], show_progress="hidden")
 
     def on_method(method, quant):
         """QLoRA needs a quantized base, full and freeze tuning cannot have one."""
