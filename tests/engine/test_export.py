@@ -271,3 +271,18 @@ def test_gguf_refuses_unsupported_models_before_work(adapter, tiny_model, tmp_pa
     digits_adapter = make_adapter(tmp_path / "digits", tmp_path / "digits-run" / "checkpoint-1")
     (field, msg), = check_export(_cfg(digits_adapter, tmp_path / "o2", gguf=["f16"]))
     assert field == "output.gguf" and "Digits + ByteLevel" in msg
+
+
+@pytest.mark.slow
+def test_default_model_lora_export_with_gguf_q8_0(default_model, tmp_path):
+    """The real tokenizer (49k tokens, SmolLM2's special tokens and chat template) and 30 layers through q8_0."""
+    adapter = make_adapter(default_model, tmp_path / "run" / "checkpoint-1", rank=8)
+    cfg = _cfg(adapter, tmp_path / "orion", dtype="bfloat16", gguf=["q8_0"])
+    cfg.verify.max_new_tokens = 16
+    result = export(cfg, tmp_path, _Progress())
+    (g,) = result["gguf"]
+    print(f"export {result['seconds']} s, safetensors {result['safetensors_bytes'] / 1e6:.1f} MB; GGUF q8_0 {g['seconds']} s, "
+          f"{g['bytes'] / 1e6:.1f} MB, max logit diff {g['max_logit_diff']:.3g}, top-1 {g['top1_agreement']:.0%}, "
+          f"greedy same {g['tokens_match']}, file vs. rounded merged {g['file_diff']:.3g}")
+    assert 140e6 < g["bytes"] < 150e6  # 135M parameters at 34 bytes per 32, norms in f32
+    assert g["file_diff"] < 1e-3 and g["top1_agreement"] >= 0.9 and g["max_logit_diff"] < 3.0
