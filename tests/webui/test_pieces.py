@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import shlex
 
 import pytest
@@ -115,3 +117,16 @@ def test_template_advice_for_a_chat_model(default_model):
     assert chatfmt.advice(default_model, "auto") is None
     kind, text = chatfmt.advice(default_model, "llama3")
     assert kind == "mismatch" and "auto" in text
+
+
+def test_vocab_extension_preview_shows_tokens_per_character_before_and_after(default_model):
+    from webui.tabs.model import vocab_html
+
+    shown = vocab_html("en", str(default_model), "data/vocab_zh_demo.txt", ["identity"], "data/dataset_info.yaml")
+    html = shown["value"]
+    assert shown["visible"] and "Tokens per character" in html and "added" in html
+    before, after = (float(x) for x in re.search(r"([0-9.]+) → ([0-9.]+) \(", html).groups())
+    assert after < before  # the Chinese demo tokens shorten the identity data
+    missing = vocab_html("en", str(default_model), "data/no-such-list.txt", ["identity"], "data/dataset_info.yaml")
+    assert "cannot be used" in missing["value"] and "no-such-list" in missing["value"]
+    assert vocab_html("en", str(default_model), "", ["identity"], "data/dataset_info.yaml")["visible"] is False

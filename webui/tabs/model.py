@@ -3,6 +3,8 @@ parameter count and a memory estimate per method."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from engine.data.templates import template_names
@@ -84,6 +86,34 @@ def template_warning(lang: str, path_text: str, template: str):
     return gr.update(value=html, visible=bool(html))
 
 
+def vocab_html(lang: str, path_text: str, source: str, datasets: list[str], registry: str):
+    """What model.extend_vocab does: tokens added, vocabulary size, and tokens per character before and after
+    on a sample of the chosen datasets (the numbers train.log reports when the run starts)."""
+    from engine.config import DataConfig
+    from engine.vocab import VocabError, preview, sample_text
+
+    source = (source or "").strip()
+    if not source:
+        return gr.update(value="", visible=False)
+    try:
+        path = resolve_model_path(path_text)
+        where = Path(source).expanduser()
+        where = where if where.is_absolute() else ROOT / where
+        text = sample_text(DataConfig(datasets=list(datasets or []), registry=registry)) if datasets else ""
+        info = preview(path, where, text)
+    except (ModelPathError, VocabError, OSError, ValueError) as err:
+        return gr.update(value=message("error", t(lang, "model.vocab_bad"), [str(err)]), visible=True)
+    lines = [t(lang, "model.vocab_counts", tokens=f"{info['tokens']:,}", added=f"{info['added']:,}",
+               present=f"{info['present']:,}", before=f"{info['base_size']:,}", after=f"{info['size']:,}")]
+    if info.get("sample_chars"):
+        b, a = info["tokens_per_char_before"], info["tokens_per_char_after"]
+        lines.append(t(lang, "model.vocab_gain", chars=f"{info['sample_chars']:,}", before=f"{b:.3f}", after=f"{a:.3f}",
+                       change=f"{100 * (a - b) / b:+.0f}%" if b else "–"))
+    else:
+        lines.append(t(lang, "model.vocab_no_sample"))
+    return gr.update(value=message("ok", t(lang, "model.vocab_title"), lines), visible=True)
+
+
 def build(ctx) -> None:
     c = ctx.shared
     with gr.Tab(ctx.t("tabs.model"), id="model") as tab:
@@ -96,6 +126,7 @@ def build(ctx) -> None:
                 form.build(ctx, "method.finetuning_type")
                 form.build(ctx, "model.quantization")
                 form.build_advanced(ctx, "model")
+                c["vocab_box"] = gr.HTML("", elem_id="vocab-box", visible=False)
             with gr.Column(scale=2):
                 c["model_info"] = gr.HTML("", elem_id="model-info-box")
         c["model_tab"] = tab
@@ -132,6 +163,11 @@ def wire(ctx) -> None:
                                show_progress="hidden")
     ctx.on_load.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
     ctx.on_lang.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
+
+    vocab_in = [lang, f["model.path"], f["model.extend_vocab"], f["data.datasets"], f["data.registry"]]
+    for comp in vocab_in[1:3]:
+        comp.change(vocab_html, vocab_in, c["vocab_box"], show_progress="minimal")
+    ctx.on_lang.append((vocab_html, vocab_in, c["vocab_box"]))
 
     c["model_tab"].select(lambda: gr.update(choices=model_choices(ctx)), None, f["model.path"], show_progress="hidden")
 
