@@ -1,7 +1,7 @@
 """GGUF files for llama.cpp-compatible tools, written from a merged export directory (safetensors).
 
-Supported: Llama-architecture models (``LlamaForCausalLM``, e.g. SmolLM2, Llama 3.0) with default RoPE, no
-biases, and a byte-level BPE tokenizer whose pre-tokenizer is GPT-2's or Llama 3's (the ones transformers'
+Supported: Llama-architecture models (``LlamaForCausalLM``, e.g. SmolLM2) with default RoPE, no biases,
+and a byte-level BPE tokenizer whose pre-tokenizer is GPT-2's or Llama 3's (the ones transformers'
 GGUF reader rebuilds exactly, so the round trip can be checked). Anything else (other architectures,
 SentencePiece tokenizers, llama3/yarn RoPE scaling) is refused by ``gguf_problems`` before work starts.
 

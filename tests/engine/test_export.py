@@ -152,16 +152,19 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def small_llama(tmp_path_factory) -> Path:
+def make_small_llama(out: Path, llama3_split: bool = False, tied: bool = True) -> Path:
     """A 2-layer Llama over a 320-token byte-level BPE tokenizer (so GGUF metadata reads fast), with weights and
-    a RoPE base that make attention position-dependent: a q/k layout error changes the logits ~1000x the tolerance."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    a RoPE base that make attention position-dependent: a q/k layout error changes the logits ~1000x the tolerance.
+    ``llama3_split``: Llama 3's pre-tokenizer (split regex, then bytes) instead of GPT-2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("small-llama")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from engine.gguf_export import _LLAMA3_SPLIT
+
+    bpe = Tokenizer(models.BPE(ignore_merges=llama3_split))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]) \
+        if llama3_split else pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     text = ["Who are you? I am Orion, a helpful assistant. In 2024, 12345 users wrote 你好，世界! def f(x): return x**2"] * 20
     bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -171,11 +174,16 @@ def small_llama(tmp_path_factory) -> Path:
     tok.chat_template = CHATML
     tok.save_pretrained(out)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
+                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, initializer_range=0.1,
                          rope_theta=500.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> Path:
+    return make_small_llama(tmp_path_factory.mktemp("small-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +247,24 @@ def test_a_wrong_gguf_layout_fails_verification_and_is_deleted(small_llama, tmp_
         export(_cfg(adapter, tmp_path / "merged", gguf=["f16"]), tmp_path, _Progress())
     merged = tmp_path / "merged"
     assert (merged / "config.json").is_file() and (merged / "README.md").is_file() and not (merged / "gguf").exists()
+
+
+def test_gguf_llama3_pre_tokenizer_and_untied_head(tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.export import _prompt_ids
+    from engine.gguf_export import pre_tokenizer, verify_gguf, write_gguf
+
+    model_dir = make_small_llama(tmp_path / "m", llama3_split=True, tied=False)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert pre_tokenizer(json.loads((model_dir / "tokenizer.json").read_text())) == "llama-bpe"
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = _prompt_ids(tok, "Who are you? In 12345 words.")
+    path = write_gguf(model_dir, tmp_path / "gguf" / "m-q8_0.gguf", "q8_0")
+    checked = verify_gguf(path, "q8_0", tok, reference, ids, greedy(reference, tok, ids, 8))
+    assert checked["file_diff"] < 1e-4 and checked["top1_agreement"] == 1.0
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}  # untied head written
 
 
 def test_gguf_refuses_unsupported_models_before_work(adapter, tiny_model, tmp_path):
