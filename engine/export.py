@@ -172,18 +172,19 @@ def _gguf(out: Path, qtype: str, tokenizer, reference, ids, ref_tokens: list[int
     from engine.gguf_export import GGUFError, verify_gguf, write_gguf
 
     t0 = time.time()
-    progress.phase(f"writing GGUF {qtype}")
     # A folder of its own: transformers reading a GGUF next to tokenizer_config.json mixes the two (it drops the
     # chat template); llama.cpp users take the file alone anyway.
-    path = write_gguf(out, out / "gguf" / f"{out.name}-{qtype}.gguf", qtype)
-    progress.phase(f"verifying GGUF {qtype}")
+    path = out / "gguf" / f"{out.name}-{qtype}.gguf"
     try:
+        progress.phase(f"writing GGUF {qtype}")
+        write_gguf(out, path, qtype)
+        progress.phase(f"verifying GGUF {qtype}")
         checked = verify_gguf(path, qtype, tokenizer, reference, ids, ref_tokens)
     except GGUFError as err:
         path.unlink(missing_ok=True)
-        if not any(path.parent.iterdir()):
+        if path.parent.is_dir() and not any(path.parent.iterdir()):
             path.parent.rmdir()
-        raise ExportError(f"GGUF verification failed: {err}. The file was deleted; the safetensors export in {out} "
+        raise ExportError(f"GGUF {qtype} failed: {err}. No GGUF file was kept; the safetensors export in {out} "
                           "passed its own verification and was kept.") from err
     checked["seconds"] = round(time.time() - t0, 2)
     progress.advance(phase=f"gguf {qtype}", **{f"gguf_{qtype}_max_logit_diff": checked["max_logit_diff"]})
