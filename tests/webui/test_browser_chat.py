@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from chat_fixtures import make_lora_run
-from webui_server import MARKS, Server, open_page
+from webui_server import MARKS, Server, ask, open_page, set_max_new_tokens
 
 pytestmark = MARKS
 
@@ -57,30 +57,11 @@ def test_chat_with_a_checkpoint(server, tmp_path):
         assert len(workers) == 1 and workers[0].memory_info().rss > 100 * 2**20
         page.screenshot(path=shots / "1-loaded.png", full_page=True)
 
-        page.get_by_text("System prompt and sampling").click()
-        number = page.locator("#chat-max-new-tokens input[type=number]")
-        slider = page.locator("#chat-max-new-tokens input[type=range]")
-        expect(number).to_be_visible()
-        for _ in range(5):  # the accordion renders its contents as it opens; a value typed too early is lost
-            number.fill("40")
-            number.press("Tab")
-            if slider.input_value() == "40":
-                break
-            page.wait_for_timeout(500)
-        expect(slider).to_have_value("40")  # applied before the message is sent
-        page.locator("#chat-msg textarea").fill("Who are you?")
-        page.locator("#btn-chat-send").click()
-        bot = page.locator("#chat-bot")
-        expect(bot).to_contain_text("Who are you?", timeout=30_000)
-        answer = bot.locator(".message.bot, [data-testid=bot]").last
-        seen = set()
-        deadline = time.time() + 120
-        while time.time() < deadline and not page.locator("#chat-usage").count():
-            seen.add(len(answer.inner_text()) if answer.count() else 0)
-            time.sleep(0.05)
-        expect(page.locator("#chat-usage")).to_contain_text("40 generated", timeout=30_000)
-        assert len({n for n in seen if n > 0}) >= 2, f"the answer did not stream (lengths seen: {sorted(seen)})"
-        assert len(answer.inner_text().strip()) > 0
+        set_max_new_tokens(page, 40)
+        text, lengths = ask(page, "Who are you?")
+        expect(page.locator("#chat-usage")).to_contain_text("40 generated")
+        assert len(lengths) >= 2, f"the answer did not stream (lengths seen: {sorted(lengths)})"
+        assert len(text.strip()) > 0
         page.screenshot(path=shots / "2-answered.png", full_page=True)
 
         page.locator("#btn-chat-unload").click()

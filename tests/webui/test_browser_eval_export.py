@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 
 from engine import launch, rundir
 from engine.config import RunConfig
-from webui_server import MARKS, ROOT, Server, open_page
+from webui_server import MARKS, ROOT, Server, ask, open_page, set_max_new_tokens
 
 pytestmark = MARKS
 
@@ -95,28 +94,9 @@ def test_evaluate_export_and_chat_with_the_export(server):
         page.locator("#btn-chat-load").click()
         status = page.locator("#chat-status")
         expect(status).to_have_attribute("data-state", "loaded", timeout=120_000)
-        page.get_by_text("System prompt and sampling").click()
-        number = page.locator("#chat-max-new-tokens input[type=number]")
-        slider = page.locator("#chat-max-new-tokens input[type=range]")
-        for _ in range(5):  # the accordion renders its contents as it opens; a value typed too early is lost
-            number.fill("24")
-            number.press("Tab")
-            if slider.input_value() == "24":
-                break
-            page.wait_for_timeout(500)
-        expect(slider).to_have_value("24")
-        page.locator("#chat-msg textarea").fill("Who are you?")
-        page.locator("#btn-chat-send").click()
-        bot = page.locator("#chat-bot")
-        expect(bot).to_contain_text("Who are you?", timeout=30_000)
-        answer = bot.locator(".message.bot, [data-testid=bot]").last
-        seen = set()
-        deadline = time.time() + 90
-        while time.time() < deadline and not page.locator("#chat-usage").count():
-            seen.add(len(answer.inner_text()) if answer.count() else 0)
-            time.sleep(0.05)
-        expect(page.locator("#chat-usage")).to_contain_text("generated", timeout=30_000)
-        assert len({n for n in seen if n > 0}) >= 2, f"the answer did not stream (lengths seen: {sorted(seen)})"
+        set_max_new_tokens(page, 24)
+        _, lengths = ask(page, "Who are you?", timeout=90)
+        assert len(lengths) >= 2, f"the answer did not stream (lengths seen: {sorted(lengths)})"
         page.screenshot(path=shots / "3-chat.png", full_page=True)
         page.locator("#btn-chat-unload").click()
         expect(status).to_have_attribute("data-state", "empty", timeout=30_000)

@@ -64,3 +64,41 @@ def open_page(playwright, url: str, height: int = 1000):
     page.set_default_timeout(30_000)
     page.goto(url)
     return browser, page
+
+
+def set_max_new_tokens(page, n: int) -> None:
+    """Open the Chat tab's sampling accordion and set max new tokens (checked on the slider before sending)."""
+    from playwright.sync_api import expect
+
+    page.get_by_text("System prompt and sampling").click()
+    number = page.locator("#chat-max-new-tokens input[type=number]")
+    slider = page.locator("#chat-max-new-tokens input[type=range]")
+    expect(number).to_be_visible()
+    for _ in range(5):  # the accordion renders its contents as it opens; a value typed too early is lost
+        number.fill(str(n))
+        number.press("Tab")
+        if slider.input_value() == str(n):
+            break
+        page.wait_for_timeout(500)
+    expect(slider).to_have_value(str(n))
+
+
+def ask(page, text: str, timeout: float = 120) -> tuple[str, set[int]]:
+    """Send a chat message and wait for the usage line; returns the answer and the answer lengths seen while
+    it streamed (more than one non-zero length means it streamed)."""
+    import time
+
+    from playwright.sync_api import expect
+
+    page.locator("#chat-msg textarea").fill(text)
+    page.locator("#btn-chat-send").click()
+    bot = page.locator("#chat-bot")
+    expect(bot).to_contain_text(text, timeout=30_000)
+    answer = bot.locator(".message.bot, [data-testid=bot]").last
+    seen = set()
+    deadline = time.time() + timeout
+    while time.time() < deadline and not page.locator("#chat-usage").count():
+        seen.add(len(answer.inner_text()) if answer.count() else 0)
+        time.sleep(0.05)
+    expect(page.locator("#chat-usage")).to_contain_text("generated", timeout=30_000)
+    return answer.inner_text(), {n for n in seen if n > 0}
