@@ -6,12 +6,14 @@ cosine, 30 steps, seed 42. Prints input tokens per second (every token we comput
 batches are padding-free) and the peak RSS of the training process.
 
     .venv/bin/python bench/train_speed.py [--quantization nf4] [--precision fp32|bf16] [--steps 30]
+        [--gradient-checkpointing] [--mmap-threshold BYTES]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -61,7 +63,12 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (LLaMA-Factory's default)")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="glibc MALLOC_MMAP_THRESHOLD_ for the ranks: allocations above it are returned on free")
     args = parser.parse_args()
+    if args.mmap_threshold:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
 
     cfg = RunConfig.model_validate({
         "model": {"path": args.model, "quantization": args.quantization},
@@ -71,7 +78,8 @@ def main() -> int:
                  "registry": str(ROOT / "data" / "dataset_info.yaml")},
         "training": {"max_steps": args.steps, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                      "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "seed": 42, "logging_steps": 1,
-                     "save_steps": 10_000, "precision": args.precision},
+                     "save_steps": 10_000, "precision": args.precision,
+                     "gradient_checkpointing": args.gradient_checkpointing},
     })
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
         cfg.output.run_dir = str(Path(tmp) / "run")
@@ -90,7 +98,9 @@ def main() -> int:
         # from train begin, so it excludes process start, data loading and model loading).
         last = rows[-1]
         result = {
-            "workload": f"LoRA r8 SFT, {args.steps} steps, batch 4, cutoff 512, {args.quantization}, {args.precision}",
+            "workload": f"LoRA r8 SFT, {args.steps} steps, batch 4, cutoff 512, {args.quantization}, {args.precision}"
+                        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+                        + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""),
             "input_tokens": last["tokens"],
             "train_seconds": round(last["elapsed_s"], 1),
             "tokens_per_s": round(last["tokens"] / last["elapsed_s"], 1),
