@@ -282,17 +282,19 @@ def load_reward_model(path: str | Path, model_cfg):
     from engine.models import resolve_dtype
 
     ckpt = inspect(path, field="method.reward_model")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=model_cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     kwargs = dict(num_labels=1, dtype=resolve_dtype(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
     if ckpt.kind == "full":
         model = AutoModelForSequenceClassification.from_pretrained(ckpt.path, **kwargs)
     else:
         from peft import PeftModel
 
-        base = AutoModelForSequenceClassification.from_pretrained(ckpt.base, **kwargs)
+        from engine.checkpoint import fit_base
+
+        base = fit_base(AutoModelForSequenceClassification.from_pretrained(ckpt.base, **kwargs), tokenizer)
         model = PeftModel.from_pretrained(base, str(ckpt.path)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=model_cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config._name_or_path = REWARD_NAME
     return model.eval().requires_grad_(False), tokenizer
