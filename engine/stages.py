@@ -227,14 +227,24 @@ def _keep_tokens(self, dataset, *args, **kwargs):
     return dataset  # already tokenized with the run's template (engine.data.encode.encode_answers)
 
 
-def dpo_trainer(ctx: StageContext, model):
-    from trl import DPOTrainer
+def _adapter_reference_trainer(trl_name: str, prepare):
+    """A DPO/KTO trainer builder: TRL's trainer with its dataset step replaced by ``prepare`` (our ids are kept),
+    the run's adapter handed over as a config so the reference is the base with the adapter disabled."""
 
-    trainer_cls = type("WorkbenchDPOTrainer", (DPOTrainer,), {"_prepare_dataset": _keep_tokens})
-    model, peft_config = adapter_for_trainer(model)
-    train, evaluation = ctx.data
-    return trainer_cls(model=model, ref_model=None, args=ctx.args, train_dataset=train, eval_dataset=evaluation,
-                       processing_class=ctx.tokenizer, callbacks=ctx.callbacks, peft_config=peft_config)
+    def build(ctx: StageContext, model):
+        import trl
+
+        base = getattr(trl, trl_name)
+        trainer_cls = type(f"Workbench{trl_name}", (base,), {"_prepare_dataset": prepare})
+        model, peft_config = adapter_for_trainer(model)
+        train, evaluation = ctx.data
+        return trainer_cls(model=model, ref_model=None, args=ctx.args, train_dataset=train, eval_dataset=evaluation,
+                           processing_class=ctx.tokenizer, callbacks=ctx.callbacks, peft_config=peft_config)
+
+    return build
+
+
+dpo_trainer = _adapter_reference_trainer("DPOTrainer", _keep_tokens)
 
 
 def _kl_completions(batch: dict) -> dict:
@@ -250,14 +260,7 @@ def _kto_dataset(self, dataset, processing_class, args, dataset_name):
                        desc=f"KL completions ({dataset_name})")
 
 
-def kto_trainer(ctx: StageContext, model):
-    from trl import KTOTrainer
-
-    trainer_cls = type("WorkbenchKTOTrainer", (KTOTrainer,), {"_prepare_dataset": _kto_dataset})
-    model, peft_config = adapter_for_trainer(model)
-    train, evaluation = ctx.data
-    return trainer_cls(model=model, ref_model=None, args=ctx.args, train_dataset=train, eval_dataset=evaluation,
-                       processing_class=ctx.tokenizer, callbacks=ctx.callbacks, peft_config=peft_config)
+kto_trainer = _adapter_reference_trainer("KTOTrainer", _kto_dataset)
 
 
 def _no_tokenize(self, feature, model=None):
