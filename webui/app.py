@@ -70,8 +70,11 @@ def build_app(ctx: Context) -> gr.Blocks:
                     gr.Tabs(selected="train") if live else gr.skip())
 
         demo.load(on_load, None, [c["run"], tabs])
-        for fn, inputs, outputs in ctx.on_load:
-            demo.load(fn, inputs, outputs, show_progress="hidden")
+        for fn, inputs, outputs, *triggers in ctx.on_load:
+            # one listener for the page load and the widgets' own changes: its events run in order, so a slow
+            # answer for the page's first values can never land after (and over) the answer for a user's edit
+            gr.on([demo.load, *(triggers[0] if triggers else ())], fn, inputs, outputs, trigger_mode="always_last",
+                  show_progress="hidden")
     return demo
 
 

@@ -21,7 +21,7 @@ class Context:
     fields: dict[str, Any] = field(default_factory=dict)  # run-config key -> widget
     texts: list[tuple[Any, dict[str, Callable[[str], Any]]]] = field(default_factory=list)
     shared: dict[str, Any] = field(default_factory=dict)  # components one tab hands to another
-    on_load: list[tuple] = field(default_factory=list)  # (fn, inputs, outputs) run when a page opens
+    on_load: list[tuple] = field(default_factory=list)  # (fn, inputs, outputs[, triggers]) run when a page opens
     on_lang: list[tuple] = field(default_factory=list)  # (fn, inputs, outputs) run after a language switch
 
     def __post_init__(self):

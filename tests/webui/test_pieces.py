@@ -105,6 +105,15 @@ def test_the_app_builds_with_every_tab(tmp_path):
     assert set(ctx.fields) == set(form_keys())
     labels = {b.label for b in demo.blocks.values() if isinstance(b, gr.Tab)}
     assert {"Model", "Data", "Hyperparameters", "Train", "Runs"} <= labels
+    # a box filled on page load and on edits has one listener for both, so the two answers cannot race
+    # (a slow page-load answer for the default model once landed over the answer for a typed path)
+    config = demo.get_config_file()
+    ids = {b.elem_id: i for i, b in demo.blocks.items() if getattr(b, "elem_id", None)}
+    for box in ("model-info-box", "data-preview", "template-warning"):
+        writers = [d for d in config["dependencies"] if ids[box] in d["outputs"]
+                   and any(event in ("load", "change") for _, event in d["targets"])]
+        assert len(writers) == 1 and (demo._id, "load") in writers[0]["targets"], box
+        assert writers[0]["trigger_mode"] == "always_last"
     updates = ctx.language_updates("zh")
     assert len(updates) == len(ctx.texts) and {"label": "训练"} in [
         {k: v for k, v in u.items() if k == "label"} for u in updates]

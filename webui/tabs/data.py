@@ -118,7 +118,6 @@ def wire(ctx) -> None:
         comp.change(refresh_choices, [lang, f["data.registry"], f["method.stage"], f["data.datasets"]],
                     [f["data.datasets"], c["registry_msg"]], show_progress="hidden")
     inputs = [lang, f["method.stage"], f["data.datasets"], f["data.registry"]]
-    f["data.datasets"].change(preview_html, inputs, c["data_preview"], show_progress="minimal")
-    ctx.on_load.append((preview_html, inputs, c["data_preview"]))
+    ctx.on_load.append((preview_html, inputs, c["data_preview"], [f["data.datasets"].change]))
     ctx.on_lang.append((preview_html, inputs, c["data_preview"]))
     data_add.wire(ctx, dataset_choices)

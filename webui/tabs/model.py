@@ -142,9 +142,7 @@ def wire(ctx) -> None:
     def refresh_info(lg, path, method, quant, batch, cutoff, rank, freeze, gc):
         return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu)
 
-    for comp in est_inputs[1:]:
-        comp.change(refresh_info, est_inputs, c["model_info"], show_progress="hidden")
-    ctx.on_load.append((refresh_info, est_inputs, c["model_info"]))
+    ctx.on_load.append((refresh_info, est_inputs, c["model_info"], [comp.change for comp in est_inputs[1:]]))
     ctx.on_lang.append((refresh_info, est_inputs, c["model_info"]))
 
     def on_path(lg, path, template):
@@ -159,9 +157,8 @@ def wire(ctx) -> None:
 
     f["model.path"].input(on_path, [lang, f["model.path"], f["model.template"]],
                           [f["model.template"], c["template_warning"]])
-    f["model.template"].change(template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"],
-                               show_progress="hidden")
-    ctx.on_load.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
+    ctx.on_load.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"],
+                        [f["model.template"].change]))
     ctx.on_lang.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
 
     vocab_in = [lang, f["model.path"], f["model.extend_vocab"], f["data.datasets"], f["data.registry"]]
