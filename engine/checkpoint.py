@@ -56,13 +56,37 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
 
 
-def inspect(path: str | Path, base: str | Path | None = None, field: str = "model.checkpoint") -> Checkpoint:
-    """Describe a checkpoint; raises CheckpointError for a missing or unusable directory."""
+def is_reward_model(path: str | Path) -> bool:
+    """A checkpoint of an rm run, or a model or adapter with a sequence-classification score head."""
+    path = Path(path)
+    run_cfg = _run_config(path)
+    if run_cfg is not None:
+        return (run_cfg.get("method") or {}).get("stage") == "rm"
+    meta = path / ("adapter_config.json" if (path / "adapter_config.json").is_file() else "config.json")
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return data.get("task_type") == "SEQ_CLS" or any(a.endswith("ForSequenceClassification")
+                                                     for a in data.get("architectures") or [])
+
+
+def reward_model_refusal(path: str | Path) -> str:
+    return (f"{path} is a reward model (a checkpoint of an rm run): it scores replies instead of writing them, so it "
+            "cannot be chatted with, evaluated or exported as a language model; use it as method.reward_model of an rl run")
+
+
+def inspect(path: str | Path, base: str | Path | None = None, field: str = "model.checkpoint",
+            generative: bool = True) -> Checkpoint:
+    """Describe a checkpoint; raises CheckpointError for a missing or unusable directory, and for a reward model
+    where a language model is needed (``generative``)."""
     path = Path(path).expanduser().resolve()
     if not str(path) or not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}", field)
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; choose a checkpoint directory (checkpoint-N or final)", field)
+    if generative and is_reward_model(path):
+        raise CheckpointError(reward_model_refusal(path), field)
     run_cfg = _run_config(path)
     if (path / "adapter_config.json").is_file():
         if not (path / "adapter_model.safetensors").is_file() and not (path / "adapter_model.bin").is_file():

@@ -91,27 +91,18 @@ def _reward_model_problems(path: str) -> list[Problem]:
     if not path.strip():
         return [(field, "rl optimises the model against a reward model: set method.reward_model to the final/ or "
                         "checkpoint-N directory of an rm run")]
-    import json
-
-    from engine.checkpoint import CheckpointError, inspect
+    from engine.checkpoint import CheckpointError, inspect, is_reward_model
 
     try:
-        ckpt = inspect(path, field=field)
+        ckpt = inspect(path, field=field, generative=False)
     except CheckpointError as err:
         return [(field, str(err))]
+    if is_reward_model(ckpt.path):
+        return []
     if ckpt.run_config is not None:
         stage = (ckpt.run_config.get("method") or {}).get("stage", "sft")
-        if stage != "rm":
-            return [(field, f"{ckpt.path} is a checkpoint of a {stage} run; the reward model must come from an rm run")]
-        return []
-    meta = ckpt.path / ("adapter_config.json" if ckpt.kind == "adapter" else "config.json")
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        data = {}
-    if data.get("task_type") != "SEQ_CLS" and not any(a.endswith("ForSequenceClassification") for a in data.get("architectures") or []):
-        return [(field, f"{ckpt.path} is not a reward model (no sequence-classification score head)")]
-    return []
+        return [(field, f"{ckpt.path} is a checkpoint of a {stage} run; the reward model must come from an rm run")]
+    return [(field, f"{ckpt.path} is not a reward model (no sequence-classification score head)")]
 
 
 def _stage_problems(cfg: RunConfig) -> list[Problem]:

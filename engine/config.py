@@ -55,6 +55,10 @@ class MethodConfig(_Section):
                               description="dpo: preference loss: sigmoid (DPO), ipo, hinge (SLiC), bco_pair, nca_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm.")
     sft_weight: float = Field(0.0, ge=0.0, le=100.0, json_schema_extra={"stages": ["dpo"]},
                               description="dpo: weight of an SFT loss on the chosen answers added to the preference loss (0: none).")
+    desirable_weight: float = Field(1.0, gt=0.0, le=100.0, json_schema_extra={"stages": ["kto"]},
+                                    description="kto: weight of the loss on desirable (label true) answers; raise it when they are the rarer kind.")
+    undesirable_weight: float = Field(1.0, gt=0.0, le=100.0, json_schema_extra={"stages": ["kto"]},
+                                      description="kto: weight of the loss on undesirable (label false) answers; raise it when they are the rarer kind.")
     reward_model: str = Field("", json_schema_extra={"stages": ["rl"]},
                               description="rl: the reward model, the final/ or checkpoint-N directory of an rm run.")
     num_generations: int = Field(4, ge=2, le=256, json_schema_extra={"stages": ["rl"]},

@@ -17,6 +17,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.checkpoint import is_reward_model, reward_model_refusal
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -137,6 +139,9 @@ def resolve_target(model: str, adapters: list[str] | None = None) -> Target:
     for a in adapters:
         if not (Path(a) / ADAPTER_CONFIG).is_file():
             raise InferenceError(f"adapter not found: {a} (a LoRA checkpoint holds {ADAPTER_CONFIG})", "not_found")
+    for p in (path, *adapters):
+        if is_reward_model(p):
+            raise InferenceError(reward_model_refusal(p))
     template, run_config, base = _saved_template(path)
     tokenizer_dir = str(path) if (path / "tokenizer_config.json").is_file() else None
     if (path / ADAPTER_CONFIG).is_file():

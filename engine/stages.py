@@ -153,6 +153,7 @@ def kto_arguments(cfg) -> dict:
     from trl import KTOConfig
 
     return dict(cls=KTOConfig, beta=cfg.method.beta, max_length=cfg.data.cutoff_len,
+                desirable_weight=cfg.method.desirable_weight, undesirable_weight=cfg.method.undesirable_weight,
                 include_num_input_tokens_seen="non_padding")
 
 
@@ -284,7 +285,7 @@ def load_reward_model(path: str | Path, model_cfg):
     from engine.checkpoint import inspect
     from engine.models import resolve_dtype
 
-    ckpt = inspect(path, field="method.reward_model")
+    ckpt = inspect(path, field="method.reward_model", generative=False)
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=model_cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

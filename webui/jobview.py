@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine import jobs, rundir
+from engine.checkpoint import is_reward_model
 from engine.config import ConfigError
 from engine.jobconfig import SCHEMAS
 
@@ -22,9 +23,12 @@ def info(kind: str, key: str) -> str:
 
 
 def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
-    """(label, path) of every final/ and checkpoint-N/ of the workspace's runs, and of its exports, newest run first."""
+    """(label, path) of every final/ and checkpoint-N/ of the workspace's language-model runs (not reward models),
+    and of its exports, newest run first."""
     out = []
     for run in rundir.list_runs(workspace):
+        if is_reward_model(run):
+            continue
         if (run / rundir.FINAL).is_dir():
             out.append((f"{run.name}/{rundir.FINAL}", str(run / rundir.FINAL)))
         for _, path in reversed(rundir.checkpoints(run)):

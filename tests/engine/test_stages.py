@@ -27,7 +27,8 @@ RUNS = {
     # 40 pairs, 8 held out: two eval batches of 4, so TRL's mean of batch accuracies is the plain accuracy
     "rm": {"data": {"datasets": ["preference_demo"], "val_size": 0.2, "max_samples": 40}},
     "dpo": {"data": {"datasets": ["preference_demo"], "max_samples": 16}},
-    "kto": {"data": {"datasets": ["kto_demo"], "max_samples": 16}},
+    "kto": {"data": {"datasets": ["kto_demo"], "max_samples": 16},
+            "method": {"stage": "kto", "desirable_weight": 1.5, "undesirable_weight": 0.75}},
     "orpo": {"data": {"datasets": ["preference_demo"], "max_samples": 16}},
 }
 METRICS = {
@@ -99,6 +100,13 @@ def test_dpo_first_loss_is_ln2(runs):
     assert not (runs["dpo"] / rundir.FINAL / "ref").exists()  # no second adapter: the reference is the bare base
 
 
+def test_kto_weights_reach_the_trainer(runs):
+    import torch
+
+    args = torch.load(runs["kto"] / f"checkpoint-{STEPS}" / "training_args.bin", weights_only=False)
+    assert (args.desirable_weight, args.undesirable_weight) == (1.5, 0.75)
+
+
 def test_reward_accuracy_is_measured_on_the_held_out_pairs(runs, tokenizer):
     import torch
     import yaml
@@ -163,3 +171,23 @@ def test_reward_model_must_come_from_an_rm_run(runs, tiny_model, tmp_path):
     wrong.method.reward_model = str(runs["dpo"] / rundir.FINAL)
     assert [m for f, m in check(wrong) if f == "method.reward_model"] == [
         f"{runs['dpo'] / rundir.FINAL} is a checkpoint of a dpo run; the reward model must come from an rm run"]
+
+
+def test_a_reward_model_is_refused_where_a_language_model_is_needed(runs, tmp_path):
+    from engine.checkpoint import reward_model_refusal
+    from engine.evaluate import check_eval
+    from engine.export import check_export
+    from engine.jobconfig import EvalConfig, ExportConfig
+    from engine.sampling import InferenceError, resolve_target
+
+    final = (runs["rm"] / rundir.FINAL).resolve()
+    sentence = reward_model_refusal(final)
+    with pytest.raises(InferenceError) as err:  # chat and the API
+        resolve_target(str(final))
+    assert str(err.value) == sentence
+    assert ("model.checkpoints[0]", sentence) in check_eval(EvalConfig.model_validate(
+        {"model": {"checkpoints": [str(final)]}}))
+    assert check_export(ExportConfig.model_validate({"model": {"checkpoint": str(final)},
+                                                     "output": {"dir": str(tmp_path / "out")}})) == [
+        ("model.checkpoint", sentence)]
+    resolve_target(str(runs["dpo"] / rundir.FINAL))  # the language-model stages stay chat-able

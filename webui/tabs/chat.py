@@ -10,6 +10,7 @@ import gradio as gr
 import psutil
 
 from engine import rundir
+from engine.checkpoint import is_reward_model
 from engine.config import field_info
 from engine.sampling import SamplingParams
 from engine.worker import InferenceWorker, WorkerError
@@ -120,7 +121,7 @@ def wire(ctx) -> None:
     c, m, lang, worker = ctx.shared, ctx.manager, ctx.shared["lang"], ctx.shared["chat_worker"]
 
     def runs_update(run_id):
-        ids = [r.id for r in m.runs()]
+        ids = [r.id for r in m.runs() if not is_reward_model(r.path)]  # a reward model scores, it cannot chat
         return gr.update(choices=[""] + ids, value=run_id if run_id in ids else None)
 
     c["chat_tab"].select(runs_update, c["chat_run"], c["chat_run"], show_progress="hidden")
