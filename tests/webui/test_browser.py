@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from engine import rundir
-from webui_server import MARKS, Server, open_page
+from webui_server import MARKS, Server, open_page, wait_code_text
 
 pytestmark = MARKS
 
@@ -76,8 +76,8 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             steps.press("Tab")
             page.get_by_role("tab", name="Train").click()
             page.get_by_text("Preview the exact config and command").click()  # filled when the tab opens
-            page.locator("#preview-yaml").get_by_text("max_steps: 300").wait_for()
-            page.locator("#preview-cmd").get_by_text("engine.train").wait_for()
+            wait_code_text(page, "#preview-yaml", "max_steps: 300")
+            wait_code_text(page, "#preview-cmd", "engine.train")
             shot(page, "preview")
             t_click = time.time()
             page.locator("#btn-start").click()

@@ -66,6 +66,26 @@ def open_page(playwright, url: str, height: int = 1000):
     return browser, page
 
 
+def wait_code_text(page, elem: str, text: str, timeout: float = 30) -> None:
+    """Wait until the code box ``elem`` shows a line containing ``text``. CodeMirror renders only the lines near
+    the window's viewport, so the box is brought into view, as a reader would scroll to it, and scrolled through
+    until the line is rendered (or the time is up)."""
+    import time
+
+    deadline = time.time() + timeout
+    scroller = page.locator(f"{elem} .cm-scroller")
+    while True:
+        if page.locator(elem).get_by_text(text).count():
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"{elem} never showed {text!r}")
+        page.locator(elem).first.scroll_into_view_if_needed()
+        if scroller.count():
+            scroller.first.evaluate("e => { e.scrollTop = e.scrollTop + e.clientHeight >= e.scrollHeight ? 0"
+                                    " : e.scrollTop + e.clientHeight / 2 }")
+        page.wait_for_timeout(250)
+
+
 def set_max_new_tokens(page, n: int) -> None:
     """Open the Chat tab's sampling accordion and set max new tokens (checked on the slider before sending)."""
     from playwright.sync_api import expect
