@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "webui"))
 sys.path.insert(0, str(ROOT))
 
-from webui_server import Server, open_page  # noqa: E402
+from webui_server import Server, open_page, pick  # noqa: E402
 
 from engine import rundir  # noqa: E402
 
@@ -35,11 +35,6 @@ CHAIN = [  # stage, dataset, export afterwards
 ]
 SHOWN = ("loss", "eval_loss", "accuracy", "eval_accuracy", "margin", "rewards/accuracies", "rewards/margins",
          "reward", "kl", "tokens_per_s")
-
-
-def pick(page, box: str, option: str) -> None:
-    page.locator(f"{box} input").first.click()
-    page.get_by_role("option", name=option, exact=True).first.click()
 
 
 def set_number(page, elem: str, value) -> None:

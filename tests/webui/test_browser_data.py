@@ -11,14 +11,9 @@ import time
 from engine import rundir
 from engine.config import load_config
 from engine.data import load_registry
-from webui_server import MARKS, Server, open_page
+from webui_server import MARKS, Server, open_page, pick
 
 pytestmark = MARKS
-
-
-def _pick(page, dropdown: str, option: str) -> None:
-    page.locator(f"{dropdown} input").click()
-    page.locator(dropdown).get_by_role("option", name=option, exact=True).click()
 
 
 def test_upload_map_preview_save_and_train(tiny_model, tmp_path):
@@ -49,9 +44,9 @@ def test_upload_map_preview_save_and_train(tiny_model, tmp_path):
             page.locator("#data-errors").get_by_text("cannot tell the format from the keys (answer, question, ticket)").wait_for()
 
             # map the file's own columns: question -> instruction, answer -> output
-            _pick(page, "#data-format", "alpaca (sft)")
-            _pick(page, "#map-instruction", "question")
-            _pick(page, "#map-output", "answer")
+            pick(page, "#data-format", "alpaca (sft)")
+            pick(page, "#map-instruction", "question")
+            pick(page, "#map-output", "answer")
             page.locator("#btn-data-check").click()
             page.locator("#data-check-head[data-valid='24'][data-errors='0']").wait_for()
             page.locator("#data-example .wb-bubble", has_text="How do I reset password 1?").wait_for()

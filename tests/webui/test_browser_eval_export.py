@@ -11,7 +11,7 @@ import pytest
 
 from engine import launch, rundir
 from engine.config import RunConfig
-from webui_server import MARKS, ROOT, Server, ask, open_page, set_max_new_tokens
+from webui_server import MARKS, ROOT, Server, ask, open_page, pick, set_max_new_tokens
 
 pytestmark = MARKS
 
@@ -36,11 +36,6 @@ def server(tiny_model, tmp_path_factory):
     server.stop()
 
 
-def _pick(page, box: str, option: str) -> None:
-    page.locator(f"{box} input").click()
-    page.get_by_role("option", name=option).click()
-
-
 def test_evaluate_export_and_chat_with_the_export(server):
     from playwright.sync_api import expect, sync_playwright
 
@@ -54,7 +49,7 @@ def test_evaluate_export_and_chat_with_the_export(server):
 
         page.get_by_role("tab", name="Evaluate").click()
         page.locator("#ev-base input, #ev-base textarea").first.fill("")  # empty: the base recorded with the checkpoint
-        _pick(page, "#ev-ckpts", ckpt)
+        pick(page, "#ev-ckpts", ckpt)
         page.locator("#ev-max input").fill("4")
         page.locator("#ev-new input").fill("8")
         page.locator("#btn-eval").click()
@@ -73,11 +68,10 @@ def test_evaluate_export_and_chat_with_the_export(server):
         t_eval = time.time() - t0
 
         page.get_by_role("tab", name="Export").click()
-        _pick(page, "#ex-ckpt", ckpt)
+        pick(page, "#ex-ckpt", ckpt)
         out = tmp / "exported"
         page.locator("#ex-dir input, #ex-dir textarea").first.fill(str(out))
-        page.locator("#ex-dtype input").click()
-        page.get_by_role("option", name="float32").click()
+        pick(page, "#ex-dtype", "float32")
         page.locator("#ex-gguf").get_by_label("f16").check()
         page.locator("#btn-export").click()
         expect(page.locator("#ex-status .wb-job")).to_have_attribute("data-state", "completed", timeout=240_000)

@@ -66,6 +66,12 @@ def open_page(playwright, url: str, height: int = 1000):
     return browser, page
 
 
+def pick(page, dropdown: str, option: str) -> None:
+    """Open a dropdown and click the option with exactly this label."""
+    page.locator(f"{dropdown} input").first.click()
+    page.locator(dropdown).get_by_role("option", name=option, exact=True).first.click()
+
+
 def wait_code_text(page, elem: str, text: str, timeout: float = 30) -> None:
     """Wait until the code box ``elem`` shows a line containing ``text``. CodeMirror renders only the lines near
     the window's viewport, so the box is brought into view, as a reader would scroll to it, and scrolled through
