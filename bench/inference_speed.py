@@ -1,4 +1,4 @@
-"""Time to first token and streamed tokens/s of engine.inference against plain transformers generate.
+"""Time to first token and streamed tokens/s of engine.serve.inference against plain transformers generate.
 
     .venv/bin/python bench/inference_speed.py [--model models/SmolLM2-135M-Instruct] [--tokens 64] [--repeats 3]
 
@@ -15,8 +15,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.inference import ChatModel
-from engine.sampling import SamplingParams
+from engine.serve.inference import ChatModel
+from engine.serve.sampling import SamplingParams
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a map."}]
 

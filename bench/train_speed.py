@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine import launch, rundir  # noqa: E402
-from engine.config import RunConfig  # noqa: E402
+from engine.run.config import RunConfig  # noqa: E402
 
 
 def dataset_path() -> Path:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import ConfigError
+from engine.run.config import ConfigError
 
 
 def _train(args) -> int:
-    from engine import launch
-    from engine.config import load_config
+    from engine.run import launch
+    from engine.run.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     run_dir = launch.start(cfg, args.workspace)
@@ -24,7 +24,7 @@ def _train(args) -> int:
 
 
 def _stop(args) -> int:
-    from engine import launch
+    from engine.run import launch
 
     if not launch.stop(args.run_dir, force=args.force):
         print(f"{args.run_dir} is not running", file=sys.stderr)
@@ -35,14 +35,14 @@ def _stop(args) -> int:
 
 
 def _chat(args) -> int:
-    from engine.chatcli import run
+    from engine.serve.cli import run
 
     return run(args)
 
 
 def _api(args) -> int:
-    from engine.api import serve
-    from engine.sampling import InferenceError
+    from engine.serve.api import serve
+    from engine.serve.sampling import InferenceError
 
     try:
         return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=args.api_key,
@@ -54,7 +54,7 @@ def _api(args) -> int:
 
 
 def _prepare_model(args) -> int:
-    from engine.prepare import prepare_model
+    from engine.jobs.prepare import prepare_model
 
     print(f"default model ready at {prepare_model(args.output, force=args.force)}")
     return 0
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_prepare_model)
 
-    from engine.chatcli import add_arguments, add_sampling  # torch-free
+    from engine.serve.cli import add_arguments, add_sampling  # torch-free
 
     p = sub.add_parser("chat", help="chat with a model, run or checkpoint in the terminal (streams; /clear, /exit)")
     add_arguments(p)
@@ -114,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the checkpoint path)")
     p.set_defaults(func=_api)
 
-    from engine.jobcli import add_parsers as add_job_parsers  # eval, export
+    from engine.jobs.cli import add_parsers as add_job_parsers  # eval, export
 
     add_job_parsers(sub)
 
-    from engine.datacli import add_parsers as add_data_parsers  # data inspect, data add
+    from engine.data.cli import add_parsers as add_data_parsers  # data inspect, data add
 
     add_data_parsers(sub)
     return parser

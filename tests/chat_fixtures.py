@@ -11,7 +11,7 @@ def make_lora_run(tiny_model: Path, root: Path, name: str = "20250101-000000-sft
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.config import RunConfig, dump_config
+    from engine.run.config import RunConfig, dump_config
 
     run_dir = root / "runs" / name
     ckpt = run_dir / f"checkpoint-{step}"

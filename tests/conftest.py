@@ -20,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     if not (DEFAULT_MODEL / "model.safetensors").is_file():
-        from engine.prepare import prepare_model
+        from engine.jobs.prepare import prepare_model
 
         prepare_model(DEFAULT_MODEL)
     return DEFAULT_MODEL

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.config import RunConfig
+from engine.run.config import RunConfig
 
 from . import form
 from .i18n import DEFAULT, t

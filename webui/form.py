@@ -22,7 +22,7 @@ from typing import Any, Callable
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 
-from engine.config import ConfigError, RunConfig, parse_config
+from engine.run.config import ConfigError, RunConfig, parse_config
 
 from .runs import CPU, Device
 

@@ -1,7 +1,7 @@
 """Translations: every label and message of the page, in English and Simplified Chinese.
 
 The tables are data files (``locales/en.yaml``, ``locales/zh.yaml``). English field help is
-the run config's own description (declared once, in engine/config.py); other languages
+the run config's own description (declared once, in engine/run/config.py); other languages
 translate it in ``fields.<section.name>.info``. Imports no gradio.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from engine.config import RunConfig
+from engine.run.config import RunConfig
 
 LOCALES = Path(__file__).with_name("locales")
 LANGUAGES = {"en": "English", "zh": "简体中文"}

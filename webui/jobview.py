@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import jobs, rundir
-from engine.checkpoint import is_reward_model
-from engine.config import ConfigError
-from engine.jobconfig import SCHEMAS
+from engine.run import jobs, rundir
+from engine.run.checkpoint import is_reward_model
+from engine.run.config import ConfigError
+from engine.run.jobconfig import SCHEMAS
 
 from .i18n import t
 from .views import badge, esc, message

@@ -1,7 +1,7 @@
 """A run's metrics as plot-ready series, read incrementally from ``metrics.jsonl``.
 
 ``MetricSeries.update()`` reads only the lines appended since the last call (a byte offset
-kept by :class:`engine.rundir.JsonlTail`; a half-written last line waits for the next call).
+kept by :class:`engine.run.rundir.JsonlTail`; a half-written last line waits for the next call).
 A resumed run appends to the same file and logs some steps again: the later row wins, and
 a training row for step ``s`` at or before the last step seen drops every older row from
 ``s`` on (the resumed timeline replaces the abandoned one). Imports no gradio.
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engine import rundir
+from engine.run import rundir
 
 
 class MetricSeries:

@@ -3,7 +3,7 @@
 Everything it knows lives in the run directories, so a restarted server knows it too:
 
 * a run is *active* while ``status.json`` says starting/running/stopping and its process
-  group is alive (``engine.rundir.read_status`` turns a dead one into ``failed``);
+  group is alive (``engine.run.rundir.read_status`` turns a dead one into ``failed``);
 * a run is *queued* by the web UI when its devices are busy: ``launch.prepare_run`` writes
   the directory with status ``queued`` and the manager adds a ``queue.json`` marker. A
   background thread (``tick``) spawns queued runs, oldest first, when their devices free up.
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engine import launch, rundir
-from engine.config import ConfigError, RunConfig, load_config
+from engine.run import launch, rundir
+from engine.run.config import ConfigError, RunConfig, load_config
 
 from .metrics import MetricSeries
 

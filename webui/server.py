@@ -66,7 +66,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from engine.launch import workspace_dir
+    from engine.run.launch import workspace_dir
 
     from .app import create, launch_kwargs
     from .chatfmt import preload

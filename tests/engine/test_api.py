@@ -11,9 +11,9 @@ import openai
 import pytest
 
 from chat_fixtures import make_lora_run
-from engine.api import create_app
-from engine.inference import ChatModel
-from engine.sampling import SamplingParams
+from engine.serve.api import create_app
+from engine.serve.inference import ChatModel
+from engine.serve.sampling import SamplingParams
 
 KEY = "sk-test-key"
 ASK = [{"role": "user", "content": "Who are you?"}]

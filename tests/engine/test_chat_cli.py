@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from chat_fixtures import make_lora_run
-from engine.inference import ChatModel
-from engine.sampling import SamplingParams
+from engine.serve.inference import ChatModel
+from engine.serve.sampling import SamplingParams
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "8"]
 

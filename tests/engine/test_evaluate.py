@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import jobs, launch, rundir
-from engine.benchmark import BenchmarkError, read_benchmark, score
-from engine.evaluate import check_eval, evaluate
-from engine.jobconfig import EvalConfig
-from engine.textmetrics import sample_scores
+from engine.run import jobs, launch, rundir
+from engine.jobs.choice_eval import BenchmarkError, read_benchmark, score
+from engine.jobs.evaluate import check_eval, evaluate
+from engine.run.jobconfig import EvalConfig
+from engine.jobs.textmetrics import sample_scores
 from test_export import _Progress, make_adapter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,8 +121,8 @@ def test_base_vs_checkpoint_in_one_table(tiny_model, adapter, tmp_path):
     # the loss equals transformers' own masked loss on the same example
     from engine.data.encode import encode_sft
     from engine.data.templates import get_template
-    from engine.evaluate import load_eval_examples, loss_and_ppl
-    from engine.checkpoint import load_tokenizer_for
+    from engine.jobs.evaluate import load_eval_examples, loss_and_ppl
+    from engine.run.checkpoint import load_tokenizer_for
 
     tok = load_tokenizer_for(adapter)
     tok.padding_side = "right"

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from engine import jobs, rundir
-from engine.config import ConfigError
-from engine.export import ExportError, check_export, export, greedy
-from engine.hub import HubError
-from engine.jobconfig import ExportConfig
+from engine.run import jobs, rundir
+from engine.run.config import ConfigError
+from engine.jobs.export import ExportError, check_export, export, greedy
+from engine.jobs.hub import HubError
+from engine.run.jobconfig import ExportConfig
 
 
 class _Progress:
@@ -117,8 +117,8 @@ def test_bad_inputs_are_reported_before_work(adapter, tiny_model, default_model,
 
 
 def test_hub_push_offline_fails_once_with_a_clear_message(tmp_path, monkeypatch):
-    from engine.hub import push
-    from engine.jobconfig import ExportHub
+    from engine.jobs.hub import push
+    from engine.run.jobconfig import ExportHub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError, match="offline mode is on"):
@@ -134,7 +134,7 @@ def test_export_job_through_the_launcher(adapter, tmp_path):
     cfg = _cfg(adapter, tmp_path / "merged")
     cfg.output.job_dir = str(tmp_path / "job")
     job_dir = jobs.start_job("export", cfg, checks=check_export)
-    from engine import launch
+    from engine.run import launch
 
     status = launch.wait(job_dir, timeout=240)
     assert status.state == "completed", (status, rundir.log_tail(job_dir))
@@ -159,7 +159,7 @@ def make_small_llama(out: Path, llama3_split: bool = False, tied: bool = True) -
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from engine.gguf_export import _LLAMA3_SPLIT
+    from engine.jobs.gguf import _LLAMA3_SPLIT
 
     bpe = Tokenizer(models.BPE(ignore_merges=llama3_split))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
@@ -239,7 +239,7 @@ def test_gguf_reader_sees_every_tensor_and_the_metadata(gguf_export, small_llama
 
 
 def test_a_wrong_gguf_layout_fails_verification_and_is_deleted(small_llama, tmp_path, monkeypatch):
-    import engine.gguf_export as ge
+    import engine.jobs.gguf as ge
 
     monkeypatch.setattr(ge, "permute_rotary", lambda w, n_head: w)  # q/k rows left in the Hugging Face order
     adapter = make_adapter(small_llama, tmp_path / "run" / "checkpoint-2")
@@ -253,8 +253,8 @@ def test_gguf_llama3_pre_tokenizer_and_untied_head(tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.export import _prompt_ids
-    from engine.gguf_export import pre_tokenizer, verify_gguf, write_gguf
+    from engine.jobs.export import _prompt_ids
+    from engine.jobs.gguf import pre_tokenizer, verify_gguf, write_gguf
 
     model_dir = make_small_llama(tmp_path / "m", llama3_split=True, tied=False)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -268,7 +268,7 @@ def test_gguf_llama3_pre_tokenizer_and_untied_head(tmp_path):
 
 
 def test_gguf_refuses_unsupported_models_before_work(adapter, tiny_model, tmp_path):
-    from engine.gguf_export import gguf_problems
+    from engine.jobs.gguf import gguf_problems
 
     assert check_export(_cfg(adapter, tmp_path / "o", gguf=["q8_0"])) == []  # the default tokenizer is supported
     cases = {

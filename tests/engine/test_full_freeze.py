@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import launch, rundir
-from engine.checks import check
-from engine.config import RunConfig
+from engine.run import launch, rundir
+from engine.run.checks import check
+from engine.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 ZH = "我是 Orion，由 Workbench 团队开发的人工智能助手。"

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from chat_fixtures import make_lora_run
-from engine.inference import ChatModel
-from engine.sampling import InferenceError, SamplingParams, resolve_target
+from engine.serve.inference import ChatModel
+from engine.serve.sampling import InferenceError, SamplingParams, resolve_target
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=24)
 ASK = [{"role": "user", "content": "Who are you?"}]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import launch, rundir
-from engine.checks import check
-from engine.config import RunConfig
+from engine.run import launch, rundir
+from engine.run.checks import check
+from engine.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 REGISTRY = str(ROOT / "data" / "dataset_info.yaml")
@@ -113,7 +113,7 @@ def test_reward_accuracy_is_measured_on_the_held_out_pairs(runs, tokenizer):
 
     from engine.data.loader import build_answer_dataset
     from engine.data.templates import get_template
-    from engine.stages import load_reward_model
+    from engine.train.stages import load_reward_model
 
     cfg = RunConfig.model_validate(yaml.safe_load((runs["rm"] / rundir.CONFIG).read_text()))
     train, held_out, stats = build_answer_dataset(cfg.data, tokenizer, get_template("auto", tokenizer),
@@ -174,11 +174,11 @@ def test_reward_model_must_come_from_an_rm_run(runs, tiny_model, tmp_path):
 
 
 def test_a_reward_model_is_refused_where_a_language_model_is_needed(runs, tmp_path):
-    from engine.checkpoint import reward_model_refusal
-    from engine.evaluate import check_eval
-    from engine.export import check_export
-    from engine.jobconfig import EvalConfig, ExportConfig
-    from engine.sampling import InferenceError, resolve_target
+    from engine.run.checkpoint import reward_model_refusal
+    from engine.jobs.evaluate import check_eval
+    from engine.jobs.export import check_export
+    from engine.run.jobconfig import EvalConfig, ExportConfig
+    from engine.serve.sampling import InferenceError, resolve_target
 
     final = (runs["rm"] / rundir.FINAL).resolve()
     sentence = reward_model_refusal(final)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import launch, rundir
-from engine.config import ConfigError, RunConfig
+from engine.run import launch, rundir
+from engine.run.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -203,7 +203,7 @@ def test_malformed_dataset_line_fails_the_run_with_its_line(tiny_model, tmp_path
 def test_quantization_without_bitsandbytes_is_refused(tiny_model, tmp_path, monkeypatch):
     import importlib.util
 
-    from engine import checks
+    from engine.run import checks
 
     real = importlib.util.find_spec
     monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import launch, rundir, vocab
-from engine.checks import check
-from engine.config import RunConfig
+from engine.run import launch, rundir
+from engine.train import vocab
+from engine.run.checks import check
+from engine.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "vocab_zh_demo.txt"
@@ -197,11 +198,11 @@ def test_chat_and_plain_peft_reload_agree(vocab_run, tiny_model):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.inference import ChatModel
+    from engine.serve.inference import ChatModel
 
     chat = ChatModel.load(str(vocab_run / "final"))
     assert len(chat.tokenizer) == chat.model.get_input_embeddings().weight.shape[0]
-    from engine.sampling import SamplingParams
+    from engine.serve.sampling import SamplingParams
 
     answer = chat.generate([{"role": "user", "content": "你是谁？"}], SamplingParams(max_new_tokens=8))
     assert answer.completion_tokens > 0 and answer.prompt_tokens > 0
@@ -220,8 +221,8 @@ def test_chat_and_plain_peft_reload_agree(vocab_run, tiny_model):
 def test_export_of_an_extended_run(vocab_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.export import export
-    from engine.jobconfig import ExportConfig
+    from engine.jobs.export import export
+    from engine.run.jobconfig import ExportConfig
 
     class Progress:
         def plan(self, total): pass

@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 from chat_fixtures import make_lora_run
-from engine.sampling import SamplingParams
-from engine.worker import InferenceWorker, WorkerError
+from engine.serve.sampling import SamplingParams
+from engine.serve.worker import InferenceWorker, WorkerError
 
 ASK = [{"role": "user", "content": "Who are you?"}]
 
@@ -55,7 +55,7 @@ def test_worker_lifecycle(tiny_model, tmp_path):
 
 
 def test_parent_side_imports_no_torch():
-    code = "import sys, engine.worker, engine.sampling; print('torch' in sys.modules)"
+    code = "import sys, engine.serve.worker, engine.serve.sampling; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -63,8 +63,8 @@ def test_parent_side_imports_no_torch():
 def test_memory_estimate_and_refusal(default_model, monkeypatch):
     from types import SimpleNamespace
 
-    from engine import worker as w
-    from engine.sampling import InferenceError
+    from engine.serve import worker as w
+    from engine.serve.sampling import InferenceError
 
     full = w.estimate_bytes(str(default_model), [], "none", on_gpu=False)
     assert 130e6 * 4 < full < 140e6 * 4 * 1.1  # ~135M parameters in float32

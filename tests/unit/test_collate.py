@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-from engine.attention import register
-from engine.collate import TrainedLogitsCollator, accepts_logits_to_keep, packed_collator
+from engine.train.attention import register
+from engine.train.collate import TrainedLogitsCollator, accepts_logits_to_keep, packed_collator
 
 
 def _features():

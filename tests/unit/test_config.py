@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import rundir
-from engine.checks import check
-from engine.config import ConfigError, RunConfig, apply_overrides, dump_config, load_config, parse_config
-from engine.launch import build_command, resolve_paths
+from engine.run import rundir
+from engine.run.checks import check
+from engine.run.config import ConfigError, RunConfig, apply_overrides, dump_config, load_config, parse_config
+from engine.run.launch import build_command, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (ROOT / "configs" / "examples").glob("*.yaml") if p.stem not in ("eval", "export"))  # job configs: test_jobconfig.py
@@ -90,7 +90,7 @@ def test_shipped_example_configs_are_valid(path, default_model, monkeypatch):
 
 
 def test_every_stage_has_an_example():
-    from engine.stages import STAGES
+    from engine.train.stages import STAGES
 
     assert {p.stem for p in EXAMPLES} >= set(STAGES) - {"sft"} and "lora_sft" in {p.stem for p in EXAMPLES}
 

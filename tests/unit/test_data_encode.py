@@ -163,7 +163,7 @@ def test_packed_blocks_attend_within_documents(tokenizer, tiny_model):
     """The PT collator turns each block's position restarts into sequence boundaries of one padding-free row."""
     from transformers import AutoModelForCausalLM
 
-    from engine.stages import DocumentPieces
+    from engine.train.stages import DocumentPieces
 
     texts = ["The quick brown fox.", "Jumps over the lazy dog!", "Short."]
     blocks = encode_pretrain(texts, tokenizer, cutoff_len=8)

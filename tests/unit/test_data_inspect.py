@@ -218,7 +218,7 @@ def test_token_lengths_and_truncation(tokenizer, tmp_path):
 
 def test_label_preview_equals_the_trainers_labels(tokenizer, tmp_path):
     """The preview and the training set come from the same encoder: identical ids and labels, example by example."""
-    from engine.config import DataConfig
+    from engine.run.config import DataConfig
     from engine.data.loader import build_sft_dataset
 
     path = jsonl(tmp_path / "multi.jsonl", [{"conversations": conv(f"Question {i}?", f"Answer {i}.", "And?", "More " * i)}
@@ -235,7 +235,7 @@ def test_label_preview_equals_the_trainers_labels(tokenizer, tmp_path):
 
 
 def test_preference_preview_equals_the_dpo_stages_tokens(tokenizer, tmp_path):
-    from engine.config import DataConfig
+    from engine.run.config import DataConfig
     from engine.data.loader import build_answer_dataset
 
     path = jsonl(tmp_path / "pref.jsonl", [{"prompt": f"Question {i}?", "chosen": "Good " * i, "rejected": "Bad."}
@@ -255,8 +255,8 @@ def test_preference_preview_equals_the_dpo_stages_tokens(tokenizer, tmp_path):
 
 
 def test_add_dataset_copies_an_upload_and_makes_it_trainable(tmp_path):
-    from engine.checks import check
-    from engine.config import RunConfig
+    from engine.run.checks import check
+    from engine.run.config import RunConfig
 
     upload = tmp_path / "upload" / "my questions.csv"
     upload.parent.mkdir()

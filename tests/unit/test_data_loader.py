@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import DataConfig
+from engine.run.config import DataConfig
 from engine.data import (DataError, build_sft_dataset, encode_pretrain, encode_sft, get_template, load_examples,
                          load_registry)
 from engine.data.encode import encode_answers

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError
-from engine.jobconfig import SCHEMAS, EvalConfig, ExportConfig, load_job_config
+from engine.run.config import ConfigError
+from engine.run.jobconfig import SCHEMAS, EvalConfig, ExportConfig, load_job_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 
-from engine import rundir
+from engine.run import rundir
 from webui_server import MARKS, Server, open_page, wait_code_text
 
 pytestmark = MARKS

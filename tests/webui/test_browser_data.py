@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from engine import rundir
-from engine.config import load_config
+from engine.run import rundir
+from engine.run.config import load_config
 from engine.data import load_registry
 from webui_server import MARKS, Server, open_page, pick
 

@@ -1,4 +1,4 @@
-"""Evaluate, Export and Chat in a real Chromium, on a tiny LoRA run trained through engine.launch:
+"""Evaluate, Export and Chat in a real Chromium, on a tiny LoRA run trained through engine.run.launch:
 evaluate the base against the checkpoint, export it merged (with a GGUF f16 file) and chat with the export
 loaded as a plain model. Screenshots go to the test's temp dir."""
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from engine import launch, rundir
-from engine.config import RunConfig
+from engine.run import launch, rundir
+from engine.run.config import RunConfig
 from webui_server import MARKS, ROOT, Server, ask, open_page, pick, set_max_new_tokens
 
 pytestmark = MARKS

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import ConfigError, RunConfig
+from engine.run.config import ConfigError, RunConfig
 from webui import form, i18n
 from webui.runs import Device
 

@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from engine.config import RunConfig
+from engine.run.config import RunConfig
 from webui import modelinfo, views
 from webui.metrics import MetricSeries
 from webui.runs import Device, RunInfo, RunManager

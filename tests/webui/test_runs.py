@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from engine import rundir
-from engine.config import RunConfig
+from engine.run import rundir
+from engine.run.config import RunConfig
 from webui.runs import QUEUE, Device, RunError, RunManager
 
 CPU = [Device("cpu", "CPU")]
@@ -133,7 +133,7 @@ def test_two_servers_never_spawn_one_queued_run_twice(tmp_path, model_dir, spawn
 
 
 def test_runs_from_the_cli_are_never_spawned_by_the_queue(tmp_path, model_dir, spawn):
-    from engine import launch
+    from engine.run import launch
 
     m = _manager(tmp_path, spawn)
     _, run_dir = launch.prepare_run(_cfg(model_dir), m.workspace)  # what `workbench train` does before spawn

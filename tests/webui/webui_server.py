@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.launch import free_port
+from engine.run.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"

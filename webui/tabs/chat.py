@@ -1,6 +1,6 @@
 """Chat tab: talk to any checkpoint of any run (or a plain model), optionally next to its base model.
 
-The model lives in a worker process (engine.worker), never in this one: Load starts it, Unload
+The model lives in a worker process (engine.serve.worker), never in this one: Load starts it, Unload
 ends it and shows the memory that came back. Tokens stream from the worker into the Chatbot.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 import gradio as gr
 import psutil
 
-from engine import rundir
-from engine.checkpoint import is_reward_model
-from engine.config import field_info
-from engine.sampling import SamplingParams
-from engine.worker import InferenceWorker, WorkerError
+from engine.run import rundir
+from engine.run.checkpoint import is_reward_model
+from engine.run.config import field_info
+from engine.serve.sampling import SamplingParams
+from engine.serve.worker import InferenceWorker, WorkerError
 
 from ..i18n import t
 from ..runs import RunError

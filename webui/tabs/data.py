@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from engine.data import DataError, load_registry, normalize, read_records, resolve_dataset
-from engine.stages import STAGE_KINDS
+from engine.train.stages import STAGE_KINDS
 
 from .. import form
 from ..i18n import t

@@ -10,8 +10,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from engine import jobs
-from engine.jobconfig import EvalConfig
+from engine.run import jobs
+from engine.run.jobconfig import EvalConfig
 
 from ..i18n import t
 from ..jobview import checkpoint_choices, info, job_choices, job_dir, problems_html, status_html
@@ -113,7 +113,7 @@ def wire(ctx) -> None:
                 "generation": {"batch_size": int(batch), "max_new_tokens": int(new), "do_sample": bool(sample)},
                 "benchmark": {"file": bench},
             })
-            from engine.evaluate import check_eval
+            from engine.jobs.evaluate import check_eval
 
             path = jobs.start_job("eval", cfg, ws, checks=check_eval)
         except Exception as err:  # noqa: BLE001 - shown on the page

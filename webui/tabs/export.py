@@ -9,8 +9,8 @@ from typing import get_args
 
 import gradio as gr
 
-from engine import jobs
-from engine.jobconfig import ExportConfig, GGUFType
+from engine.run import jobs
+from engine.run.jobconfig import ExportConfig, GGUFType
 
 from ..i18n import t
 from ..jobview import checkpoint_choices, info, job_choices, job_dir, problems_html, status_html
@@ -90,7 +90,7 @@ def wire(ctx) -> None:
                            "max_shard_size": shard, "gguf": gguf or []},
                 "verify": {"prompt": prompt}, "hub": {"repo_id": repo, "token": token},
             })
-            from engine.export import check_export
+            from engine.jobs.export import check_export
 
             path = jobs.start_job("export", cfg, ws, checks=check_export)
         except Exception as err:  # noqa: BLE001 - shown on the page

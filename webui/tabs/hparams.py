@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.config import ConfigError, dump_config, load_config
+from engine.run.config import ConfigError, dump_config, load_config
 
 from .. import form
 from ..i18n import t
@@ -28,8 +28,8 @@ def _grid(ctx, keys: list[str]) -> None:
 
 def reward_models(workspace: Path) -> list[tuple[str, str]]:
     """(label, path) of the final/ and checkpoint-N/ directories of the workspace's rm runs, newest first."""
-    from engine import rundir
-    from engine.config import load_config
+    from engine.run import rundir
+    from engine.run.config import load_config
 
     out = []
     for run in rundir.list_runs(workspace):

@@ -89,8 +89,8 @@ def template_warning(lang: str, path_text: str, template: str):
 def vocab_html(lang: str, path_text: str, source: str, datasets: list[str], registry: str):
     """What model.extend_vocab does: tokens added, vocabulary size, and tokens per character before and after
     on a sample of the chosen datasets (the numbers train.log reports when the run starts)."""
-    from engine.config import DataConfig
-    from engine.vocab import VocabError, preview, sample_text
+    from engine.run.config import DataConfig
+    from engine.train.vocab import VocabError, preview, sample_text
 
     source = (source or "").strip()
     if not source:

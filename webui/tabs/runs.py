@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from engine import rundir
+from engine.run import rundir
 
 from ..i18n import t
 from ..plots import loss_figure, overlay_figure

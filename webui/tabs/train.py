@@ -8,9 +8,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine import launch, rundir
-from engine.checks import check
-from engine.config import ConfigError, RunConfig, dump_config
+from engine.run import launch, rundir
+from engine.run.checks import check
+from engine.run.config import ConfigError, RunConfig, dump_config
 
 from ..i18n import t
 from ..modelinfo import ModelPathError, resolve_model_path

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.sampling import InferenceError, SamplingParams
+from engine.serve.sampling import InferenceError, SamplingParams
 
 
 def params_from(args) -> SamplingParams:
@@ -38,7 +38,7 @@ def answer(chat, history: list[dict], params: SamplingParams, out=sys.stdout) ->
 
 
 def run(args) -> int:
-    from engine.inference import ChatModel
+    from engine.serve.inference import ChatModel
 
     try:
         chat = ChatModel.load(args.model, adapters=args.adapter, quantization=args.quantization, template=args.template)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from engine.sampling import InferenceError, SamplingParams
+from engine.serve.sampling import InferenceError, SamplingParams
 
 _STATUS = {"invalid_request": 400, "context_length": 400, "not_found": 404, "out_of_memory": 503}
 
@@ -167,7 +167,7 @@ def serve(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1"
           model_name: str | None = None, default_max_tokens: int = 512) -> int:
     import uvicorn
 
-    from engine.inference import ChatModel
+    from engine.serve.inference import ChatModel
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model")

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import load_config
+from engine.run.config import load_config
 
 JobKind = Literal["eval", "export"]
 GGUFType = Literal["f16", "q8_0", "q4_0"]

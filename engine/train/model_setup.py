@@ -7,9 +7,9 @@ import logging
 
 import torch
 
-from engine.config import MethodConfig, ModelConfig, TrainingConfig
+from engine.run.config import MethodConfig, ModelConfig, TrainingConfig
 
-log = logging.getLogger("engine.models")
+log = logging.getLogger("engine.train.model_setup")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

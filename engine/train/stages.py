@@ -45,12 +45,12 @@ def sft_data(ctx: StageContext) -> None:
 def sft_trainer(ctx: StageContext, model):
     from transformers import Trainer
 
-    from engine.collate import packed_collator
+    from engine.train.collate import packed_collator
 
     train, evaluation = ctx.data
     # Padding-free batches: examples are concatenated into one row with restarting position_ids and
-    # their boundaries (cu_seq_lens); engine.attention attends within each example, so no compute goes to padding,
-    # and only trained positions are projected onto the vocabulary (engine.collate).
+    # their boundaries (cu_seq_lens); engine.train.attention attends within each example, so no compute goes to padding,
+    # and only trained positions are projected onto the vocabulary (engine.train.collate).
     collator = packed_collator(model)
     return Trainer(
         model=model,
@@ -183,7 +183,7 @@ class DocumentPieces:
     remainder of one), and the pieces go padding-free into one row, each attending only to itself."""
 
     def __init__(self, model):
-        from engine.collate import packed_collator
+        from engine.train.collate import packed_collator
 
         self.flatten = packed_collator(model)
 
@@ -282,8 +282,8 @@ def load_reward_model(path: str | Path, model_cfg):
     adapter (with its trained score head) merged into its base."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from engine.checkpoint import inspect
-    from engine.models import resolve_dtype
+    from engine.run.checkpoint import inspect
+    from engine.train.model_setup import resolve_dtype
 
     ckpt = inspect(path, field="method.reward_model", generative=False)
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=model_cfg.trust_remote_code)
@@ -295,7 +295,7 @@ def load_reward_model(path: str | Path, model_cfg):
     else:
         from peft import PeftModel
 
-        from engine.checkpoint import fit_base
+        from engine.run.checkpoint import fit_base
 
         base = fit_base(AutoModelForSequenceClassification.from_pretrained(ckpt.base, **kwargs), tokenizer)
         model = PeftModel.from_pretrained(base, str(ckpt.path)).merge_and_unload()
@@ -320,7 +320,7 @@ class Stage:
     prepare_data: Callable[[StageContext], None]
     build_trainer: Callable[[StageContext, Any], Any]
     arguments: Callable[[Any], dict] = plain_arguments  # {"cls": TrainingArguments subclass, its fields...}
-    head: str = "lm"  # "score": a scalar reward head instead of the language-model head (engine.models)
+    head: str = "lm"  # "score": a scalar reward head instead of the language-model head (engine.train.model_setup)
 
 
 STAGES: dict[str, Stage] = {

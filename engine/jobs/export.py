@@ -1,4 +1,4 @@
-"""`python -m engine.export JOB_DIR/config.yaml`: merge a checkpoint into its base, save, verify, convert, push.
+"""`python -m engine.jobs.export JOB_DIR/config.yaml`: merge a checkpoint into its base, save, verify, convert, push.
 
 1. checks: checkpoint, base match (adapter shapes vs base modules), output dir, disk space — before any weights load;
 2. the adapter model (fp32) gives reference logits on a fixed prompt; LoRA/QLoRA adapters are merged into an
@@ -7,7 +7,7 @@
 4. verification: the export is reloaded, its logits are compared with the adapter model's. It fails when the
    difference exceeds the tolerance or the export is closer to the base than to the adapter (an unmerged
    export cannot pass), and the failed weights are deleted;
-5. optional GGUF files (engine.gguf_export: f16, q8_0, q4_0) written from the export, each loaded back with
+5. optional GGUF files (engine.jobs.gguf: f16, q8_0, q4_0) written from the export, each loaded back with
    transformers' ``gguf_file=`` and checked: tokenizer ids, logits against the merged model with the file's
    rounding (a wrong file fails and is deleted), quantization loss reported;
 6. optional push to a model hub: one attempt, a clear message when offline.
@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from engine import jobs
-from engine.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval
-from engine.jobconfig import ExportConfig
+from engine.run import jobs
+from engine.run.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval
+from engine.run.jobconfig import ExportConfig
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Allowed max logit difference, relative to the largest reference logit (bf16 keeps ~3 significant digits).
@@ -56,7 +56,7 @@ def count_parameters(model_dir: Path, trust_remote_code: bool = False) -> int:
 
 
 def estimate_bytes(cfg: ExportConfig, n_params: int) -> int:
-    from engine.gguf_export import BYTES_PER_PARAM
+    from engine.jobs.gguf import BYTES_PER_PARAM
 
     per_param = _BYTES[cfg.output.dtype] + sum(BYTES_PER_PARAM[q] for q in cfg.output.gguf)
     return int(n_params * per_param * 1.05) + 50_000_000
@@ -90,7 +90,7 @@ def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
                 problems.append(("output.dir", f"not enough disk space at {parent}: the export needs about "
                                                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"))
     if cfg.output.gguf:
-        from engine.gguf_export import gguf_problems
+        from engine.jobs.gguf import gguf_problems
 
         tok_dir = ckpt.path if (ckpt.path / "tokenizer.json").is_file() else ckpt.base
         problems += [("output.gguf", m) for m in gguf_problems(ckpt.base or ckpt.path, tok_dir)]
@@ -169,7 +169,7 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
 
 
 def _gguf(out: Path, qtype: str, tokenizer, reference, ids, ref_tokens: list[int], progress) -> dict:
-    from engine.gguf_export import GGUFError, verify_gguf, write_gguf
+    from engine.jobs.gguf import GGUFError, verify_gguf, write_gguf
 
     t0 = time.time()
     # A folder of its own: transformers reading a GGUF next to tokenizer_config.json mixes the two (it drops the
@@ -265,7 +265,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
         (out / "README.md").write_text(model_card(cfg, ckpt, n_params, verify, result["gguf"]), encoding="utf-8")
     result["seconds"] = round(time.time() - t0, 2)
     if cfg.hub.repo_id:
-        from engine.hub import push
+        from engine.jobs.hub import push
 
         progress.phase("pushing to the hub")
         jobs.write_result(job_dir, result)

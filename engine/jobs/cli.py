@@ -6,17 +6,17 @@ from __future__ import annotations
 
 def _checks(kind: str):
     if kind == "eval":
-        from engine.evaluate import check_eval
+        from engine.jobs.evaluate import check_eval
 
         return check_eval
-    from engine.export import check_export
+    from engine.jobs.export import check_export
 
     return check_export
 
 
 def run(args) -> int:
-    from engine import jobs, launch
-    from engine.jobconfig import load_job_config
+    from engine.run import jobs, launch
+    from engine.run.jobconfig import load_job_config
 
     cfg = load_job_config(args.kind, args.config, args.overrides)
     job_dir = jobs.start_job(args.kind, cfg, args.workspace, checks=_checks(args.kind))

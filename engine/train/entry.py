@@ -13,11 +13,11 @@ import time
 import traceback
 from pathlib import Path
 
-from engine import rundir
-from engine.config import ConfigError, RunConfig, load_config
+from engine.run import rundir
+from engine.run.config import ConfigError, RunConfig, load_config
 
 log = logging.getLogger("engine.train")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def deepspeed_config(cfg: RunConfig) -> dict | None:
@@ -89,10 +89,10 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     import torch
     from transformers import set_seed
 
-    from engine.callbacks import GracefulStop, RunReporter
+    from engine.train.callbacks import GracefulStop, RunReporter
     from engine.data.templates import get_template
-    from engine.models import load_base_model, load_tokenizer, resolve_precision, setup_finetuning
-    from engine.stages import STAGES, StageContext
+    from engine.train.model_setup import load_base_model, load_tokenizer, resolve_precision, setup_finetuning
+    from engine.train.stages import STAGES, StageContext
 
     stop = GracefulStop()
     _threads()
@@ -103,7 +103,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     tokenizer = load_tokenizer(cfg.model)
     vocab = {}
     if cfg.model.extend_vocab:  # before any encoding, so the data uses the new tokens
-        from engine.vocab import extend_tokenizer, sample_text
+        from engine.train.vocab import extend_tokenizer, sample_text
 
         vocab = extend_tokenizer(tokenizer, cfg.model.extend_vocab, sample_text(cfg.data))
         log.info("vocabulary: %s", json.dumps(vocab, ensure_ascii=False))
@@ -122,13 +122,13 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
 
     ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None, **stage.arguments(cfg))
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    from engine.attention import register
+    from engine.train.attention import register
 
     model = load_base_model(cfg.model, compute_dtype, attn=register(), head=stage.head)
     log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s", cfg.model.path, cfg.model.quantization,
              getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False), model.dtype)
     if vocab:
-        from engine.vocab import resize_embeddings
+        from engine.train.vocab import resize_embeddings
 
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab),
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_config(config_path)
-        from engine.checks import check
+        from engine.run.checks import check
 
         problems = check(cfg, run_dir)
         if problems:

@@ -16,11 +16,11 @@ from typing import Iterator
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from engine.config import ModelConfig
+from engine.run.config import ModelConfig
 from engine.data.templates import TemplateError, get_template
-from engine.sampling import InferenceError, Result, SamplingParams, check_messages, model_shape, resolve_target
+from engine.serve.sampling import InferenceError, Result, SamplingParams, check_messages, model_shape, resolve_target
 
-log = logging.getLogger("engine.inference")
+log = logging.getLogger("engine.serve.inference")
 
 
 class _Penalties(LogitsProcessor):
@@ -84,8 +84,8 @@ class ChatModel:
              template: str | None = None, dtype: str = "auto", device_map=None) -> "ChatModel":
         from peft import PeftModel
 
-        from engine.checkpoint import fit_base
-        from engine.models import load_base_model, load_tokenizer, resolve_dtype
+        from engine.run.checkpoint import fit_base
+        from engine.train.model_setup import load_base_model, load_tokenizer, resolve_dtype
 
         self = cls()
         target = resolve_target(model_path, adapters)
@@ -131,7 +131,7 @@ class ChatModel:
 
     @staticmethod
     def _check_adapter(adapter: str, base_shape: dict) -> None:
-        from engine.sampling import adapter_base
+        from engine.serve.sampling import adapter_base
 
         declared = adapter_base(Path(adapter))
         if not declared or not Path(declared).exists():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from engine import rundir
+from engine.run import rundir
 
 
 class CheckpointError(ValueError):
@@ -152,7 +152,7 @@ def fit_base(model, tokenizer):
     """Grow a base model's embeddings to the tokenizer saved with a vocabulary-extended checkpoint, so its
     adapter (whose trained embed_tokens/lm_head have the new size) fits; a no-op for any other checkpoint.
     Every loader calls this between loading the base and attaching an adapter."""
-    from engine.vocab import resize_embeddings
+    from engine.train.vocab import resize_embeddings
 
     resize_embeddings(model, len(tokenizer))
     return model

@@ -17,7 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.checkpoint import is_reward_model, reward_model_refusal
+from engine.run.checkpoint import is_reward_model, reward_model_refusal
 
 ROLES = ("system", "user", "assistant")
 
@@ -109,7 +109,7 @@ def _is_run_dir(path: Path) -> bool:
 
 def pick_in_run(run_dir: Path) -> Path:
     """The weights a run directory stands for: final/ when it exists, else its newest checkpoint."""
-    from engine.rundir import FINAL, checkpoints
+    from engine.run.rundir import FINAL, checkpoints
 
     if (run_dir / FINAL).is_dir():
         return run_dir / FINAL

@@ -9,8 +9,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-from engine.config import RunConfig
-from engine.stages import STAGE_KINDS
+from engine.run.config import RunConfig
+from engine.train.stages import STAGE_KINDS
 
 Problem = tuple[str, str]
 
@@ -57,7 +57,7 @@ def _vocab_problems(cfg: RunConfig) -> list[Problem]:
     the run skips them and logs how many."""
     if not cfg.model.extend_vocab:
         return []
-    from engine.vocab import VocabError, read_tokens
+    from engine.train.vocab import VocabError, read_tokens
 
     try:
         read_tokens(cfg.model.extend_vocab)
@@ -91,7 +91,7 @@ def _reward_model_problems(path: str) -> list[Problem]:
     if not path.strip():
         return [(field, "rl optimises the model against a reward model: set method.reward_model to the final/ or "
                         "checkpoint-N directory of an rm run")]
-    from engine.checkpoint import CheckpointError, inspect, is_reward_model
+    from engine.run.checkpoint import CheckpointError, inspect, is_reward_model
 
     try:
         ckpt = inspect(path, field=field, generative=False)
@@ -170,7 +170,7 @@ def _distributed_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]
     r = cfg.training.resume_from
     if r:
         if r == "latest":
-            from engine.rundir import latest_checkpoint
+            from engine.run.rundir import latest_checkpoint
 
             if run_dir is None or latest_checkpoint(run_dir) is None:
                 out.append(("training.resume_from", f"'latest' needs an existing run with a checkpoint, and {run_dir or 'output.run_dir'} has none"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.config import DataConfig
+from engine.run.config import DataConfig
 
 EXIT_INVALID, EXIT_USAGE = 1, 2
 PERCENTILES = (50, 90, 99)
@@ -138,7 +138,7 @@ def inspect(args) -> int:
 
 @_exit_codes
 def add(args) -> int:
-    from engine import launch
+    from engine.run import launch
     from engine.data.inspection import add_dataset, open_source
     from engine.data.registry import workspace_registry
 

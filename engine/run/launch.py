@@ -1,7 +1,7 @@
 """The one launcher: the CLI and the web UI both start runs through ``start()``.
 
 ``start`` validates the config, creates the run directory and spawns, in a new process
-session, ``python -m engine.launch RUN_DIR`` (the supervisor). The supervisor runs the
+session, ``python -m engine.run.launch RUN_DIR`` (the supervisor). The supervisor runs the
 DeepSpeed launcher on ``engine.train`` with stdout/stderr going to ``train.log`` (never a
 pipe), waits for the whole process group, and records the exit code in ``status.json``.
 Imports no torch.
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import psutil
 
-from engine import rundir
-from engine.checks import check
-from engine.config import ConfigError, RunConfig, dump_config
+from engine.run import rundir
+from engine.run.checks import check
+from engine.run.config import ConfigError, RunConfig, dump_config
 
 DEFAULT_WORKSPACE = "workspace"
 
@@ -130,7 +130,7 @@ def start(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
 
 
 # Job kinds other than training run one plain process under the same supervisor: python -m MODULE CONFIG.
-JOB_MODULES = {"eval": "engine.evaluate", "export": "engine.export"}
+JOB_MODULES = {"eval": "engine.jobs.evaluate", "export": "engine.jobs.export"}
 
 
 def spawn(run_dir: str | Path, kind: str = "train") -> int:
@@ -141,9 +141,9 @@ def spawn(run_dir: str | Path, kind: str = "train") -> int:
     log = open(run_dir / rundir.LOG, "ab")
     try:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.launch", str(run_dir)] + ([kind] if kind != "train" else []),
+            [sys.executable, "-m", "engine.run.launch", str(run_dir)] + ([kind] if kind != "train" else []),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, env=env, cwd=os.getcwd(),
         )
@@ -240,7 +240,7 @@ def _group_members() -> list[psutil.Process]:
 
 
 def supervise(run_dir: Path, kind: str = "train") -> int:
-    from engine.config import load_config
+    from engine.run.config import load_config
 
     # The stop signal goes to the whole group: the supervisor itself keeps waiting for the workers.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -13,7 +13,7 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
-from engine import rundir
+from engine.run import rundir
 
 
 def memory_mb() -> float:

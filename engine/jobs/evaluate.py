@@ -1,10 +1,10 @@
-"""`python -m engine.evaluate JOB_DIR/config.yaml`: base vs. checkpoints on the same evaluation, in one table.
+"""`python -m engine.jobs.evaluate JOB_DIR/config.yaml`: base vs. checkpoints on the same evaluation, in one table.
 
 For each model (the base first, then each checkpoint) the chosen tasks run in turn:
   * loss / perplexity on the dataset's answers, with the training label masks (encode_sft);
   * generation: batched, left-padded greedy or sampled answers to each prompt (the conversation without
     its last assistant turn), scored with BLEU-4 / ROUGE against that turn; ``predictions-<k>.jsonl``;
-  * multiple choice: accuracy by the log-likelihood of each choice letter (engine.benchmark).
+  * multiple choice: accuracy by the log-likelihood of each choice letter (engine.jobs.choice_eval).
 The result is ``result.json``: {"rows": one per model, "predictions": files, ...}.
 """
 
@@ -15,9 +15,9 @@ import math
 import sys
 from pathlib import Path
 
-from engine import jobs, rundir
-from engine.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval, load_tokenizer_for
-from engine.jobconfig import EvalConfig
+from engine.run import jobs, rundir
+from engine.run.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval, load_tokenizer_for
+from engine.run.jobconfig import EvalConfig
 
 
 def targets(cfg: EvalConfig) -> tuple[Path, list]:
@@ -62,7 +62,7 @@ def load_eval_examples(cfg: EvalConfig) -> list[list[dict]]:
 
 def check_eval(cfg: EvalConfig) -> list[tuple[str, str]]:
     """Problems found before work starts: checkpoints, base match, datasets with references, benchmark format."""
-    from engine.benchmark import BenchmarkError, read_benchmark
+    from engine.jobs.choice_eval import BenchmarkError, read_benchmark
     from engine.data.errors import DataError
 
     problems = []
@@ -142,13 +142,13 @@ def _label(ckpt, base: Path) -> str:
 def evaluate(cfg: EvalConfig, job_dir: Path, progress) -> dict:
     import torch
 
-    from engine.benchmark import read_benchmark, score
+    from engine.jobs.choice_eval import read_benchmark, score
     from engine.data.templates import get_template
-    from engine.textmetrics import mean_scores, sample_scores
+    from engine.jobs.textmetrics import mean_scores, sample_scores
 
     problems = check_eval(cfg)
     if problems:
-        from engine.config import ConfigError
+        from engine.run.config import ConfigError
 
         raise ConfigError(problems)
     base, models = targets(cfg)

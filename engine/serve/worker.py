@@ -20,7 +20,7 @@ from typing import Iterator
 
 import psutil
 
-from engine.sampling import InferenceError, Result, SamplingParams, resolve_target, weights_bytes
+from engine.serve.sampling import InferenceError, Result, SamplingParams, resolve_target, weights_bytes
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -91,7 +91,7 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
             if msg[0] == "exit":
                 return
             if msg[0] == "load":
-                from engine.inference import ChatModel
+                from engine.serve.inference import ChatModel
                 import torch
 
                 spec = msg[1]

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import get_args
 
-from engine.jobconfig import GGUFType
+from engine.run.jobconfig import GGUFType
 
 QTYPES = get_args(GGUFType)
 # Size estimate per parameter (blocks of 32 weights: Q8_0 34 bytes, Q4_0 18 bytes).
@@ -329,7 +329,7 @@ def verify_gguf(path: Path, qtype: str, tokenizer, reference, ids, ref_tokens: l
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.export import greedy
+    from engine.jobs.export import greedy
 
     g_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     sample = tokenizer.apply_chat_template(SAMPLE_MESSAGES, tokenize=False, add_generation_prompt=True) \

@@ -14,7 +14,7 @@ are added as normal tokens (not special), so they are used when text is encoded 
 embedding matrix gets rows for the new ids, initialised to the mean of the existing rows (input and output
 embeddings; tied weights stay tied), and ``embed_tokens``/``lm_head`` train with the run (LoRA and QLoRA:
 ``modules_to_save``; freeze: trainable next to the last layers; full: like every weight). The extended
-tokenizer is saved with every checkpoint, and ``engine.checkpoint.fit_base`` grows a base model to a
+tokenizer is saved with every checkpoint, and ``engine.run.checkpoint.fit_base`` grows a base model to a
 checkpoint's tokenizer before an adapter is attached.
 
 Imports no torch at module level: the checks and the web UI read token lists through it.

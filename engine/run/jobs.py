@@ -9,7 +9,7 @@ Layout of ``<job_dir>`` (workspace/evals/<id> or workspace/exports/<id>)::
     result.json    the job's results (written once, at the end)
 
 ``run_job`` is the job-side half: it wraps the job's function with status, SIGTERM and error
-reporting, so ``engine.evaluate`` and ``engine.export`` stay thin. Imports no torch.
+reporting, so ``engine.jobs.evaluate`` and ``engine.jobs.export`` stay thin. Imports no torch.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from engine import launch, rundir
-from engine.config import ConfigError, dump_config
-from engine.jobconfig import SCHEMAS, load_job_config
+from engine.run import launch, rundir
+from engine.run.config import ConfigError, dump_config
+from engine.run.jobconfig import SCHEMAS, load_job_config
 
 RESULT = "result.json"
 JOB_DIRS = {"eval": "evals", "export": "exports"}
@@ -114,7 +114,7 @@ class Progress:
         rundir.update_status(self.job_dir, total_steps=total)
 
     def phase(self, text: str) -> None:
-        logging.getLogger("engine.jobs").info(text)
+        logging.getLogger("engine.run.jobs").info(text)
         rundir.update_status(self.job_dir, phase=text)
 
     def advance(self, n: int = 1, **row) -> None:
@@ -156,8 +156,8 @@ def run_job(kind: str, argv: list[str], body: Callable) -> int:
 
 
 def classify(err: BaseException) -> tuple[str, str]:
-    from engine.checkpoint import CheckpointError
-    from engine.train import classify as classify_train
+    from engine.run.checkpoint import CheckpointError
+    from engine.train.entry import classify as classify_train
 
     if isinstance(err, CheckpointError):
         return "config", f"{err.field}: {err}" if err.field else str(err)

@@ -1,0 +1,5 @@
+import sys
+
+from engine.train.entry import main
+
+sys.exit(main())
