@@ -13,6 +13,10 @@ def _train(args) -> int:
     from engine.run.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.node_rank:  # no_ssh mode: this node runs its own ranks of the run node 0 started
+        from engine.run.nodes import join
+
+        return 0 if join(cfg, args.node_rank) == 0 else 1
     run_dir = launch.start(cfg, args.workspace)
     print(f"run directory: {run_dir}")
     if not args.foreground:
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. training.max_steps=30")
     p.add_argument("--workspace", default=None, help="where runs live when output.run_dir is empty (default ./workspace)")
     p.add_argument("--foreground", "-f", action="store_true", help="wait for the run and stream its log; Ctrl-C stops it gracefully")
+    p.add_argument("--node-rank", type=int, default=0, help="several machines, distributed.launcher=no_ssh: this node's rank (0 starts the run, 1.. join it)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("stop", help="stop a run gracefully (finish the step, save a checkpoint)")

@@ -106,7 +106,7 @@ def spec(key: str) -> FieldSpec:
         kind = over.get("widget") or ("slider" if bounded and not optional else "number")
         return FieldSpec(key, kind, default, (), lo, hi, step, integer, optional)
     if typing.get_origin(ann) is list:
-        return FieldSpec(key, "multiselect", default, (), custom=True)
+        return FieldSpec(key, over.get("widget", "multiselect"), default, (), custom=True)
     return FieldSpec(key, over.get("widget", "text"), default, (), optional=optional, custom=bool(over.get("custom")))
 
 
@@ -136,6 +136,18 @@ def devices_config(value: list[str] | None, visible: list[Device]) -> str:
     return ",".join(sorted(chosen, key=lambda v: (len(v), v)))
 
 
+def nodes_config(text: str) -> list[dict]:
+    """The node table typed as hostfile lines; a bad line is one problem naming it."""
+    from engine.run.nodes import NodeError, parse_hostfile
+
+    if not text.strip():
+        return []
+    try:
+        return [{"host": h, "slots": n} for h, n in parse_hostfile(text, "distributed.nodes").items()]
+    except NodeError as err:
+        raise ConfigError([("distributed.nodes", str(err))]) from None
+
+
 def to_values(cfg: RunConfig, visible: list[Device]) -> dict[str, Any]:
     """Widget values for every form field of ``cfg``."""
     data = cfg.model_dump(mode="python")
@@ -146,6 +158,8 @@ def to_values(cfg: RunConfig, visible: list[Device]) -> dict[str, Any]:
         s = spec(key)
         if s.kind == "devices":
             value = devices_value(value, visible)
+        elif s.kind == "nodes":  # the node table as hostfile lines
+            value = "".join(f"{n['host']} slots={n['slots']}\n" for n in value)
         elif s.kind == "text" and value is None:
             value = ""
         elif s.kind == "multiselect":
@@ -164,6 +178,8 @@ def from_values(values: dict[str, Any], visible: list[Device], base: RunConfig |
         value, s = values[key], spec(key)
         if s.kind == "devices":
             value = devices_config(value, visible)
+        elif s.kind == "nodes":
+            value = nodes_config(value or "")
         elif s.optional and (value is None or (isinstance(value, str) and not value.strip())):
             value = None
         elif s.optional and s.kind == "number" and value == 0 and (s.minimum or 0) > 0:
@@ -211,6 +227,8 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
         gpus = [d for d in ctx.manager.devices if d.id != CPU]
         opts = [(d.name, d.id) for d in ctx.manager.devices]
         w = gr.CheckboxGroup(choices=opts, value=value, interactive=bool(gpus), **common)
+    elif s.kind == "nodes":
+        w = gr.Textbox(value=value or "", lines=2, placeholder="node-a slots=2\nnode-b slots=2", **common)
     elif s.kind == "slider":
         w = gr.Slider(minimum=s.minimum, maximum=s.maximum, step=s.step, value=value, **common)
     elif s.kind == "number":

@@ -167,6 +167,10 @@ def _distributed_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]
         out.append(("distributed.offload", "CPU offload needs DeepSpeed ZeRO stage 2 or 3"))
     if d.hostfile and not Path(d.hostfile).is_file():
         out.append(("distributed.hostfile", f"hostfile not found: {d.hostfile}"))
+    else:
+        from engine.run.nodes import check_problems
+
+        out += check_problems(cfg)
     r = cfg.training.resume_from
     if r:
         if r == "latest":

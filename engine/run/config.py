@@ -99,13 +99,23 @@ class TrainingConfig(_Section):
     resume_from: str | None = Field(None, description="Checkpoint to resume from: a checkpoint directory, or 'latest' for the run's newest one.")
 
 
+class Node(_Section):
+    host: str = Field(description="Host name as ssh reaches it (a name in ~/.ssh/config works).")
+    slots: int = Field(1, ge=1, le=1024, description="Ranks this node can run: its GPUs, or processes on a CPU node.")
+
+
 class DistributedConfig(_Section):
     devices: str = Field("", description="GPU ids to use, e.g. '0,1'; empty uses every visible GPU (or the CPU when there is none).")
     num_processes: int = Field(1, ge=1, le=1024, description="Processes (ranks) on this machine; on GPUs one per device.")
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 off, 2 shards optimizer state and gradients, 3 also shards weights.")
     offload: bool = Field(False, description="ZeRO 2/3: keep optimizer state (and ZeRO-3 weights) in CPU memory.")
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile for training across several machines.")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for training across several machines: one 'HOST slots=N' line per node, # comments.")
+    nodes: list[Node] = Field(default_factory=list, description="The machines as a table instead of a hostfile: one 'HOST slots=N' per line (first node hosts rank 0).")
+    include: str = Field("", description="Several machines: the slots of each node to use, in DeepSpeed's --include syntax, e.g. node-a:0,1@node-b:0; empty uses every slot.")
+    launcher: Literal["pdsh", "no_ssh"] = Field("pdsh", description="Several machines: pdsh starts every node's ranks over ssh from here; no_ssh: each node runs `workbench train CONFIG --node-rank N` itself (Slurm).")
+    master_addr: str = Field("", description="Several machines: the address every node reaches the first node at; empty uses the first node's name.")
     master_port: int | None = Field(None, ge=1024, le=65535, description="Rendezvous port; None picks a free one.")
+    timeout: int = Field(600, ge=10, le=86_400, description="Seconds a rank waits for the others in a collective; a rank lost on another node fails the run after at most this.")
 
 
 class OutputConfig(_Section):

@@ -10,6 +10,7 @@ Imports no torch.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from engine.run import rundir
+from engine.run import nodes, rundir
 from engine.run.checks import check
 from engine.run.config import ConfigError, RunConfig, dump_config
 
@@ -82,7 +83,14 @@ def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[Ru
             problems.append(("output.run_dir", f"{run_dir} is still {status.state} (pid {status.pid}); stop it before resuming"))
     if problems:
         raise ConfigError(problems)
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    problems = nodes.preflight(cfg, run_dir)  # several machines: ask every node before any compute
+    if problems:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(problems)
+    nodes.write_run_files(cfg, run_dir)
     dump_config(cfg, run_dir / rundir.CONFIG)
     rundir.write_status(run_dir, rundir.Status(state="queued"))
     return cfg, run_dir
@@ -105,15 +113,21 @@ def _deepspeed_launcher() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def build_command(cfg: RunConfig, run_dir: str | Path) -> list[str]:
-    """The DeepSpeed launcher command for a prepared run (pure: no side effects)."""
+def _multinode(cfg: RunConfig) -> bool:
+    try:
+        return nodes.selection(cfg.distributed) is not None
+    except nodes.NodeError:
+        return False  # check() names the problem; a preview still shows a command
+
+
+def build_command(cfg: RunConfig, run_dir: str | Path, node_rank: int = 0) -> list[str]:
+    """The DeepSpeed launcher command for a prepared run (pure: no side effects); node_rank: no_ssh mode's node."""
     d = cfg.distributed
     cmd = _deepspeed_launcher()
-    if d.hostfile:
-        cmd += ["--hostfile", d.hostfile]
-        if d.devices:
-            cmd += ["--include", f"localhost:{d.devices}"]
-    elif d.devices:
+    if _multinode(cfg):
+        cmd += nodes.launcher_args(cfg, run_dir, d.master_port or free_port(), node_rank)
+        return cmd + ["--no_local_rank", "--module", "engine.train", str(Path(run_dir) / rundir.CONFIG)]
+    if d.devices:
         cmd += ["--include", f"localhost:{d.devices.replace(' ', '')}"]
     else:
         cmd += ["--num_gpus", str(d.num_processes)]
@@ -162,9 +176,17 @@ def stop(run_dir: str | Path, force: bool = False) -> bool:
     if status is None or status.state not in rundir.ACTIVE:
         return False
     if force:  # a killed run reads as failed, as any run whose processes vanish
-        return rundir.signal_run(run_dir, signal.SIGKILL)
+        killed = rundir.signal_run(run_dir, signal.SIGKILL)
+        cfg = _run_config(run_dir)
+        if cfg is not None and _multinode(cfg):
+            nodes.signal_everywhere(cfg, run_dir)
+        return killed
     if status.state != "stopping":
         rundir.update_status(run_dir, state="stopping")
+    cfg = _run_config(run_dir)
+    if cfg is not None and _multinode(cfg) and cfg.distributed.launcher == "pdsh":
+        nodes.signal_everywhere(cfg, run_dir, "TERM", ranks_only=True)  # its ranks run under ssh, not in this group
+        return True
     # Signal only the worker processes: DeepSpeed's launcher answers SIGTERM by killing its ranks
     # 30 s later, which would cut a slow step (QLoRA on a CPU) short of its checkpoint.
     workers = _workers(status.pgid)
@@ -174,6 +196,15 @@ def stop(run_dir: str | Path, force: bool = False) -> bool:
         except psutil.Error:
             pass
     return bool(workers) or rundir.signal_run(run_dir, signal.SIGTERM)
+
+
+def _run_config(run_dir: str | Path) -> RunConfig | None:
+    from engine.run.config import load_config
+
+    try:
+        return load_config(Path(run_dir) / rundir.CONFIG)
+    except (OSError, ConfigError):
+        return None
 
 
 def _workers(pgid: int | None) -> list[psutil.Process]:
@@ -245,13 +276,17 @@ def supervise(run_dir: Path, kind: str = "train") -> int:
     # The stop signal goes to the whole group: the supervisor itself keeps waiting for the workers.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    if kind == "train":
-        cmd = build_command(load_config(run_dir / rundir.CONFIG), run_dir)
+    cfg = load_config(run_dir / rundir.CONFIG) if kind == "train" else None
+    if cfg is not None:
+        cmd = build_command(cfg, run_dir)
     else:
         cmd = [sys.executable, "-m", JOB_MODULES[kind], str(run_dir / rundir.CONFIG)]
     print(f"[workbench] {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    env = dict(os.environ, **nodes.launcher_env(cfg, run_dir)) if cfg is not None else None
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
     code = proc.wait()
+    if cfg is not None and _multinode(cfg):
+        nodes.signal_everywhere(cfg, run_dir)  # a launcher that died leaves the other nodes' ranks running
     deadline = time.time() + 60
     while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in _group_members()):
         time.sleep(0.5)
@@ -264,6 +299,10 @@ def supervise(run_dir: Path, kind: str = "train") -> int:
         changes.update(state="stopped")
     elif status.state in rundir.ACTIVE or status.state == "queued":
         changes.update(state="failed", error=status.error or rundir.guess_error(run_dir), error_kind=status.error_kind or "launcher")
+    if cfg is not None and _multinode(cfg) and changes.get("state", status.state) == "failed":
+        lost = nodes.failure(rundir.log_tail(run_dir, lines=100_000, max_bytes=8_000_000), nodes.selection(cfg.distributed))
+        if lost:  # name the node and rank that went first; the others only followed it
+            changes.update(state="failed", error=f"{lost}: {changes.get('error') or status.error or ''}".rstrip(": "))
     rundir.update_status(run_dir, **changes)
     print(f"[workbench] run ended: {changes.get('state', status.state)} (exit code {code})", flush=True)
     return code

@@ -65,6 +65,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         use_cpu=not cuda,
         ddp_backend=None if cuda else "gloo",
         ddp_find_unused_parameters=False,
+        ddp_timeout=cfg.distributed.timeout,  # a rank lost on another node fails the run after this, not 30 min
         deepspeed=deepspeed_config(cfg),
         include_num_input_tokens_seen="all",  # batches are padding-free, so every input token is real
         remove_unused_columns=False,

@@ -31,7 +31,8 @@ def _changed_config() -> RunConfig:
                      "precision": "fp32", "gradient_checkpointing": True, "seed": 7, "logging_steps": 2,
                      "save_steps": 9, "eval_steps": 4, "save_total_limit": 2},
         "distributed": {"devices": "0,2", "num_processes": 2, "zero_stage": 2, "offload": True,
-                        "hostfile": "/etc/hosts.ds", "master_port": 29555},
+                        "hostfile": "/etc/hosts.ds", "master_port": 29555, "nodes": [{"host": "node-a", "slots": 2}],
+                        "include": "node-a:0", "launcher": "no_ssh", "master_addr": "10.0.0.1", "timeout": 120},
         "output": {"run_dir": "/tmp/somewhere"},
     })
 
