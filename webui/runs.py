@@ -74,6 +74,23 @@ class RunInfo:
     error_kind: str | None = None
     devices: tuple[str, ...] = ()
     queue_position: int | None = None
+    nodes: tuple[str, ...] = ()  # several machines: each node with the slots it runs ("node-a:0,1")
+    world_size: int = 1
+
+
+def _node_info(cfg: RunConfig | None) -> dict:
+    from engine.run import nodes
+
+    if cfg is None:
+        return {}
+    try:
+        chosen = nodes.selection(cfg.distributed)
+    except nodes.NodeError:
+        chosen = None
+    if chosen is None:
+        return {"world_size": cfg.distributed.num_processes}
+    return {"nodes": tuple(f"{h}:{','.join(map(str, s))}" for h, s in chosen.items()),
+            "world_size": sum(len(s) for s in chosen.values())}
 
 
 @dataclass
@@ -177,6 +194,7 @@ class RunManager:
             created_at=(run_dir / rundir.CONFIG).stat().st_ctime if (run_dir / rundir.CONFIG).exists() else 0.0,
             error=status.error, error_kind=status.error_kind, devices=tuple(sorted(self.run_devices(cfg))),
             queue_position=queue.index(run_dir) + 1 if run_dir in queue else None,
+            **_node_info(cfg),
         )
 
     def runs(self) -> list[RunInfo]:

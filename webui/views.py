@@ -84,12 +84,13 @@ def run_card(lang: str, info: RunInfo | None, series: MetricSeries | None, now: 
     elif info.state == "starting":
         note = f'<div class="wb-hint">{esc(t(lang, "train.starting_note"))}</div>'
     bar_class = "wb-bar-fill" + (" wb-live" if active else "")
+    where = t(lang, "train.world", n=info.world_size, nodes=", ".join(info.nodes)) if info.nodes else ", ".join(info.devices)
     return (
         f'<div id="run-card" class="wb-card" data-run="{esc(info.id)}" data-state="{esc(info.state)}" '
         f'data-step="{step}" data-total="{total}" data-points="{series.points if series else 0}">'
         f'<div class="wb-card-head"><div class="wb-run-id">{esc(info.id)}</div>{badge(lang, info.state)}'
         f'<div class="wb-run-meta">{esc(info.model)} · {esc(", ".join(info.datasets))} · {esc(info.method)} · '
-        f'{esc(", ".join(info.devices))}</div></div>'
+        f'{esc(where)}</div></div>'
         f'<div class="wb-bar" title="{pct:.1f}%"><div class="{bar_class}" style="width:{pct:.2f}%"></div>'
         f'<span class="wb-bar-text">{pct:.0f}%</span></div>'
         f'<div class="wb-stats">{cells}</div>{note}</div>'

@@ -92,6 +92,17 @@ def test_run_card_exposes_progress_for_people_and_tests(tmp_path):
     assert "内存不足" in failed and "boom &lt;x&gt;" in failed  # the cause, translated kind, escaped
 
 
+def test_run_card_shows_world_size_and_nodes(tmp_path):
+    from webui.runs import _node_info
+
+    cfg = RunConfig.model_validate({"distributed": {"nodes": [{"host": "node-a", "slots": 2}, {"host": "node-b", "slots": 2}],
+                                                    "include": "node-a@node-b:1"}})
+    info = RunInfo(id="r1", path=tmp_path, state="running", devices=("cpu",), **_node_info(cfg))
+    assert "3 ranks on node-a:0,1, node-b:1" in views.run_card("en", info, None, now=1.0)
+    assert "3 个进程，节点 node-a:0,1, node-b:1" in views.run_card("zh", info, None, now=1.0)
+    assert _node_info(RunConfig()) == {"world_size": 1}
+
+
 def test_the_app_builds_with_every_tab(tmp_path):
     import gradio as gr
 
