@@ -178,8 +178,16 @@ def _distributed_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]
 
             if run_dir is None or latest_checkpoint(run_dir) is None:
                 out.append(("training.resume_from", f"'latest' needs an existing run with a checkpoint, and {run_dir or 'output.run_dir'} has none"))
+            else:
+                from engine.run.nodes import resume_problems
+
+                out += resume_problems(Path(latest_checkpoint(run_dir)), d)
         elif not (Path(r) / "trainer_state.json").is_file():
             out.append(("training.resume_from", f"{r} is not a checkpoint directory (no trainer_state.json)"))
+        else:
+            from engine.run.nodes import resume_problems
+
+            out += resume_problems(Path(r), d)
     return out
 
 

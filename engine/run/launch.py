@@ -185,8 +185,10 @@ def stop(run_dir: str | Path, force: bool = False) -> bool:
         rundir.update_status(run_dir, state="stopping")
     cfg = _run_config(run_dir)
     if cfg is not None and _multinode(cfg) and cfg.distributed.launcher == "pdsh":
-        nodes.signal_everywhere(cfg, run_dir, "TERM", ranks_only=True)  # its ranks run under ssh, not in this group
-        return True
+        # its ranks run under ssh, not in this group; none yet (still starting): stop the launcher instead
+        if nodes.signal_everywhere(cfg, run_dir, "TERM", ranks_only=True):
+            return True
+        return rundir.signal_run(run_dir, signal.SIGTERM)
     # Signal only the worker processes: DeepSpeed's launcher answers SIGTERM by killing its ranks
     # 30 s later, which would cut a slow step (QLoRA on a CPU) short of its checkpoint.
     workers = _workers(status.pgid)

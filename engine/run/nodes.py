@@ -173,6 +173,18 @@ def check_problems(cfg: RunConfig) -> list[Problem]:
     return out
 
 
+def resume_problems(checkpoint: Path, d: DistributedConfig) -> list[Problem]:
+    """A ZeRO checkpoint holds one optimizer shard per rank: resuming it needs the same world size."""
+    shards = list(checkpoint.glob("global_step*/*zero_pp_rank_*_optim_states.pt"))
+    if d.zero_stage == 0 or not shards:
+        return []
+    saved, now = len({p.name.split("zero_pp_rank_")[1].split("_")[0] for p in shards}), world_size(d)
+    if saved == now:
+        return []
+    return [("training.resume_from", f"{checkpoint.name} was saved by {saved} ranks and this run has {now}: ZeRO "
+             f"optimizer shards need the same world size, so resume with the same nodes and slots")]
+
+
 # ---------------------------------------------------------------- pre-flight over ssh
 
 def ssh_command(host: str, command: str) -> list[str]:
@@ -269,20 +281,28 @@ def launcher_env(cfg: RunConfig, run_dir: str | Path) -> dict[str, str]:
     return {"DS_ENV_FILE": str(Path(run_dir) / ENV_FILE)} if selection(cfg.distributed) is not None else {}
 
 
-def signal_everywhere(cfg: RunConfig, run_dir: str | Path, sig: str = "KILL", ranks_only: bool = False) -> None:
+def signal_everywhere(cfg: RunConfig, run_dir: str | Path, sig: str = "KILL", ranks_only: bool = False) -> bool:
     """Signal the run's processes on every node over ssh (pdsh mode): the ranks alone (TERM: finish the step,
-    save, stop; they agree on the step among themselves), or also each node's launcher (KILL: nothing left)."""
+    save, stop; they agree on the step among themselves), or also each node's launcher (KILL: nothing left).
+    True when some node had such a process."""
     chosen = selection(cfg.distributed)
     if chosen is None or cfg.distributed.launcher != "pdsh" or shutil.which("ssh") is None:
-        return
+        return False
     config = re.escape(str(Path(run_dir) / "config.yaml"))
     # a rank is `python -u -m engine.train CONFIG`; its node's launcher names `engine.train CONFIG` too.
     # The [x] bracket keeps the pattern from matching the ssh and shell commands that carry it.
     pattern = rf"[-]u -m engine\.train {config}" if ranks_only else rf"[e]ngine\.train {config}"
-    command = f"pkill -{sig} -f -- {shlex.quote(pattern)}; true"
+    command = f"pkill -{sig} -f -- {shlex.quote(pattern)} && echo signalled; true"
+
+    def one(host: str) -> bool:
+        try:
+            return "signalled" in subprocess.run(ssh_command(host, command), capture_output=True, text=True,
+                                                 timeout=SSH_TIMEOUT + 10, stdin=subprocess.DEVNULL).stdout
+        except subprocess.TimeoutExpired:
+            return False
+
     with ThreadPoolExecutor(max_workers=min(32, len(chosen))) as ex:
-        list(ex.map(lambda h: subprocess.run(ssh_command(h, command), capture_output=True,
-                                             timeout=SSH_TIMEOUT + 10, stdin=subprocess.DEVNULL), chosen))
+        return any(list(ex.map(one, chosen)))
 
 
 _EXIT = re.compile(r"^(\S+): .*exits with return code = (-?\d+)")
