@@ -107,3 +107,25 @@ def test_failure_names_the_node_and_rank():
     assert nodes.failure(log, chosen) == "rank 2 on node-b was killed by signal 9; the run stopped on every node"
     assert nodes.failure(log.splitlines()[1], chosen) == "ranks 0, 1 on node-a exited with code 1; the run stopped on every node"
     assert nodes.failure("nothing here", chosen) is None
+
+
+def test_zero_checkpoint_resumes_only_with_its_world_size(tmp_path):
+    ckpt = tmp_path / "checkpoint-4"
+    (ckpt / "global_step4").mkdir(parents=True)
+    for rank in (0, 1):
+        (ckpt / "global_step4" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    two = [{"host": "node-a", "slots": 1}, {"host": "node-b", "slots": 1}]
+    assert nodes.resume_problems(ckpt, _cfg(nodes=two, zero_stage=2).distributed) == []
+    assert nodes.resume_problems(ckpt, _cfg(num_processes=2, zero_stage=2).distributed) == []
+    [(field, msg)] = nodes.resume_problems(ckpt, _cfg(nodes=[*two, {"host": "node-c", "slots": 2}], zero_stage=2).distributed)
+    assert field == "training.resume_from" and "checkpoint-4 was saved by 2 ranks and this run has 4" in msg
+
+
+def test_joining_node_needs_a_no_ssh_run_and_its_directory(tmp_path):
+    two = [{"host": "node-a", "slots": 1}, {"host": "node-b", "slots": 1}]
+    with pytest.raises(ConfigError, match="--node-rank joins a no_ssh run"):
+        nodes.join(_cfg(nodes=two), 1)
+    cfg = RunConfig.model_validate({"distributed": {"nodes": two, "launcher": "no_ssh", "master_port": 29602},
+                                    "output": {"run_dir": str(tmp_path / "run")}})
+    with pytest.raises(ConfigError, match="config.yaml did not appear within 1 s: node 0 starts the run there"):
+        nodes.join(cfg, 1, wait_s=1)
