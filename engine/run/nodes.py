@@ -242,18 +242,19 @@ def preflight(cfg: RunConfig, run_dir: str | Path) -> list[Problem]:
     marker = f".node-check-{os.getpid()}"
     with ThreadPoolExecutor(max_workers=min(32, len(chosen))) as ex:
         answers = dict(zip(chosen, ex.map(lambda h: _probe(h, run_dir, f"{marker}-{h}"), chosen)))
+    field = "distributed.hostfile" if d.hostfile else "distributed.nodes"
     for host, (code, stdout, stderr) in answers.items():
         facts = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
         if code == 255 or "cpus" not in facts:
-            out.append(("distributed.nodes", f"{host} is not reachable by ssh without a password: {_last_line(stderr)}"))
+            out.append((field, f"{host} is not reachable by ssh without a password: {_last_line(stderr)}"))
             continue
         if facts.get("python") != "ok":
-            out.append(("distributed.nodes", f"{host} has no {sys.executable}: every node needs the same Python environment at the same path"))
-        gpus, cpus = int(facts.get("gpus") or 0), int(facts.get("cpus") or 0)
+            out.append((field, f"{host} has no {sys.executable}: every node needs the same Python environment at the same path"))
+        gpus, cpus = (int(v) if v.strip().isdigit() else 0 for v in (facts.get("gpus", ""), facts.get("cpus", "")))
         have, what = (gpus, "GPU(s)") if gpus else (cpus, "CPU core(s)")
         top = max(chosen[host]) + 1
         if have and top > have:
-            out.append(("distributed.nodes", f"{host} has {have} {what}, but the run uses {top} slot(s) there"))
+            out.append((field, f"{host} has {have} {what}, but the run uses {top} slot(s) there"))
         path = run_dir / f"{marker}-{host}"
         if facts.get("marker") != "ok" or not path.is_file():
             out.append(("output.run_dir", f"{host} cannot write the run directory {run_dir} where this machine sees it: every node needs it on a shared filesystem at the same path"))

@@ -77,6 +77,20 @@ def test_preview_is_the_config_and_command_start_would_use(tiny_model, tmp_path)
     assert any("no_such_dataset" in p for p in preview(ctx, cfg)[2])
 
 
+def test_preview_shows_the_multi_node_launch_line(tiny_model, tmp_path):
+    from webui.context import Context
+    from webui.tabs.train import preview
+
+    ctx = Context(manager=RunManager(tmp_path / "ws", devices=[Device("cpu", "CPU")]), defaults=RunConfig())
+    cfg = RunConfig.model_validate({"model": {"path": str(tiny_model)}, "distributed": {
+        "nodes": [{"host": "node-a", "slots": 2}, {"host": "node-b", "slots": 2}], "include": "node-a@node-b:1",
+        "zero_stage": 2, "master_addr": "10.0.0.1"}})
+    _, cmd, problems = preview(ctx, cfg)
+    assert problems == []
+    run_dir = shlex.split(cmd)[-1].rsplit("/", 1)[0]
+    assert f"--hostfile {run_dir}/hostfile --include node-a:0,1@node-b:1 --master_addr 10.0.0.1 --master_port AUTO" in cmd
+
+
 def test_run_card_exposes_progress_for_people_and_tests(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.5, "tokens_per_s": 99.0, "eta_s": 30, "time": 0}\n')
     series = MetricSeries(tmp_path)
