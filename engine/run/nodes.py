@@ -272,7 +272,8 @@ def write_run_files(cfg: RunConfig, run_dir: str | Path) -> None:
         return
     if not cfg.distributed.hostfile:
         (run_dir / HOSTFILE).write_text(hostfile_text(pool(cfg.distributed)), encoding="utf-8")
-    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(_FORWARD) and "\n" not in v]
+    # only plain values: DeepSpeed pastes them into the remote shell command line
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(_FORWARD) and re.fullmatch(r"[\w@%+=:,./-]*", v)]
     env += ["PYTHONUNBUFFERED=1", "TOKENIZERS_PARALLELISM=false"]
     (run_dir / ENV_FILE).write_text("\n".join(dict.fromkeys(env)) + "\n", encoding="utf-8")
 

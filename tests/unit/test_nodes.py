@@ -129,3 +129,17 @@ def test_joining_node_needs_a_no_ssh_run_and_its_directory(tmp_path):
                                     "output": {"run_dir": str(tmp_path / "run")}})
     with pytest.raises(ConfigError, match="config.yaml did not appear within 1 s: node 0 starts the run there"):
         nodes.join(cfg, 1, wait_s=1)
+
+
+def test_run_files_hostfile_and_forwarded_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN_NOTE", "a b; rm -rf /")  # not a plain value: never pasted into a remote shell
+    cfg = _cfg(nodes=[{"host": "node-a", "slots": 2}, {"host": "node-b", "slots": 1}])
+    nodes.write_run_files(cfg, tmp_path)
+    assert (tmp_path / "hostfile").read_text() == "node-a slots=2\nnode-b slots=1\n"
+    env = (tmp_path / "deepspeed_env").read_text().splitlines()
+    assert {"WORKBENCH_THREADS=1", "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false"} <= set(env)
+    assert not any(line.startswith("HF_TOKEN_NOTE") for line in env) and "" not in env
+    assert nodes.launcher_env(cfg, tmp_path) == {"DS_ENV_FILE": str(tmp_path / "deepspeed_env")}
+    assert nodes.launcher_env(_cfg(), tmp_path) == {}
