@@ -237,3 +237,17 @@ def test_killed_launcher_leaves_no_rank_on_any_node(loop, tiny_model, tmp_path, 
     status = _ended(run_dir, timeout=90)
     assert status.state == "failed", rundir.log_tail(run_dir)
     assert _wait_gone(run_dir) == []
+
+
+@pytest.mark.slow
+def test_zero3_two_nodes_saves_a_whole_adapter(loop, tiny_model, tmp_path, one_thread):
+    run_dir = launch.start(_two_node_cfg(tiny_model, tmp_path / "run", zero_stage=3))
+    status = launch.wait(run_dir, timeout=600)
+    assert status.state == "completed", rundir.log_tail(run_dir)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    # whole matrices gathered from both nodes (rank 8 by the tiny model's 64/128 dims), not one node's shard
+    assert len(weights) == 28 and all(t.dim() == 2 and min(t.shape) == 8 and max(t.shape) in (64, 128) for t in weights.values())
+    assert tuple(weights["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape) == (8, 128)
+    assert _wait_gone(run_dir) == []
