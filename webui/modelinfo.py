@@ -38,14 +38,17 @@ class ModelPathError(ValueError):
     pass
 
 
-def resolve_model_path(text: str) -> Path:
-    """A typed model path made absolute (relative paths are taken from the project root when not found here)."""
+def resolve_model_path(text: str, policy=None) -> Path:
+    """A typed model path made absolute (relative paths are taken from the project root when not found here);
+    with the page's ``policy`` (engine.run.paths), a path outside its folders is refused before it is looked at."""
     text = (text or "").strip()
     if not text:
         raise ModelPathError("empty")
     path = Path(text).expanduser()
     if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
         path = ROOT / path
+    if policy is not None and not policy.allows(path.absolute()):
+        raise ModelPathError(str(policy.refusal(text)))
     if not path.exists():
         raise ModelPathError(f"not found: {path}")
     if not path.is_dir():

@@ -56,7 +56,7 @@ def check_bind(host: str, share: bool, credentials: list[tuple[str, str]]) -> No
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = None, auth: str | None = None,
-          auth_file: str | None = None, share: bool = False, lang: str = "en") -> int:
+          auth_file: str | None = None, share: bool = False, lang: str = "en", data_roots: list[str] = ()) -> int:
     try:
         credentials = parse_auth(auth, auth_file)
         check_bind(host, share, credentials)
@@ -72,7 +72,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
     from .chatfmt import preload
     from .modelinfo import ModelPathError, resolve_model_path
 
-    demo, ctx = create(workspace_dir(workspace), lang=lang)
+    demo, ctx = create(workspace_dir(workspace), lang=lang, data_roots=data_roots)
     try:
         preload(resolve_model_path(ctx.defaults.model.path))
     except ModelPathError:
