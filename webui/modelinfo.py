@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.run.paths import exists
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,11 +47,11 @@ def resolve_model_path(text: str, policy=None) -> Path:
     if not text:
         raise ModelPathError("empty")
     path = Path(text).expanduser()
-    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+    if not path.is_absolute() and not exists(path) and exists(ROOT / path):
         path = ROOT / path
     if policy is not None and not policy.allows(path.absolute()):
         raise ModelPathError(str(policy.refusal(text)))
-    if not path.exists():
+    if not exists(path):
         raise ModelPathError(f"not found: {path}")
     if not path.is_dir():
         raise ModelPathError(f"not a directory: {path}")

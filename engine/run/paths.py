@@ -63,12 +63,18 @@ class PathPolicy:
         return cls(tuple([ROOT, ROOT / "models", *ws] + configured_roots(extra)))
 
     def allows(self, path: Path) -> bool:
-        real = path.expanduser().resolve()
-        return any(real.is_relative_to(r.expanduser().resolve()) for r in self.roots)
+        """Whether ``path`` (resolved: symlinks and ``..``) lies in a root; a path that cannot be resolved (a NUL
+        byte, a name too long for the system) is not allowed."""
+        try:
+            real = path.expanduser().resolve()
+            return any(real.is_relative_to(r.expanduser().resolve()) for r in self.roots)
+        except (OSError, ValueError, RuntimeError):
+            return False
 
     def refusal(self, text: str, field: str = "") -> PathRefused:
         """The one sentence every refused path gets (it names the typed text, never a file's content)."""
         roots = ", ".join(str(r) for r in dict.fromkeys(self.roots))
+        text = str(text) if len(str(text)) <= 300 else f"{str(text)[:300]}…"
         return PathRefused(f"'{text}' is outside the folders this page may read ({roots}); upload the file instead, "
                            "or add its folder to data_roots in webui/defaults.yaml", field)
 
@@ -104,9 +110,17 @@ def locate(text: str | Path, base: Path | None = None) -> Path:
         return path
     if base is not None:
         return Path(base) / path
-    if not path.exists() and (ROOT / path).exists():
+    if not exists(path) and exists(ROOT / path):
         return ROOT / path
     return Path.cwd() / path
+
+
+def exists(path: Path) -> bool:
+    """``path.exists()`` that is False, not an error, for a name too long or with a NUL byte."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def is_path_value(value: Any, kind: str) -> bool:
@@ -116,7 +130,7 @@ def is_path_value(value: Any, kind: str) -> bool:
     text = str(value).strip()
     if text in KEYWORDS.get(kind, ()):
         return False
-    if kind == "dataset" and NAME.fullmatch(text) and not locate(text).exists():
+    if kind == "dataset" and NAME.fullmatch(text) and not exists(locate(text)):
         return False  # a registered name: the registry it comes from is a path field of its own
     return True
 
