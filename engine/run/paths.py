@@ -74,13 +74,14 @@ class PathPolicy:
     def refusal(self, text: str, field: str = "") -> PathRefused:
         """The one sentence every refused path gets (it names the typed text, never a file's content)."""
         roots = ", ".join(str(r) for r in dict.fromkeys(self.roots))
-        text = str(text) if len(str(text)) <= 300 else f"{str(text)[:300]}…"
-        return PathRefused(f"'{text}' is outside the folders this page may read ({roots}); upload the file instead, "
+        return PathRefused(f"'{_short(str(text))}' is outside the folders this page may read ({roots}); upload the file instead, "
                            "or add its folder to data_roots in webui/defaults.yaml", field)
 
     def check(self, text: str | Path, field: str = "", base: Path | None = None) -> Path:
         """``text`` as the page will use it (absolute; relative to ``base``, else as found from here or from the
         project, like ``registry.find_path``), or PathRefused when it lies outside every root."""
+        if (why := unusable(str(text))):
+            raise PathRefused(f"'{_short(str(text))}' cannot be a path: {why}", field)
         path = locate(text, base)
         if not self.allows(path):
             raise self.refusal(str(text), field)
@@ -101,6 +102,22 @@ class PathPolicy:
                 except PathRefused as err:
                     out.append((prefix + key, str(err)))
         return out
+
+
+def _short(text: str) -> str:
+    """``text`` for a message: control characters shown as \\xNN, cut after 300 characters."""
+    text = "".join(c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in text)
+    return text if len(text) <= 300 else f"{text[:300]}…"
+
+
+def unusable(text: str) -> str | None:
+    """Why ``text`` cannot name a file on this system (a control character, a name or path too long), or None."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return "it holds a control character"
+    if len(text.encode("utf-8", "surrogateescape")) >= 4096 or any(len(part.encode("utf-8", "surrogateescape")) > 255
+                                                                      for part in text.split("/")):
+        return "a name in it is longer than the file system allows (255 bytes a name, 4096 a path)"
+    return None
 
 
 def locate(text: str | Path, base: Path | None = None) -> Path:
