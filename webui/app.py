@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.run.paths import PathPolicy
+from engine.run.paths import PathPolicy, confine_process
 
 from .context import Context
 from .form import load_defaults
@@ -88,6 +88,7 @@ def create(workspace: str | Path, lang: str = "en", data_roots: list[str] = ()) 
     manager.start_background()
     ctx = Context(manager=manager, defaults=load_defaults(), lang=lang,
                   policy=PathPolicy.for_workspace(manager.workspace, data_roots))
+    confine_process(ctx.policy)  # what the page reaches through a registry or a config is confined too
     return build_app(ctx), ctx
 
 

@@ -104,6 +104,22 @@ class PathPolicy:
         return out
 
 
+_ACTIVE: PathPolicy | None = None
+
+
+def confine_process(policy: PathPolicy | None) -> None:
+    """Confine this process's readers of user-named files (registry includes and entries, bare dataset paths,
+    vocabulary sources) to ``policy``: the web UI's server process calls it, so a file the page reaches
+    indirectly (a registry that includes /etc/shadow) is refused like one typed into it. None lifts it."""
+    global _ACTIVE
+    _ACTIVE = policy
+
+
+def active() -> PathPolicy | None:
+    """The process's policy (None: not confined, as on the command line)."""
+    return _ACTIVE
+
+
 def _short(text: str) -> str:
     """``text`` for a message: control characters shown as \\xNN, cut after 300 characters."""
     text = "".join(c if 32 <= ord(c) != 127 else f"\\x{ord(c):02x}" for c in text)

@@ -103,3 +103,39 @@ def test_data_roots_from_defaults_environment_and_option(tmp_path, monkeypatch):
     assert not PathPolicy.for_workspace(tmp_path / "ws").allows(b / "x.jsonl")
     err = PathPolicy.for_workspace(tmp_path / "ws").refusal("/etc/shadow", "data.registry")
     assert err.field == "data.registry" and str(err).startswith("'/etc/shadow' is outside the folders this page may read (")
+
+
+def test_a_confined_process_refuses_what_a_registry_or_a_vocabulary_reaches_outside(tmp_path):
+    """The web UI's server confines its whole process: a registry inside the workspace that includes /etc/shadow or
+    names /etc/hosts as a file is refused with the sentence, and not one of their lines is quoted."""
+    from engine.data import DataError, load_registry, resolve_dataset
+    from engine.train.vocab import VocabError, read_tokens
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    link = outside_values(workspace)[2]
+    registry = workspace / "evil.jsonl"  # one JSON line is a YAML mapping: an upload can be a registry
+    registry.write_text('{"include": "/etc/shadow", "a": {"file": "/etc/hosts"}, "b": {"file": "%s"}}\n' % link)
+    paths.confine_process(PathPolicy.for_workspace(workspace))
+    try:
+        with pytest.raises(DataError) as err:
+            load_registry(registry)
+        assert [(p.line, p.field) for p in err.value.problems] == [(1, "include"), (1, "file"), (1, "file")]
+        assert all(REFUSED in p.message for p in err.value.problems)
+        assert "root:" not in str(err.value) and "localhost" not in str(err.value)
+        for source in ("/etc/shadow", "../../../../../../../../etc/hosts", link):
+            with pytest.raises(DataError, match=REFUSED):
+                resolve_dataset(source, ROOT / "data" / "dataset_info.yaml")
+            with pytest.raises(VocabError, match=REFUSED):
+                read_tokens(source)
+            with pytest.raises(DataError, match=REFUSED):
+                load_registry(source)
+        assert "identity" in load_registry(ROOT / "data" / "dataset_info.yaml")  # the project's own is fine
+    finally:
+        paths.confine_process(None)
+    with pytest.raises(DataError) as err:  # the command line is not confined: the registry is read as it says
+        load_registry(registry)
+    assert REFUSED not in str(err.value)
+
+
+REFUSED = "is outside the folders this page may read"
