@@ -148,6 +148,13 @@ def test_the_pages_other_paths_are_confined(page):
         assert not Path(bad + ".yaml").exists() and not (workspace / bad).with_suffix(".yaml").exists()
         assert_refused(p.call(chat, **{"chat-model": "/etc" if bad.startswith("/etc") else str(Path(bad).parent),
                                       "chat-run": None}), f"chat {bad}")
+    # a file inside the workspace (one JSON line is a YAML mapping: an upload copied there can be one) that includes
+    # /etc/shadow and names /etc/hosts as a dataset file, chosen as the registry
+    evil = workspace / "datasets" / "evil.jsonl"
+    evil.parent.mkdir(exist_ok=True)
+    evil.write_text('{"include": "/etc/shadow", "x": {"file": "/etc/hosts"}, "instruction": "a", "output": "b"}\n')
+    assert_refused(p.call(registry, **{"f-data-registry": str(evil)}), "a registry that includes /etc/shadow")
+    assert_refused(p.call(datasets, **{"f-data-registry": str(evil), "f-data-datasets": ["x"]}), "its dataset")
     # an "upload" that names a file on the server instead of sending one
     upload = p.endpoint(("btn-upload",), ("cfg-msg",))
     fake = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}, "orig_name": "passwd.yaml"}
