@@ -160,6 +160,9 @@ def test_the_pages_other_paths_are_confined(page):
     fake = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}, "orig_name": "passwd.yaml"}
     out = text_of(p.call(upload, **{"btn-upload": fake}))
     assert (REFUSED in out or out.startswith("gradio refused")) and "root:" not in out
+    data_upload = p.endpoint(("data-upload",), ("data-save-msg",))
+    out = text_of(p.call(data_upload, **{"data-upload": dict(fake, orig_name="passwd.jsonl")}))
+    assert (REFUSED in out or out.startswith("gradio refused")) and "root:" not in out
 
 
 @pytest.mark.parametrize("schema,widgets", [(EvalConfig, EVAL_WIDGETS), (ExportConfig, EXPORT_WIDGETS)],
