@@ -59,8 +59,8 @@ def config_path(lang: str, text: str, workspace: Path, must_exist: bool, policy=
     path = Path(text).expanduser()
     if not path.is_absolute():
         path = workspace / path
-    if policy is not None and not policy.allows(path):
-        raise policy.refusal(text)
+    if policy is not None:
+        policy.check(text, base=workspace)  # PathRefused (a ValueError) outside the policy's folders
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise ValueError(t(lang, "hparams.path_suffix", path=path))
     if path.is_dir():
