@@ -68,7 +68,7 @@ def _webui(args) -> int:
     from webui.server import serve  # imported here: the engine never imports gradio at module level
 
     return serve(host=args.host, port=args.port, workspace=args.workspace, auth=args.auth, auth_file=args.auth_file,
-                 share=args.share, lang=args.lang)
+                 share=args.share, lang=args.lang, data_roots=args.data_root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-file", default=None, metavar="FILE", help="require a login from this file of user:password lines")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (needs --auth)")
     p.add_argument("--lang", default="en", choices=["en", "zh"], help="language the page opens in")
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="a folder the page may read and write besides the project and the workspace (repeatable; "
+                        "also $WORKBENCH_DATA_ROOTS and data_roots in webui/defaults.yaml)")
     p.set_defaults(func=_webui)
 
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a local HF model (idempotent)")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from engine.run.paths import PathPolicy, confine_process
+
 from .context import Context
 from .form import load_defaults
 from .i18n import LANGUAGES, t
@@ -78,12 +80,15 @@ def build_app(ctx: Context) -> gr.Blocks:
     return demo
 
 
-def create(workspace: str | Path, lang: str = "en") -> tuple[gr.Blocks, Context]:
-    """The app and its context for a workspace (the run manager's queue thread is started)."""
+def create(workspace: str | Path, lang: str = "en", data_roots: list[str] = ()) -> tuple[gr.Blocks, Context]:
+    """The app and its context for a workspace (the run manager's queue thread is started); ``data_roots`` are
+    folders the page may use besides the project, the workspace and the configured ones (engine.run.paths)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     manager = RunManager(workspace)
     manager.start_background()
-    ctx = Context(manager=manager, defaults=load_defaults(), lang=lang)
+    ctx = Context(manager=manager, defaults=load_defaults(), lang=lang,
+                  policy=PathPolicy.for_workspace(manager.workspace, data_roots))
+    confine_process(ctx.policy)  # what the page reaches through a registry or a config is confined too
     return build_app(ctx), ctx
 
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.run.config import RunConfig
+from engine.run.config import ConfigError, RunConfig
+from engine.run.paths import PathPolicy
 
 from . import form
 from .i18n import DEFAULT, t
@@ -23,8 +24,11 @@ class Context:
     shared: dict[str, Any] = field(default_factory=dict)  # components one tab hands to another
     on_load: list[tuple] = field(default_factory=list)  # (fn, inputs, outputs[, triggers]) run when a page opens
     on_lang: list[tuple] = field(default_factory=list)  # (fn, inputs, outputs) run after a language switch
+    policy: PathPolicy | None = None  # the folders every path of the page must lie in (default: project + workspace)
 
     def __post_init__(self):
+        if self.policy is None:
+            self.policy = PathPolicy.for_workspace(self.workspace)
         self.values = form.to_values(self.defaults, self.manager.devices)
         self.layout = form.LAYOUT["tabs"]
 
@@ -52,4 +56,12 @@ class Context:
     def config_from(self, data: dict) -> RunConfig:
         """The RunConfig of a handler's input dict (components -> values); raises ConfigError."""
         values = {k: data[self.fields[k]] for k in self.field_list() if self.fields[k] in data}
-        return form.from_values(values, self.manager.devices, self.defaults)
+        return self.confine(form.from_values(values, self.manager.devices, self.defaults))
+
+    def confine(self, cfg):
+        """``cfg`` (a RunConfig, EvalConfig or ExportConfig) when every path field it marks is inside the policy's
+        folders; else ConfigError naming each refused field."""
+        problems = self.policy.problems(cfg)
+        if problems:
+            raise ConfigError(problems, "form")
+        return cfg

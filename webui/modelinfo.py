@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.run.paths import exists
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,15 +40,18 @@ class ModelPathError(ValueError):
     pass
 
 
-def resolve_model_path(text: str) -> Path:
-    """A typed model path made absolute (relative paths are taken from the project root when not found here)."""
+def resolve_model_path(text: str, policy=None) -> Path:
+    """A typed model path made absolute (relative paths are taken from the project root when not found here);
+    with the page's ``policy`` (engine.run.paths), a path outside its folders is refused before it is looked at."""
     text = (text or "").strip()
     if not text:
         raise ModelPathError("empty")
     path = Path(text).expanduser()
-    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+    if not path.is_absolute() and not exists(path) and exists(ROOT / path):
         path = ROOT / path
-    if not path.exists():
+    if policy is not None and not policy.allows(path.absolute()):
+        raise ModelPathError(str(policy.refusal(text)))
+    if not exists(path):
         raise ModelPathError(f"not found: {path}")
     if not path.is_dir():
         raise ModelPathError(f"not a directory: {path}")

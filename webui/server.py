@@ -56,7 +56,7 @@ def check_bind(host: str, share: bool, credentials: list[tuple[str, str]]) -> No
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = None, auth: str | None = None,
-          auth_file: str | None = None, share: bool = False, lang: str = "en") -> int:
+          auth_file: str | None = None, share: bool = False, lang: str = "en", data_roots: list[str] = ()) -> int:
     try:
         credentials = parse_auth(auth, auth_file)
         check_bind(host, share, credentials)
@@ -72,17 +72,24 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
     from .chatfmt import preload
     from .modelinfo import ModelPathError, resolve_model_path
 
-    demo, ctx = create(workspace_dir(workspace), lang=lang)
+    demo, ctx = create(workspace_dir(workspace), lang=lang, data_roots=data_roots)
     try:
         preload(resolve_model_path(ctx.defaults.model.path))
     except ModelPathError:
         pass
     print(f"Workbench web UI: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}  "
           f"(workspace {ctx.workspace}; runs keep going when this server stops)", flush=True)
+    extra = {}
+    if credentials:  # after 5 wrong passwords from one address, its logins are refused for a minute
+        from starlette.middleware import Middleware
+
+        from .login import LoginThrottle
+
+        extra["app_kwargs"] = {"middleware": [Middleware(LoginThrottle)]}
     try:
         demo.queue(default_concurrency_limit=4).launch(
             server_name=host, server_port=port, share=share, auth=credentials or None, show_error=False,
-            quiet=True, inbrowser=False, **launch_kwargs(ctx))
+            quiet=True, inbrowser=False, **launch_kwargs(ctx), **extra)
     except OSError as err:
         print(f"error: cannot serve on {host}:{port}: {err}", file=sys.stderr)
         return 2

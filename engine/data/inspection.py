@@ -81,10 +81,12 @@ def open_source(text: str, allowed_roots: list[Path] | None = None) -> Source:
     path = find_path(Path(text).expanduser())
     if path.exists():
         real = path.resolve()
-        if allowed_roots is not None and not any(real.is_relative_to(Path(r).resolve()) for r in allowed_roots):
-            roots = ", ".join(str(r) for r in allowed_roots)
-            raise DataError(f"'{text}' is outside the folders this page may read ({roots}); upload the file instead, "
-                            "or add its folder to data_roots in webui/defaults.yaml", field="path")
+        if allowed_roots is not None:  # the page's path policy (engine.run.paths)
+            from engine.run.paths import PathPolicy
+
+            policy = PathPolicy(tuple(allowed_roots))
+            if not policy.allows(real):
+                raise DataError(str(policy.refusal(text)), field="path")
         if not is_data_path(real):
             kinds = ", ".join(SUFFIXES)
             what = "directory is not a datasets save_to_disk directory" if real.is_dir() else "file type is not supported"

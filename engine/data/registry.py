@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from engine.run import paths
+
 from .errors import DataError
 from .formats import FORMAT_FIELDS, FORMATS, KIND_OF_FORMAT, KINDS, detect_format
 from .readers import SUFFIXES, is_data_path, read_records
@@ -96,6 +98,8 @@ def workspace_registry(workspace: str | Path) -> Path:
 def load_registry(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, DatasetSpec]:
     """Every dataset of a registry file and of the registries it includes, by name."""
     path = find_path(path)
+    if (policy := paths.active()) is not None and not policy.allows(path):
+        raise DataError(str(policy.refusal(str(path))), field="registry")
     if not path.is_file():
         raise DataError("dataset registry not found", path)
     try:
@@ -144,6 +148,10 @@ def _include(node, path: Path, including: tuple[Path, ...], specs: dict, problem
             problems.append(DataError(f"'{INCLUDE}' must be a registry path or a list of them", path, line, INCLUDE))
             continue
         target = (path.parent / Path(item.value).expanduser()).resolve()
+        if (policy := paths.active()) is not None and not policy.allows(target):
+            problems.append(DataError(f"'{INCLUDE}': {policy.refusal(str(target))}", path, item.start_mark.line + 1,
+                                      INCLUDE))
+            continue
         if target in including:
             problems.append(DataError(f"'{INCLUDE}' of {target} makes a cycle (it includes this file)", path,
                                       item.start_mark.line + 1, INCLUDE))
@@ -180,6 +188,8 @@ def _entry(name: str, node, path: Path) -> DatasetSpec:
         raise DataError(f"entry '{name}': key 'file' is missing", path, where, "file")
     file = path.parent / Path(_scalar(fields["file"], name, "file", path)).expanduser()
     line = fields["file"].start_mark.line + 1
+    if (policy := paths.active()) is not None and not policy.allows(file):
+        raise DataError(f"entry '{name}': {policy.refusal(str(file))}", path, line, "file")
     if not file.exists():
         raise DataError(f"entry '{name}': file '{file}' does not exist", path, line, "file")
     if not is_data_path(file):
@@ -227,6 +237,8 @@ def resolve_dataset(name_or_path: str, registry_path: str | Path) -> DatasetSpec
     if name_or_path in registry:
         return registry[name_or_path]
     path = find_path(name_or_path)
+    if (policy := paths.active()) is not None and not policy.allows(path):
+        raise DataError(str(policy.refusal(name_or_path)), field="datasets")
     if is_data_path(path):
         fmt = detect_file(path)
         return DatasetSpec(name_or_path, path, fmt, KIND_OF_FORMAT[fmt], {}, f"file {path.name}")

@@ -30,13 +30,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(DEFAULT_MODEL, description="Local Hugging Face model directory (config.json + weights + tokenizer).")
+    path: str = Field(DEFAULT_MODEL, json_schema_extra={"path": "path"}, description="Local Hugging Face model directory (config.json + weights + tokenizer).")
     template: str = Field("auto", description="Chat template: 'auto' uses the tokenizer's own chat template, or a registry name such as chatml, llama3, alpaca.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype the weights are loaded in; 'auto' = float32 on CPU, bfloat16 on GPUs that support it.")
     quantization: Quantization = Field("none", description="Load the base weights quantized with bitsandbytes: 4-bit NF4 or FP4, or 8-bit. QLoRA needs nf4/fp4/int8.")
     double_quant: bool = Field(True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight).")
     trust_remote_code: bool = Field(False, description="Allow the model directory to run its own Python code. Off unless you trust the files.")
-    extend_vocab: str = Field("", description="Add tokens to the vocabulary: a text file with one token per line, or a tokenizer (directory, tokenizer.json or SentencePiece .model) whose vocabulary is merged in; embed_tokens and lm_head then train too.")
+    extend_vocab: str = Field("", json_schema_extra={"path": "path"}, description="Add tokens to the vocabulary: a text file with one token per line, or a tokenizer (directory, tokenizer.json or SentencePiece .model) whose vocabulary is merged in; embed_tokens and lm_head then train too.")
 
 
 class MethodConfig(_Section):
@@ -59,7 +59,7 @@ class MethodConfig(_Section):
                                     description="kto: weight of the loss on desirable (label true) answers; raise it when they are the rarer kind.")
     undesirable_weight: float = Field(1.0, gt=0.0, le=100.0, json_schema_extra={"stages": ["kto"]},
                                       description="kto: weight of the loss on undesirable (label false) answers; raise it when they are the rarer kind.")
-    reward_model: str = Field("", json_schema_extra={"stages": ["rl"]},
+    reward_model: str = Field("", json_schema_extra={"stages": ["rl"], "path": "path"},
                               description="rl: the reward model, the final/ or checkpoint-N directory of an rm run.")
     num_generations: int = Field(4, ge=2, le=256, json_schema_extra={"stages": ["rl"]},
                                  description="rl: completions sampled per prompt and compared with each other; batch size × accumulation × processes must be a multiple of it.")
@@ -70,8 +70,8 @@ class MethodConfig(_Section):
 
 
 class DataConfig(_Section):
-    datasets: list[str] = Field(default_factory=lambda: ["identity"], description="Registered dataset names or paths to data files (json, jsonl, csv, parquet, txt).")
-    registry: str = Field("data/dataset_info.yaml", description="Dataset registry file that maps names to files, formats and columns.")
+    datasets: list[str] = Field(default_factory=lambda: ["identity"], json_schema_extra={"path": "dataset"}, description="Registered dataset names or paths to data files (json, jsonl, csv, parquet, txt).")
+    registry: str = Field("data/dataset_info.yaml", json_schema_extra={"path": "path"}, description="Dataset registry file that maps names to files, formats and columns.")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer examples are truncated.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples from each dataset (None: all).")
     val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for evaluation (0: no validation).")
@@ -96,7 +96,7 @@ class TrainingConfig(_Section):
     save_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate on the validation split every N steps (None: every save).")
     save_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints (None: keep all).")
-    resume_from: str | None = Field(None, description="Checkpoint to resume from: a checkpoint directory, or 'latest' for the run's newest one.")
+    resume_from: str | None = Field(None, json_schema_extra={"path": "checkpoint"}, description="Checkpoint to resume from: a checkpoint directory, or 'latest' for the run's newest one.")
 
 
 class Node(_Section):
@@ -109,7 +109,7 @@ class DistributedConfig(_Section):
     num_processes: int = Field(1, ge=1, le=1024, description="Processes (ranks) on this machine; on GPUs one per device.")
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 off, 2 shards optimizer state and gradients, 3 also shards weights.")
     offload: bool = Field(False, description="ZeRO 2/3: keep optimizer state (and ZeRO-3 weights) in CPU memory.")
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile for training across several machines: one 'HOST slots=N' line per node, # comments.")
+    hostfile: str | None = Field(None, json_schema_extra={"path": "path"}, description="DeepSpeed hostfile for training across several machines: one 'HOST slots=N' line per node, # comments.")
     nodes: list[Node] = Field(default_factory=list, description="The machines as a table instead of a hostfile: one 'HOST slots=N' per line (first node hosts rank 0).")
     include: str = Field("", description="Several machines: the slots of each node to use, in DeepSpeed's --include syntax, e.g. node-a:0,1@node-b:0; empty uses every slot.")
     launcher: Literal["pdsh", "no_ssh"] = Field("pdsh", description="Several machines: pdsh starts every node's ranks over ssh from here; no_ssh: each node runs `workbench train CONFIG --node-rank N` itself (Slurm).")
@@ -119,7 +119,7 @@ class DistributedConfig(_Section):
 
 
 class OutputConfig(_Section):
-    run_dir: str = Field("", description="Run directory; empty creates workspace/runs/<time>-<stage>.")
+    run_dir: str = Field("", json_schema_extra={"path": "path"}, description="Run directory; empty creates workspace/runs/<time>-<stage>.")
 
 
 class RunConfig(_Section):

@@ -24,8 +24,8 @@ class _Section(BaseModel):
 # ---------------------------------------------------------------- evaluation
 
 class EvalModels(_Section):
-    base: str = Field("", description="Base model directory; empty reads it from the first checkpoint's run config (model.path).")
-    checkpoints: list[str] = Field(default_factory=list, description="Checkpoints to evaluate (adapter or full-weight directories: checkpoint-N, final, or an export).")
+    base: str = Field("", json_schema_extra={"path": "path"}, description="Base model directory; empty reads it from the first checkpoint's run config (model.path).")
+    checkpoints: list[str] = Field(default_factory=list, json_schema_extra={"path": "path"}, description="Checkpoints to evaluate (adapter or full-weight directories: checkpoint-N, final, or an export).")
     include_base: bool = Field(True, description="Also evaluate the base model, as the first row of the comparison.")
     template: str = Field("auto", description="Chat template: 'auto' uses each checkpoint's saved chat template, or a registry name.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the weights are evaluated in (QLoRA bases are loaded unquantized).")
@@ -39,8 +39,8 @@ class EvalTasks(_Section):
 
 
 class EvalData(_Section):
-    datasets: list[str] = Field(default_factory=lambda: ["instruct_demo"], description="Registered SFT dataset names or data files; the last assistant turn is the reference.")
-    registry: str = Field("data/dataset_info.yaml", description="Dataset registry file.")
+    datasets: list[str] = Field(default_factory=lambda: ["instruct_demo"], json_schema_extra={"path": "dataset"}, description="Registered SFT dataset names or data files; the last assistant turn is the reference.")
+    registry: str = Field("data/dataset_info.yaml", json_schema_extra={"path": "path"}, description="Dataset registry file.")
     max_samples: int | None = Field(64, ge=1, description="Use at most this many samples of each dataset (None: all).")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example for the loss.")
     val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Evaluate only this held-out fraction (the same split as training with the same seed); 0 uses every sample.")
@@ -57,12 +57,12 @@ class EvalGeneration(_Section):
 
 
 class EvalBenchmark(_Section):
-    file: str = Field("data/benchmarks/mcq_demo.jsonl", description="Multiple-choice JSONL: {question, choices: [..] or A/B/C/D columns, answer: letter}.")
+    file: str = Field("data/benchmarks/mcq_demo.jsonl", json_schema_extra={"path": "path"}, description="Multiple-choice JSONL: {question, choices: [..] or A/B/C/D columns, answer: letter}.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many questions (None: all).")
 
 
 class EvalOutput(_Section):
-    dir: str = Field("", description="Job directory for status, results and predictions; empty creates workspace/evals/<time>.")
+    dir: str = Field("", json_schema_extra={"path": "path"}, description="Job directory for status, results and predictions; empty creates workspace/evals/<time>.")
     overwrite: bool = Field(False, description="Allow a non-empty job directory to be replaced.")
 
 
@@ -78,18 +78,18 @@ class EvalConfig(_Section):
 # ---------------------------------------------------------------- export
 
 class ExportModel(_Section):
-    checkpoint: str = Field("", description="Checkpoint to export: an adapter (LoRA/QLoRA) or full-weight directory.")
-    base: str = Field("", description="Base model the adapter was trained on; empty reads it from the checkpoint (config.yaml, adapter_config.json).")
+    checkpoint: str = Field("", json_schema_extra={"path": "path"}, description="Checkpoint to export: an adapter (LoRA/QLoRA) or full-weight directory.")
+    base: str = Field("", json_schema_extra={"path": "path"}, description="Base model the adapter was trained on; empty reads it from the checkpoint (config.yaml, adapter_config.json).")
     trust_remote_code: bool = Field(False, description="Allow the model directory to run its own Python code.")
 
 
 class ExportOutput(_Section):
-    dir: str = Field("", description="Directory the merged model is written to; empty uses <job dir>/model.")
+    dir: str = Field("", json_schema_extra={"path": "path"}, description="Directory the merged model is written to; empty uses <job dir>/model.")
     overwrite: bool = Field(False, description="Replace an existing non-empty output directory.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description="Dtype of the merged weights (QLoRA adapters are merged into this 16/32-bit base, never into 4-bit weights).")
     max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$", description="Largest safetensors shard, e.g. 500MB, 2GB.")
     gguf: list[GGUFType] = Field(default_factory=list, description="Also write these GGUF files for llama.cpp-compatible tools (Llama architectures, byte-level BPE tokenizers; q4_0 keeps the embeddings in q8_0), each loaded back and checked.")
-    job_dir: str = Field("", description="Job directory for status and logs; empty creates workspace/exports/<time>.")
+    job_dir: str = Field("", json_schema_extra={"path": "path"}, description="Job directory for status and logs; empty creates workspace/exports/<time>.")
 
     @field_validator("gguf")
     @classmethod

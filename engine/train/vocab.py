@@ -25,6 +25,8 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
+from engine.run import paths
+
 SAMPLE_CHARS = 20_000
 
 
@@ -35,6 +37,8 @@ class VocabError(ValueError):
 def read_tokens(source: str | Path) -> list[str]:
     """The candidate tokens named by ``source``, in order and without duplicates; raises VocabError."""
     path = Path(source).expanduser()
+    if (policy := paths.active()) is not None and str(source).strip() and not policy.allows(path):
+        raise VocabError(str(policy.refusal(str(source))))
     if not str(source).strip() or not path.exists():
         raise VocabError(f"vocabulary source not found: {path}")
     if path.is_dir():

@@ -48,7 +48,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
     shots = tmp_path / "screens"
     shots.mkdir()
     workspace = tmp_path / "ws"
-    server = Server(workspace, tmp_path / "server.log")
+    server = Server(workspace, tmp_path / "server.log", args=["--data-root", str(tiny_model)])  # typed into the page
     n = iter(range(1, 100))
 
     def shot(page, name):

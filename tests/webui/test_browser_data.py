@@ -26,7 +26,7 @@ def test_upload_map_preview_save_and_train(tiny_model, tmp_path):
     shots = tmp_path / "screens"
     shots.mkdir()
     workspace = tmp_path / "ws"
-    server = Server(workspace, tmp_path / "server.log")
+    server = Server(workspace, tmp_path / "server.log", args=["--data-root", str(tiny_model)])  # typed into the page
     server.start()
     try:
         with sync_playwright() as p:

@@ -30,7 +30,7 @@ def server(tiny_model, tmp_path_factory):
     run = launch.start(cfg)
     status = launch.wait(run, timeout=300)
     assert status is not None and status.state == "completed", (status, rundir.log_tail(run))
-    server = Server(workspace, tmp / "webui.log")
+    server = Server(workspace, tmp / "webui.log", args=["--data-root", str(tmp)])  # the export goes to tmp/exported
     server.start()
     yield server.url, run, tmp
     server.stop()

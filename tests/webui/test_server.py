@@ -50,3 +50,68 @@ def test_cli_refuses_with_one_sentence_and_exit_code_2(args, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "runs").exists()  # refused before anything was set up
+
+
+def test_login_lock_starts_after_five_wrong_passwords_and_ends_after_a_minute():
+    import asyncio
+
+    from webui.login import LoginThrottle
+
+    now = [0.0]
+    answers = iter([400] * 5 + [200])
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": next(answers), "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    throttle = LoginThrottle(app, clock=lambda: now[0])
+
+    def login(address="10.0.0.1"):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/login", "client": (address, 1)}
+        asyncio.run(throttle(scope, None, send))
+        return sent[0]["status"]
+
+    assert [login() for _ in range(5)] == [400] * 5
+    assert login() == 429 and login("10.0.0.2") == 200  # the lock holds for that address only
+    now[0] = 59.0
+    assert login() == 429
+    now[0] = 60.5
+    assert throttle.wait("10.0.0.1") == 0
+
+
+@pytest.mark.slow
+def test_a_real_server_with_auth_locks_an_address_out_after_five_wrong_passwords(tmp_path):
+    """`workbench webui --auth`: five wrong passwords from 127.0.0.1, then even the right one gets 429 for a minute,
+    while another address (127.0.0.2) still logs in."""
+    import http.client
+    import json
+    from urllib.parse import urlencode
+
+    from webui_server import Server
+
+    server = Server(tmp_path / "ws", tmp_path / "server.log", args=["--auth", "ann:s3cret"])
+    server.start()
+    try:
+        def login(password, source="127.0.0.1"):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30, source_address=(source, 0))
+            conn.request("POST", "/login", urlencode({"username": "ann", "password": password}),
+                         {"Content-Type": "application/x-www-form-urlencoded"})
+            resp = conn.getresponse()
+            out = resp.status, resp.getheader("Retry-After"), json.loads(resp.read() or b"{}")
+            conn.close()
+            return out
+
+        assert login("s3cret")[0] == 200
+        assert [login(f"wrong{i}")[0] for i in range(5)] == [400] * 5
+        status, retry, body = login("s3cret")
+        assert status == 429 and 55 <= int(retry) <= 60
+        assert body["detail"].startswith("Too many wrong passwords from this address: try again in ")
+        assert login("s3cret", source="127.0.0.2")[0] == 200
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()

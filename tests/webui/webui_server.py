@@ -23,8 +23,8 @@ MARKS = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(), re
 class Server:
     """`workbench webui` on a free loopback port, in its own process session so it can be restarted."""
 
-    def __init__(self, workspace: Path, log: Path, port: int | None = None):
-        self.workspace, self.log, self.port = workspace, log, port or free_port()
+    def __init__(self, workspace: Path, log: Path, port: int | None = None, args: list[str] = ()):
+        self.workspace, self.log, self.port, self.args = workspace, log, port or free_port(), list(args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -36,7 +36,7 @@ class Server:
         env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([str(ROOT / ".venv/bin/workbench"), "webui", "--port", str(self.port),
-                                          "--workspace", str(self.workspace)], cwd=ROOT, env=env,
+                                          "--workspace", str(self.workspace), *self.args], cwd=ROOT, env=env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         while time.time() - t0 < timeout:
             assert self.proc.poll() is None, self.log.read_text()[-3000:]

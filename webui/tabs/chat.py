@@ -12,6 +12,7 @@ import psutil
 from engine.run import rundir
 from engine.run.checkpoint import is_reward_model
 from engine.run.config import field_info
+from engine.run.paths import PathRefused
 from engine.serve.sampling import SamplingParams
 from engine.serve.worker import InferenceWorker, WorkerError
 
@@ -137,6 +138,10 @@ def wire(ctx) -> None:
         path = ckpt if run_id else (model or "").strip()
         if not path:
             return status_html(lg, worker, message("warn", t(lg, "chat.pick_first")))
+        try:
+            ctx.policy.check(path)
+        except PathRefused as err:
+            return status_html(lg, worker, message("error", t(lg, "chat.load_failed"), [str(err)]))
         avail, rss = psutil.virtual_memory().available, worker.rss()
         try:
             info = worker.load(path, quantization=quant, template=(template or "").strip() or None)

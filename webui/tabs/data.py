@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from engine.data import DataError, load_registry, normalize, read_records, resolve_dataset
+from engine.run.paths import PathRefused, is_path_value
 from engine.train.stages import STAGE_KINDS
 
 from .. import form
@@ -37,9 +38,26 @@ def stage_choices(lang: str) -> list[tuple[str, str]]:
     return [(s if s in STAGE_KINDS else f"{s} — {t(lang, 'data.not_available')}", s) for s in form.spec("method.stage").choices]
 
 
-def dataset_choices(registry: str, stage: str) -> tuple[list[tuple[str, str]], str | None]:
+def confined(policy, registry: str, names: list[str] = ()) -> str | None:
+    """The policy's sentence for the registry or a dataset path outside the page's folders (None: all inside)."""
+    if policy is None:
+        return None
+    try:
+        policy.check(registry, "data.registry")
+        for name in names:
+            if is_path_value(name, "dataset"):
+                policy.check(name, "data.datasets")
+    except PathRefused as err:
+        return f"{err.field}: {err}"
+    return None
+
+
+def dataset_choices(registry: str, stage: str, policy=None) -> tuple[list[tuple[str, str]], str | None]:
     """(label, name) of the registered datasets the stage can train on, and the registry's problem if any."""
     need = STAGE_KINDS.get(stage)
+    refused = confined(policy, registry)
+    if refused:
+        return [], refused
     try:
         specs = load_registry(registry)
     except DataError as err:
@@ -47,9 +65,12 @@ def dataset_choices(registry: str, stage: str) -> tuple[list[tuple[str, str]], s
     return [(name, name) for name, s in specs.items() if need is None or s.kind == need], None
 
 
-def preview_html(lang: str, stage: str, names: list[str], registry: str) -> str:
+def preview_html(lang: str, stage: str, names: list[str], registry: str, policy=None) -> str:
     if not names:
         return message("warn", t(lang, "data.none_selected"))
+    refused = confined(policy, registry, names)
+    if refused:
+        return message("error", t(lang, "data.cannot_read", name=", ".join(names)), [refused])
     need = STAGE_KINDS.get(stage)
     blocks = []
     total = 0
@@ -92,7 +113,7 @@ def build(ctx) -> None:
         with gr.Row():
             with gr.Column(scale=2):
                 form.build(ctx, "method.stage", choices=stage_choices)
-                choices, problem = dataset_choices(ctx.values["data.registry"], ctx.values["method.stage"])
+                choices, problem = dataset_choices(ctx.values["data.registry"], ctx.values["method.stage"], ctx.policy)
                 form.build(ctx, "data.datasets", choices=choices)
                 c["registry_msg"] = gr.HTML(message("error", ctx.t("data.bad_registry"), [problem]) if problem else "",
                                             elem_id="registry-msg")
@@ -106,7 +127,7 @@ def wire(ctx) -> None:
     c, f, lang = ctx.shared, ctx.fields, ctx.shared["lang"]
 
     def refresh_choices(lg, registry, stage, chosen):
-        choices, problem = dataset_choices(registry, stage)
+        choices, problem = dataset_choices(registry, stage, ctx.policy)
         names = {v for _, v in choices}
         keep = [d for d in (chosen or []) if d in names or Path(d).suffix]  # typed file paths stay
         msg = message("error", t(lg, "data.bad_registry"), [problem]) if problem else ""
@@ -118,6 +139,10 @@ def wire(ctx) -> None:
         comp.change(refresh_choices, [lang, f["data.registry"], f["method.stage"], f["data.datasets"]],
                     [f["data.datasets"], c["registry_msg"]], show_progress="hidden")
     inputs = [lang, f["method.stage"], f["data.datasets"], f["data.registry"]]
-    ctx.on_load.append((preview_html, inputs, c["data_preview"], [f["data.datasets"].change]))
-    ctx.on_lang.append((preview_html, inputs, c["data_preview"]))
+
+    def preview(lg, stage, names, registry):
+        return preview_html(lg, stage, names, registry, ctx.policy)
+
+    ctx.on_load.append((preview, inputs, c["data_preview"], [f["data.datasets"].change]))
+    ctx.on_lang.append((preview, inputs, c["data_preview"]))
     data_add.wire(ctx, dataset_choices)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import gradio as gr
-import yaml
+from gradio.utils import get_upload_folder
 
 from engine.data import DataError, TemplateError, get_template, label_spans
 from engine.data.encode import IGNORE_INDEX
@@ -20,12 +20,12 @@ from engine.data.formats import FORMAT_FIELDS, FORMATS, KIND_OF_FORMAT, REQUIRED
 from engine.data.inspection import (Source, add_dataset, columns_of, detect_source, encode_example, inspect_source,
                                     open_source, token_lengths)
 from engine.data.registry import CANONICAL_FIELDS, PROJECT_REGISTRY, find_path, workspace_registry
+from engine.run.paths import PathPolicy, PathRefused
 from engine.train.stages import STAGE_KINDS
 
 from .. import chatfmt, plots
-from ..form import DEFAULTS_FILE
 from ..i18n import t
-from ..modelinfo import ROOT, ModelPathError, resolve_model_path
+from ..modelinfo import ModelPathError, resolve_model_path
 from ..views import conversation, esc, message
 
 CHECK_RECORDS = 200_000  # the page checks this many records at most (Save checks them all)
@@ -34,14 +34,25 @@ SAMPLE = 1000
 FILE_TYPES = [".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt"]
 
 
-def data_roots(workspace: Path, defaults: Path = DEFAULTS_FILE) -> list[Path]:
-    """Folders a typed dataset path may lie in: the project, the workspace, and webui/defaults.yaml's data_roots."""
-    extra = (yaml.safe_load(defaults.read_text(encoding="utf-8")) or {}).get("data_roots") or []
-    return [ROOT, Path(workspace)] + [ROOT / Path(str(r)).expanduser() for r in extra]
+def uploaded(path: str) -> Path:
+    """A file the page received as an upload: it must lie in Gradio's upload folder (a path sent through the API
+    instead of a file is refused like any other path outside the page's folders)."""
+    policy = PathPolicy((Path(get_upload_folder()),))
+    if not policy.allows(Path(path)):
+        raise DataError(str(policy.refusal(path)), field="upload")
+    return Path(path)
 
 
-def _source(state: dict) -> Source:
-    return Source(hub=state["hub"]) if state.get("hub") else Source(path=Path(state["path"]))
+def _source(state: dict, policy: PathPolicy) -> Source:
+    """The source a check or save reads, its path checked again (an upload in Gradio's folder, else the policy)."""
+    if state.get("hub"):
+        return Source(hub=state["hub"])
+    if state.get("upload"):
+        return Source(path=uploaded(state["path"]))
+    try:
+        return Source(path=policy.check(state["path"], "path"))
+    except PathRefused as err:
+        raise DataError(str(err), field="path") from None
 
 
 def _fields(fmt: str) -> tuple[str, ...]:
@@ -146,16 +157,16 @@ def tokens_html(lang: str, tokenizer, parts: list[tuple[str, dict]], cutoff: int
     return legend + "".join(blocks)
 
 
-def _tokenizer(lang: str, model: str, template: str):
+def _tokenizer(lang: str, model: str, template: str, policy=None):
     """(tokenizer, template) of the form's model, or (None, a message why not)."""
     try:
-        tok = chatfmt.tokenizer(resolve_model_path(model))
+        tok = chatfmt.tokenizer(resolve_model_path(model, policy))
         return tok, get_template(template, tok)
     except (ModelPathError, TemplateError, OSError, ValueError) as err:
         return None, message("warn", t(lang, "data.add.no_tokens"), [str(err)])
 
 
-def preview_html(lang: str, pending: dict, index, model: str, template: str, cutoff, multiturn: str) -> str:
+def preview_html(lang: str, pending: dict, index, model: str, template: str, cutoff, multiturn: str, policy=None) -> str:
     """Example ``index`` (1-based) rendered as a conversation and as the tokens the trainer will see."""
     examples = pending.get("examples") or []
     if not examples:
@@ -163,7 +174,7 @@ def preview_html(lang: str, pending: dict, index, model: str, template: str, cut
     line, example = examples[min(max(int(index or 1), 1), len(examples)) - 1]
     where = t(lang, "data.add.example_at", line=line)
     html = f'<div class="wb-card" id="data-example"><div class="wb-hint">{esc(where)}</div>{example_html(example)}'
-    tok, template_ = _tokenizer(lang, model, template)
+    tok, template_ = _tokenizer(lang, model, template, policy)
     if tok is None:
         return html + template_ + "</div>"
     cutoff = int(cutoff or 1)
@@ -175,10 +186,10 @@ def preview_html(lang: str, pending: dict, index, model: str, template: str, cut
     return html + f'<div class="wb-subtitle">{esc(title)}</div>' + tokens_html(lang, tok, parts, cutoff) + "</div>"
 
 
-def lengths_view(lang: str, pending: dict, model: str, template: str, cutoff):
+def lengths_view(lang: str, pending: dict, model: str, template: str, cutoff, policy=None):
     """(figure or None, one line of truncation counts)."""
     sample = pending.get("sample") or []
-    tok, template_ = _tokenizer(lang, model, template) if sample else (None, "")
+    tok, template_ = _tokenizer(lang, model, template, policy) if sample else (None, "")
     if tok is None:
         return None, template_
     cutoff = int(cutoff or 1)
@@ -254,7 +265,7 @@ def wire(ctx, dataset_choices) -> None:
     """``dataset_choices(registry, stage)`` gives the Datasets dropdown's choices (the Data tab's own function)."""
     c, f, lang = ctx.shared, ctx.fields, ctx.shared["lang"]
     maps = c["add_maps"]
-    roots = data_roots(ctx.workspace)
+    roots = list(ctx.policy.roots)
     ws_registry = workspace_registry(ctx.workspace)
     if ws_registry.is_file():  # Reset (Hyperparameters) returns to the registry that holds the user's datasets
         ctx.defaults.data.registry = str(ws_registry)
@@ -263,7 +274,7 @@ def wire(ctx, dataset_choices) -> None:
         """A new source: its columns fill the mapping dropdowns; the format is detected when it can be."""
         try:
             if upload:
-                source, state = Source(path=Path(upload)), {"path": str(upload), "upload": True}
+                source, state = Source(path=uploaded(upload)), {"path": str(upload), "upload": True}
             else:
                 source = open_source(text, roots)
                 state = {"hub": source.hub} if source.hub else {"path": str(source.path), "upload": False}
@@ -290,13 +301,18 @@ def wire(ctx, dataset_choices) -> None:
         """Validate every record (up to CHECK_RECORDS), then preview example 1 and the length histogram."""
         if not state:
             return message("warn", t(lg, "data.add.no_source")), {}, gr.update(visible=False), "", None, "", ""
-        report = inspect_source(_source(state), fmt, mapping_of(state, fmt, values), max_records=CHECK_RECORDS,
+        try:
+            source = _source(state, ctx.policy)
+        except DataError as err:
+            return message("error", t(lg, "data.add.cannot_open"), [str(err)]), {}, gr.update(visible=False), "", None, "", ""
+        report = inspect_source(source, fmt, mapping_of(state, fmt, values), max_records=CHECK_RECORDS,
                                 preview=PREVIEW, sample=SAMPLE)
         pending = {"kind": report.kind, "valid": report.valid, "examples": report.examples, "sample": report.sample}
         n = len(report.examples)
         slider = gr.update(visible=n > 1, maximum=max(n, 2), value=1)
-        fig, lengths = lengths_view(lg, pending, model, template, cutoff)
-        return (report_html(lg, report), pending, slider, preview_html(lg, pending, 1, model, template, cutoff, multiturn),
+        fig, lengths = lengths_view(lg, pending, model, template, cutoff, ctx.policy)
+        return (report_html(lg, report), pending, slider,
+                preview_html(lg, pending, 1, model, template, cutoff, multiturn, ctx.policy),
                 fig, lengths, report.kind)
 
     c["add_upload"].upload(load, [lang, c["add_upload"], gr.State(None)], load_outputs).then(
@@ -312,14 +328,15 @@ def wire(ctx, dataset_choices) -> None:
     c["add_format"].input(on_format, [lang, c["add_source"], c["add_format"]], [c["add_kind"]] + maps)
     preview_inputs = [lang, c["add_pending"], c["add_example_no"], f["model.path"], f["model.template"],
                       f["data.cutoff_len"], f["data.multiturn_loss"]]
-    c["add_example_no"].change(preview_html, preview_inputs, c["add_preview"], show_progress="hidden")
+    c["add_example_no"].change(lambda *a: preview_html(*a, policy=ctx.policy), preview_inputs, c["add_preview"],
+                               show_progress="hidden")
 
     def save(lg, state, fmt, name, description, skip, stage, chosen, *values):
         """Validate every record and register the dataset; it is then selected when the stage trains on its kind."""
         if not state:
             return message("warn", t(lg, "data.add.no_source")), gr.skip(), gr.skip()
         try:
-            spec, report = add_dataset(_source(state), (name or "").strip(), ws_registry, fmt, mapping_of(state, fmt, values),
+            spec, report = add_dataset(_source(state, ctx.policy), (name or "").strip(), ws_registry, fmt, mapping_of(state, fmt, values),
                                        description=description or "", copy=bool(state.get("upload")),
                                        skip_invalid=bool(skip))
         except (DataError, OSError) as err:

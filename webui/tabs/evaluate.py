@@ -113,6 +113,7 @@ def wire(ctx) -> None:
                 "generation": {"batch_size": int(batch), "max_new_tokens": int(new), "do_sample": bool(sample)},
                 "benchmark": {"file": bench},
             })
+            ctx.confine(cfg)
             from engine.jobs.evaluate import check_eval
 
             path = jobs.start_job("eval", cfg, ws, checks=check_eval)

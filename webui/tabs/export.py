@@ -90,6 +90,7 @@ def wire(ctx) -> None:
                            "max_shard_size": shard, "gguf": gguf or []},
                 "verify": {"prompt": prompt}, "hub": {"repo_id": repo, "token": token},
             })
+            ctx.confine(cfg)
             from engine.jobs.export import check_export
 
             path = jobs.start_job("export", cfg, ws, checks=check_export)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from engine.run.config import ConfigError, dump_config, load_config
+from engine.run.paths import PathPolicy
 
 from .. import form
 from ..i18n import t
@@ -48,14 +50,17 @@ def stage_keys(ctx) -> list[str]:
     return [k for k in ctx.field_list() if form.stages_of(k) is not None]
 
 
-def config_path(lang: str, text: str, workspace: Path, must_exist: bool) -> Path:
-    """A typed config path, validated: a .yaml file (relative paths live in the workspace)."""
+def config_path(lang: str, text: str, workspace: Path, must_exist: bool, policy=None) -> Path:
+    """A typed config path, validated: a .yaml file (relative paths live in the workspace) inside the folders of
+    the page's ``policy`` (engine.run.paths)."""
     text = (text or "").strip()
     if not text:
         raise ValueError(t(lang, "hparams.path_empty"))
     path = Path(text).expanduser()
     if not path.is_absolute():
         path = workspace / path
+    if policy is not None:
+        policy.check(text, base=workspace)  # PathRefused (a ValueError) outside the policy's folders
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise ValueError(t(lang, "hparams.path_suffix", path=path))
     if path.is_dir():
@@ -105,7 +110,7 @@ def wire(ctx) -> None:
         except ConfigError as err:
             return message("error", t(lg, "train.invalid"), problem_lines(err)), gr.update(visible=False)
         try:
-            path = config_path(lg, data[c["cfg_path"]], ctx.workspace, must_exist=False)
+            path = config_path(lg, data[c["cfg_path"]], ctx.workspace, must_exist=False, policy=ctx.policy)
             path.parent.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, path)
         except (ValueError, OSError) as err:
@@ -122,9 +127,9 @@ def wire(ctx) -> None:
         out[c["cfg_msg"]] = message("ok", done)
         return out
 
-    def load_from(lg, path_text, must_exist=True):
+    def load_from(lg, path_text, policy):
         try:
-            path = config_path(lg, path_text, ctx.workspace, must_exist)
+            path = config_path(lg, path_text, ctx.workspace, True, policy)
             cfg = load_config(path)
         except (ValueError, OSError) as err:
             lines = problem_lines(err) if isinstance(err, ConfigError) else [str(err)]
@@ -132,8 +137,10 @@ def wire(ctx) -> None:
         return apply(lg, cfg, t(lg, "hparams.loaded", path=path))
 
     outputs = [f[k] for k in keys] + [c["cfg_msg"]]
-    c["load"].click(lambda lg, p: load_from(lg, p), [lang, c["cfg_path"]], outputs)
-    c["upload"].upload(lambda lg, file: load_from(lg, file), [lang, c["upload"]], outputs)
+    c["load"].click(lambda lg, p: load_from(lg, p, ctx.policy), [lang, c["cfg_path"]], outputs)
+    # an upload lies in Gradio's upload folder; a path sent through the API in its place is refused
+    uploads = PathPolicy((Path(get_upload_folder()),))
+    c["upload"].upload(lambda lg, file: load_from(lg, file, uploads), [lang, c["upload"]], outputs)
     c["reset"].click(lambda lg: apply(lg, ctx.defaults, t(lg, "hparams.reset_done")), [lang], outputs)
 
     # The stage's own fields (and their accordion) show only while that stage is chosen.

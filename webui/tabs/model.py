@@ -8,11 +8,13 @@ from pathlib import Path
 import gradio as gr
 
 from engine.data.templates import template_names
+from engine.run.paths import PathRefused
 
 from .. import chatfmt, form
 from ..i18n import t
 from ..modelinfo import ROOT, ModelPathError, estimate_memory, human_count, inspect_model, local_models, resolve_model_path
 from ..views import esc, message
+from .data import confined
 
 METHODS = ("full", "freeze", "lora", "qlora")
 
@@ -30,9 +32,10 @@ def model_choices(ctx) -> list[str]:
     return list(dict.fromkeys(local_models(model_roots(ctx)) + exports))
 
 
-def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff, rank, freeze, gc, gpu: bool) -> str:
+def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff, rank, freeze, gc, gpu: bool,
+              policy=None) -> str:
     try:
-        path = resolve_model_path(path_text)
+        path = resolve_model_path(path_text, policy)
         info = inspect_model(path)
     except ModelPathError as err:
         return message("error", t(lang, "model.bad_path"), [str(err)])
@@ -67,9 +70,9 @@ def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff,
             f'<div class="wb-hint">{esc(t(lang, "model.memory_note"))}</div></div>')
 
 
-def template_html(lang: str, path_text: str, template: str) -> str:
+def template_html(lang: str, path_text: str, template: str, policy=None) -> str:
     try:
-        path = resolve_model_path(path_text)
+        path = resolve_model_path(path_text, policy)
     except ModelPathError:
         return ""
     found = chatfmt.advice(path, template)
@@ -81,12 +84,12 @@ def template_html(lang: str, path_text: str, template: str) -> str:
     return message("warn", t(lang, "model.mismatch"), [text])
 
 
-def template_warning(lang: str, path_text: str, template: str):
-    html = template_html(lang, path_text, template)
+def template_warning(lang: str, path_text: str, template: str, policy=None):
+    html = template_html(lang, path_text, template, policy)
     return gr.update(value=html, visible=bool(html))
 
 
-def vocab_html(lang: str, path_text: str, source: str, datasets: list[str], registry: str):
+def vocab_html(lang: str, path_text: str, source: str, datasets: list[str], registry: str, policy=None):
     """What model.extend_vocab does: tokens added, vocabulary size, and tokens per character before and after
     on a sample of the chosen datasets (the numbers train.log reports when the run starts)."""
     from engine.run.config import DataConfig
@@ -96,9 +99,13 @@ def vocab_html(lang: str, path_text: str, source: str, datasets: list[str], regi
     if not source:
         return gr.update(value="", visible=False)
     try:
-        path = resolve_model_path(path_text)
+        path = resolve_model_path(path_text, policy)
         where = Path(source).expanduser()
         where = where if where.is_absolute() else ROOT / where
+        if policy is not None and not policy.allows(where):
+            raise policy.refusal(source, "model.extend_vocab")
+        if (refused := confined(policy, registry, datasets or [])):
+            raise PathRefused(refused)
         text = sample_text(DataConfig(datasets=list(datasets or []), registry=registry)) if datasets else ""
         info = preview(path, where, text)
     except (ModelPathError, VocabError, OSError, ValueError) as err:
@@ -140,7 +147,7 @@ def wire(ctx) -> None:
                   f["method.freeze_trainable_layers"], f["training.gradient_checkpointing"]]
 
     def refresh_info(lg, path, method, quant, batch, cutoff, rank, freeze, gc):
-        return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu)
+        return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu, ctx.policy)
 
     ctx.on_load.append((refresh_info, est_inputs, c["model_info"], [comp.change for comp in est_inputs[1:]]))
     ctx.on_lang.append((refresh_info, est_inputs, c["model_info"]))
@@ -148,23 +155,29 @@ def wire(ctx) -> None:
     def on_path(lg, path, template):
         """A new model: suggest its template ('auto' when it has one) and check the pairing."""
         try:
-            resolved = resolve_model_path(path)
+            resolved = resolve_model_path(path, ctx.policy)
         except ModelPathError:
             return gr.skip(), gr.update(value="", visible=False)
         suggested = chatfmt.suggested(resolved)
         new = suggested if suggested and (template == "auto" or suggested == "auto") else template
-        return new, template_warning(lg, path, new)
+        return new, template_warning(lg, path, new, ctx.policy)
 
     f["model.path"].input(on_path, [lang, f["model.path"], f["model.template"]],
                           [f["model.template"], c["template_warning"]])
-    ctx.on_load.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"],
+    def warning(lg, path, template):
+        return template_warning(lg, path, template, ctx.policy)
+
+    ctx.on_load.append((warning, [lang, f["model.path"], f["model.template"]], c["template_warning"],
                         [f["model.template"].change]))
-    ctx.on_lang.append((template_warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
+    ctx.on_lang.append((warning, [lang, f["model.path"], f["model.template"]], c["template_warning"]))
+
+    def vocab(lg, path, source, datasets, registry):
+        return vocab_html(lg, path, source, datasets, registry, ctx.policy)
 
     vocab_in = [lang, f["model.path"], f["model.extend_vocab"], f["data.datasets"], f["data.registry"]]
     for comp in vocab_in[1:3]:
-        comp.change(vocab_html, vocab_in, c["vocab_box"], show_progress="minimal")
-    ctx.on_lang.append((vocab_html, vocab_in, c["vocab_box"]))
+        comp.change(vocab, vocab_in, c["vocab_box"], show_progress="minimal")
+    ctx.on_lang.append((vocab, vocab_in, c["vocab_box"]))
 
     c["model_tab"].select(lambda: gr.update(choices=model_choices(ctx)), None, f["model.path"], show_progress="hidden")
 
