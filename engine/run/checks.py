@@ -167,16 +167,48 @@ def _distributed_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]
         out.append(("distributed.offload", "CPU offload needs DeepSpeed ZeRO stage 2 or 3"))
     if d.hostfile and not Path(d.hostfile).is_file():
         out.append(("distributed.hostfile", f"hostfile not found: {d.hostfile}"))
-    r = cfg.training.resume_from
-    if r:
-        if r == "latest":
-            from engine.run.rundir import latest_checkpoint
-
-            if run_dir is None or latest_checkpoint(run_dir) is None:
-                out.append(("training.resume_from", f"'latest' needs an existing run with a checkpoint, and {run_dir or 'output.run_dir'} has none"))
-        elif not (Path(r) / "trainer_state.json").is_file():
-            out.append(("training.resume_from", f"{r} is not a checkpoint directory (no trainer_state.json)"))
     return out
+
+
+def _resume_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]:
+    """A resume needs a complete checkpoint, and a completed run resumes only when its steps or epochs were raised."""
+    import json
+
+    from engine.run import rundir
+
+    r, field, t = cfg.training.resume_from, "training.resume_from", cfg.training
+    if not r:
+        return []
+    if r == "latest":
+        ckpt = rundir.resumable_checkpoint(run_dir) if run_dir else None
+        if ckpt is None:
+            broken = rundir.incomplete_checkpoints(run_dir) if run_dir else []
+            return [(field, f"'latest' needs an existing run with a complete checkpoint, and {run_dir or 'output.run_dir'} "
+                     "has none" + (f" ({', '.join(p.name for p in broken)}: incomplete saves, delete them)" if broken else ""))]
+    else:
+        ckpt = Path(r)
+        if not (ckpt / rundir.TRAINER_STATE).is_file():
+            return [(field, f"{r} is not a complete checkpoint directory (no trainer_state.json)")]
+    try:
+        state = json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
+        step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0.0)
+    except (OSError, ValueError, TypeError) as err:
+        return [(field, f"{ckpt / rundir.TRAINER_STATE} is unreadable ({err})")]
+    done_step, done_epoch = step, epoch
+    latest = rundir.resumable_checkpoint(ckpt.parent)
+    if (ckpt.parent / rundir.FINAL).is_dir() and latest is not None:  # a completed run: its end counts, not ckpt's
+        try:
+            last = json.loads((latest / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
+            done_step, done_epoch = max(step, int(last.get("global_step", 0))), max(epoch, float(last.get("epoch") or 0.0))
+        except (OSError, ValueError, TypeError):
+            pass
+    if t.max_steps > 0 and t.max_steps <= done_step:
+        return [(field, f"the run already trained {done_step} steps (training.max_steps is {t.max_steps}): raise "
+                 "training.max_steps to train further, or start a new run")]
+    if t.max_steps <= 0 and t.num_train_epochs <= done_epoch + 1e-6:
+        return [(field, f"the run already trained {done_epoch:g} epochs (training.num_train_epochs is "
+                 f"{t.num_train_epochs:g}): raise training.num_train_epochs to train further, or start a new run")]
+    return []
 
 
 def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
@@ -184,5 +216,5 @@ def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
     run_dir = Path(run_dir) if run_dir else (Path(cfg.output.run_dir) if cfg.output.run_dir else None)
     problems = _model_problems(cfg) + _method_problems(cfg) + _stage_problems(cfg) + _template_problems(cfg)
     problems += _model_shape_problems(cfg) + _vocab_problems(cfg)
-    problems += _data_problems(cfg) + _distributed_problems(cfg, run_dir)
+    problems += _data_problems(cfg) + _distributed_problems(cfg, run_dir) + _resume_problems(cfg, run_dir)
     return problems

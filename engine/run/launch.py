@@ -84,7 +84,9 @@ def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[Ru
         raise ConfigError(problems)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / rundir.CONFIG)
-    rundir.write_status(run_dir, rundir.Status(state="queued"))
+    earlier = rundir.read_status_raw(run_dir) if resuming else None  # a resume keeps the progress it resumes
+    rundir.write_status(run_dir, rundir.Status(state="queued", step=earlier.step if earlier else 0,
+                                               total_steps=earlier.total_steps if earlier else 0))
     return cfg, run_dir
 
 
@@ -264,7 +266,10 @@ def supervise(run_dir: Path, kind: str = "train") -> int:
         changes.update(state="stopped")
     elif status.state in rundir.ACTIVE or status.state == "queued":
         changes.update(state="failed", error=status.error or rundir.guess_error(run_dir), error_kind=status.error_kind or "launcher")
-    rundir.update_status(run_dir, **changes)
+    try:
+        rundir.update_status(run_dir, **changes)
+    except OSError as err:  # the run reads as failed all the same: its processes are gone (rundir.read_status)
+        print(f"[workbench] status.json not updated: {err}", flush=True)
     print(f"[workbench] run ended: {changes.get('state', status.state)} (exit code {code})", flush=True)
     return code
 
