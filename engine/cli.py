@@ -41,8 +41,14 @@ def _chat(args) -> int:
 
 
 def _api(args) -> int:
-    from engine.serve.api import serve
+    from engine.serve.cli import check_args
     from engine.serve.sampling import InferenceError
+
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from engine.serve.api import serve
 
     try:
         return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=args.api_key,

@@ -71,6 +71,8 @@ def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[Ru
     run_dir = Path(cfg.output.run_dir).expanduser().resolve() if cfg.output.run_dir else new_run_dir(cfg, workspace)
     cfg.output.run_dir = str(run_dir)
     problems = check(cfg, run_dir)
+    if any(field == "output.run_dir" for field, _ in problems):  # a directory that cannot exist: nothing to look at
+        raise ConfigError(problems)
     resuming = bool(cfg.training.resume_from)
     if run_dir.exists() and any(run_dir.iterdir()):
         status = rundir.read_status(run_dir)
