@@ -24,8 +24,13 @@ def _train(args) -> int:
 
 
 def _stop(args) -> int:
-    from engine.run import launch
+    from pathlib import Path
 
+    from engine.run import launch, rundir
+
+    if not (Path(args.run_dir) / rundir.STATUS).is_file():
+        print(f"error: {args.run_dir} is not a run directory (it has no {rundir.STATUS})", file=sys.stderr)
+        return 2
     if not launch.stop(args.run_dir, force=args.force):
         print(f"{args.run_dir} is not running", file=sys.stderr)
         return 1
