@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -67,6 +68,20 @@ def atomic_write(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(staged: str | Path, target: str | Path) -> None:
+    """Rename the complete directory ``staged`` to ``target``; an older ``target`` is moved aside first and removed
+    only once the new one is in place, so ``target`` is at every moment either the old or the new, whole."""
+    staged, target = Path(staged), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f"{STAGING}old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(staged, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_status(run_dir: str | Path, status: Status) -> None:

@@ -20,18 +20,6 @@ from engine.run import rundir
 log = logging.getLogger("engine.train")
 
 
-def _replace_dir(staged: Path, target: Path) -> None:
-    """Rename the complete ``staged`` directory to ``target``; an older ``target`` is removed only afterwards."""
-    old = None
-    if target.exists():
-        old = target.with_name(f"{rundir.STAGING}old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(staged, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 class AtomicCheckpoints:
     """Trainer mixin (see the module docstring); ``protected`` names a checkpoint rotation must keep."""
 
@@ -60,7 +48,7 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()  # every rank's shard is written
         if self.args.should_save:
             (staging / name / rundir.CONFIG).write_text(self.workbench_config_text, encoding="utf-8")
-            _replace_dir(staging / name, run_dir / name)
+            rundir.replace_dir(staging / name, run_dir / name)
             staging.rmdir()
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint or self.workbench_protected,
@@ -98,6 +86,6 @@ def save_final(trainer, tokenizer, run_dir: Path, config_text: str, earlier_step
                 log.info("the earlier final/ (step %d) is kept as %s", earlier_step, keep.name)
             else:
                 log.info("the earlier final/ (step %d) is replaced; %s holds the same weights", earlier_step, keep.name)
-        _replace_dir(staging, final)
+        rundir.replace_dir(staging, final)
     trainer.accelerator.wait_for_everyone()
     return final

@@ -131,3 +131,12 @@ def test_completed_run_resumes_only_with_more_steps_or_epochs(tiny_model, tmp_pa
         assert "already trained" in problems[0][1] and "raise training." in problems[0][1]
     assert check(_cfg(tiny_model, tmp_path, training={"max_steps": 12, "resume_from": "latest"})) == []
     assert check(_cfg(tiny_model, tmp_path, training={"max_steps": -1, "num_train_epochs": 2, "resume_from": "latest"})) == []
+
+
+def test_replace_dir_swaps_a_whole_directory_for_another(tmp_path):
+    staged, target = tmp_path / "tmp-final", tmp_path / "final"
+    for d, text in ((target, "old"), (staged, "new")):
+        d.mkdir()
+        (d / "weights").write_text(text)
+    rundir.replace_dir(staged, target)
+    assert (target / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
