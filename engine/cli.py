@@ -15,6 +15,11 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = launch.start(cfg, args.workspace)
     print(f"run directory: {run_dir}")
+    if cfg.training.resume_from:
+        from engine.run import rundir
+
+        for path in rundir.incomplete_checkpoints(run_dir):
+            print(f"note: {path} is an incomplete save: not resumed from, left for you to delete")
     if not args.foreground:
         print(f"started in the background; follow it with: tail -f {run_dir}/train.log")
         return 0

@@ -242,7 +242,7 @@ class RunManager:
             checkpoint = str(ckpt)
         elif rundir.resumable_checkpoint(run_dir) is None:
             broken = ", ".join(p.name for p in rundir.incomplete_checkpoints(run_dir))
-            raise RunError(f"run {run_id} has no complete checkpoint to resume from"
+            raise RunError(f"run {run_id} has no checkpoint to resume from"
                            + (f" ({broken}: incomplete saves, delete them)" if broken else ""))
         cfg.training.resume_from = checkpoint
         cfg.output.run_dir = str(run_dir)
