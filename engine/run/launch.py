@@ -47,7 +47,11 @@ def new_run_dir(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve()) if path else path
+    """The one rule for a relative path: from the current directory, else from the project (engine.data.registry.find_path,
+    as the page and the data tools resolve it)."""
+    from engine.data.registry import find_path
+
+    return str(find_path(Path(path).expanduser()).resolve()) if path else path
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -57,7 +61,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     cfg.model.extend_vocab = _absolute(cfg.model.extend_vocab)
     cfg.data.registry = _absolute(cfg.data.registry)
     cfg.method.reward_model = _absolute(cfg.method.reward_model)
-    cfg.data.datasets = [_absolute(d) if Path(d).expanduser().exists() else d for d in cfg.data.datasets]
+    cfg.data.datasets = [_absolute(d) if Path(_absolute(d)).exists() else d for d in cfg.data.datasets]
     if cfg.distributed.hostfile:
         cfg.distributed.hostfile = _absolute(cfg.distributed.hostfile)
     if cfg.training.resume_from and cfg.training.resume_from != "latest":

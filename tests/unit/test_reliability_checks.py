@@ -140,3 +140,20 @@ def test_replace_dir_swaps_a_whole_directory_for_another(tmp_path):
         (d / "weights").write_text(text)
     rundir.replace_dir(staged, target)
     assert (target / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_relative_paths_resolve_from_here_then_from_the_project(tiny_model, tmp_path, monkeypatch):
+    from engine.run.config import DEFAULT_MODEL, DEFAULT_REGISTRY
+    from engine.run.launch import resolve_paths
+
+    assert Path(DEFAULT_MODEL).is_absolute() and Path(DEFAULT_REGISTRY).is_absolute()
+    monkeypatch.chdir(tmp_path)  # a server started from another folder: Start used to miss the registry
+    cfg = resolve_paths(_cfg(tiny_model, tmp_path, datasets=["identity", "data/identity.json"],
+                             data={"registry": "data/dataset_info.yaml"}))
+    assert cfg.data.registry == str(ROOT / "data" / "dataset_info.yaml")
+    assert cfg.data.datasets == ["identity", str(ROOT / "data" / "identity.json")]
+    assert check(cfg) == []
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "identity.json").write_text("[]")  # what is here comes first
+    assert resolve_paths(_cfg(tiny_model, tmp_path, datasets=["data/identity.json"])).data.datasets == [
+        str(tmp_path / "data" / "identity.json")]
