@@ -275,7 +275,7 @@ def _resume_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]:
     else:
         ckpt = Path(r)
         if not (ckpt / rundir.TRAINER_STATE).is_file():
-            return [(field, f"{r} is not a complete checkpoint directory (no trainer_state.json)")]
+            return [(field, f"{r} is not a checkpoint directory (no trainer_state.json: not a checkpoint, or a save cut short)")]
     try:
         state = json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
         step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0.0)
