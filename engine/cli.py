@@ -19,6 +19,11 @@ def _train(args) -> int:
         return 0 if join(cfg, args.node_rank) == 0 else 1
     run_dir = launch.start(cfg, args.workspace)
     print(f"run directory: {run_dir}")
+    if cfg.training.resume_from:
+        from engine.run import rundir
+
+        for path in rundir.incomplete_checkpoints(run_dir):
+            print(f"note: {path} is an incomplete save: not resumed from, left for you to delete")
     if not args.foreground:
         print(f"started in the background; follow it with: tail -f {run_dir}/train.log")
         return 0
@@ -28,8 +33,13 @@ def _train(args) -> int:
 
 
 def _stop(args) -> int:
-    from engine.run import launch
+    from pathlib import Path
 
+    from engine.run import launch, rundir
+
+    if not (Path(args.run_dir) / rundir.STATUS).is_file():
+        print(f"error: {args.run_dir} is not a run directory (it has no {rundir.STATUS})", file=sys.stderr)
+        return 2
     if not launch.stop(args.run_dir, force=args.force):
         print(f"{args.run_dir} is not running", file=sys.stderr)
         return 1
@@ -45,8 +55,14 @@ def _chat(args) -> int:
 
 
 def _api(args) -> int:
-    from engine.serve.api import serve
+    from engine.serve.cli import check_args
     from engine.serve.sampling import InferenceError
+
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from engine.serve.api import serve
 
     try:
         return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=args.api_key,

@@ -199,8 +199,14 @@ class RunManager:
 
     def runs(self) -> list[RunInfo]:
         """Every run of the workspace, newest first."""
-        queue = self.queue()
-        return [self.info(p, queue) for p in rundir.list_runs(self.workspace)]
+        queue, out = self.queue(), []
+        for p in rundir.list_runs(self.workspace):
+            try:
+                out.append(self.info(p, queue))
+            except (OSError, ValueError) as err:  # one broken run directory is one broken row
+                out.append(RunInfo(id=p.name, path=p, state="failed", error_kind="storage",
+                                   error=f"the run directory cannot be read: {err}"))
+        return out
 
     def active(self) -> list[Path]:
         out = []
@@ -225,7 +231,7 @@ class RunManager:
             marker = p / QUEUE
             try:
                 queued_at = json.loads(marker.read_text(encoding="utf-8")).get("queued_at", 0.0)
-            except (FileNotFoundError, ValueError):
+            except (OSError, ValueError):
                 continue
             status = rundir.read_status_raw(p)
             if status is not None and status.state == "queued":
@@ -252,8 +258,10 @@ class RunManager:
             if ckpt.parent != run_dir or not rundir._CKPT.match(ckpt.name) or not ckpt.is_dir():
                 raise RunError(f"'{checkpoint}' is not a checkpoint of run {run_id}")
             checkpoint = str(ckpt)
-        elif rundir.latest_checkpoint(run_dir) is None:
-            raise RunError(f"run {run_id} has no checkpoint to resume from")
+        elif rundir.resumable_checkpoint(run_dir) is None:
+            broken = ", ".join(p.name for p in rundir.incomplete_checkpoints(run_dir))
+            raise RunError(f"run {run_id} has no checkpoint to resume from"
+                           + (f" ({broken}: incomplete saves, delete them)" if broken else ""))
         cfg.training.resume_from = checkpoint
         cfg.output.run_dir = str(run_dir)
         _, run_dir = launch.prepare_run(cfg, self.workspace)  # may wait for the stopped run's processes to exit

@@ -63,6 +63,12 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
     except UnsafeBind as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from engine.serve.cli import check_address
+
+    problem = check_address(host, port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -116,12 +116,25 @@ def _exit_codes(run):
     return wrapped
 
 
+def _check_cutoff(value: int) -> None:
+    """--cutoff-len within data.cutoff_len's own bounds (declared once, in DataConfig)."""
+    from pydantic import ValidationError
+
+    from engine.run.config import DataConfig
+
+    try:
+        DataConfig(cutoff_len=value)
+    except ValidationError as err:
+        raise UsageError(f"--cutoff-len {value}: {err.errors()[0]['msg'].lower()}") from None
+
+
 @_exit_codes
 def inspect(args) -> int:
     from engine.data.errors import DataError
     from engine.data.inspection import inspect_source, open_source, token_lengths
 
     columns = parse_columns(args.columns)
+    _check_cutoff(args.cutoff_len)
     source = open_source(args.file)
     tok = _tokenizer_and_template(args.model, args.template) if args.model else None
     report = inspect_source(source, args.format, columns, max_errors=args.max_errors, sample=args.sample,

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 from .encode import IGNORE_INDEX, encode_answers, encode_pretrain, encode_sft
 from .errors import DataError
 from .formats import KIND_OF_FORMAT, detect_format, normalize, raw_records
-from .readers import SUFFIXES, is_data_path
+from .readers import SUFFIXES, header_looks_like_data, headerless, is_data_path
 from .registry import DatasetSpec, append_entry, check_name, find_path, locked
 
 MAX_ERRORS = 20
@@ -137,17 +137,6 @@ def columns_of(source: Source, limit: int = 100) -> list[str]:
     return list(seen)
 
 
-def header_looks_like_data(columns: list[str]) -> bool:
-    """A CSV 'header' that is really the first row: numbers, or sentences rather than names."""
-    def datum(name: str) -> bool:
-        try:
-            float(name)
-            return True
-        except ValueError:
-            return len(name.split()) >= 4 or name[-1:] in "?.!。？！"
-    return any(datum(c) for c in columns)
-
-
 @dataclass
 class Report:
     """What :func:`inspect_source` found. ``ok``: readable, at least one record, none unusable."""
@@ -188,10 +177,11 @@ def detect_source(source: Source, columns: dict | None = None) -> str:
         except DataError as err:
             message = err.message
             cols = [str(c) for c in record] if isinstance(record, dict) else []
-            if source.path is not None and source.path.suffix.lower() in (".csv", ".tsv") and header_looks_like_data(cols):
-                message = (f"the first line ({', '.join(cols)[:120]}) looks like data, not a header: a CSV needs a "
-                           "first line naming its columns, e.g. instruction,output (or map its columns)")
-                line = 1
+            if source.path is not None and source.path.suffix.lower() in (".csv", ".tsv"):
+                if header_looks_like_data(cols):
+                    message, line = headerless(cols), 1
+                else:
+                    message += " (if the first line is data: a CSV needs a first line naming its columns)"
             raise DataError(message, source.path or source.label, line) from None
     if unreadable:  # no record could be read: the first reason is the file's problem
         raise unreadable[0]

@@ -75,6 +75,10 @@ def _decoded_lines(path: Path, on_error: OnError) -> Iterator[tuple[int, str | N
     """(line number, text) for each line of a UTF-8 file, read lazily, newline kept; text is None
     for a line that is not valid UTF-8 (after ``on_error`` was told), so line numbers stay right."""
     with open(path, "rb") as f:
+        encoding = _wide_encoding(f.read(4))
+        if encoding:
+            raise DataError(f"not UTF-8: the file is {encoding}; save it as UTF-8", path)
+        f.seek(0)
         for number, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8")
@@ -86,6 +90,19 @@ def _decoded_lines(path: Path, on_error: OnError) -> Iterator[tuple[int, str | N
             if number == 1:
                 text = text.removeprefix("\ufeff")
             yield number, text
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """UTF-16 or UTF-32, told by a byte-order mark or by the NUL bytes between ASCII characters."""
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32 (it starts with a UTF-32 byte-order mark)"),
+                      (b"\x00\x00\xfe\xff", "UTF-32 (it starts with a UTF-32 byte-order mark)"),
+                      (b"\xff\xfe", "UTF-16 (it starts with a UTF-16 byte-order mark)"),
+                      (b"\xfe\xff", "UTF-16 (it starts with a UTF-16 byte-order mark)")):
+        if head.startswith(bom):
+            return name
+    if len(head) >= 2 and b"\x00" in head[:2]:
+        return "UTF-16 (a NUL byte next to each ASCII character)"
+    return None
 
 
 def _not_a_record(record: Any, path: Path, line: int) -> DataError | None:
@@ -197,7 +214,15 @@ class _LineCounter:
 
 def _read_csv(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    source = ("\n" if text is None else text for _, text in _decoded_lines(path, on_error))
+    undecodable: list[int] = []
+
+    def lines():
+        for number, text in _decoded_lines(path, on_error):
+            if text is None:
+                undecodable.append(number)
+            yield "\n" if text is None else text
+
+    source = lines()
     reader = csv.reader(source, delimiter=delimiter)
     header: list[str] = []
     try:
@@ -230,8 +255,30 @@ def _read_csv(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:
             on_error(DataError(f"the row has {len(row)} values but the header has {len(header)} columns", path, start))
             continue
         yield start, dict(zip(header, row))
+    if not seen and undecodable:
+        raise DataError(f"not UTF-8: none of its rows reads as UTF-8 (the first at line {undecodable[0]}; Latin-1 or "
+                        "Windows-1252 text?); save it as UTF-8", path)
+    if not seen and header_looks_like_data(header):
+        raise DataError(headerless(header) + "; the file has no other row", path, 1)
     if not seen:
-        raise DataError("file is empty (a header but no rows)", path)
+        raise DataError(f"file is empty (a header but no rows); if its line ({', '.join(header)[:120]}) is data, a CSV "
+                        "needs a first line naming its columns, e.g. instruction,output", path)
+
+
+def header_looks_like_data(columns: list[str]) -> bool:
+    """A CSV 'header' that is really the first row: numbers, or sentences rather than names."""
+    def datum(name: str) -> bool:
+        try:
+            float(name)
+            return True
+        except ValueError:
+            return len(name.split()) >= 4 or name[-1:] in "?.!。？！"
+    return any(datum(c) for c in columns)
+
+
+def headerless(columns: list[str]) -> str:
+    return (f"the first line ({', '.join(columns)[:120]}) looks like data, not a header: a CSV needs a first line "
+            "naming its columns, e.g. instruction,output (or map its columns)")
 
 
 def _read_parquet(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.run import jobs
+from engine.run import jobs, rundir
 from engine.run.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval
 from engine.run.jobconfig import ExportConfig
 
@@ -202,9 +202,10 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     if problems:
         raise ExportError("; ".join(f"{f}: {m}" for f, m in problems))
     ckpt = inspect(cfg.model.checkpoint, cfg.model.base or None)
-    out = output_dir(cfg)
+    final_out = output_dir(cfg)
+    out = final_out.with_name(f"{rundir.STAGING}{final_out.name}")  # renamed to final_out once verified
     if out.exists():
-        shutil.rmtree(out)  # overwrite was allowed by check_export
+        shutil.rmtree(out)  # an export cut short
     out.mkdir(parents=True)
     progress.advance(phase="checked")
 
@@ -252,6 +253,8 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
         raise ExportError(f"verification failed: {why}; max difference vs. adapter {diff:.3g}, vs. base {to_base:.3g}. "
                           "The export was deleted.")
     (out / "README.md").write_text(model_card(cfg, ckpt, n_params, verify, []), encoding="utf-8")
+    rundir.replace_dir(out, final_out)  # an earlier export (overwrite allowed by check_export) goes only now
+    out = final_out
     progress.advance(phase="verified", max_logit_diff=diff)
 
     result = {"output_dir": str(out), "checkpoint": str(ckpt.path), "base": str(ckpt.base or ckpt.path), "kind": ckpt.kind,

@@ -15,14 +15,81 @@ from engine.train.stages import STAGE_KINDS
 Problem = tuple[str, str]
 
 
-def _model_problems(cfg: RunConfig) -> list[Problem]:
-    path = Path(cfg.model.path)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+
+
+def model_dir_problem(path: str | Path, tokenizer_dir: str | Path | None = None) -> str | None:
+    """Why ``path`` cannot be loaded as a Hugging Face model (missing, config.json unreadable or not JSON, no
+    tokenizer files in ``tokenizer_dir`` or ``path``), read without any weights; None when it can."""
+    import json
+
+    path = Path(path)
     if not path.exists():
         hint = " (run `workbench prepare-model` to create the default model)" if path.name == "SmolLM2-135M-Instruct" else ""
-        return [("model.path", f"model directory not found: {path}{hint}")]
+        return f"model directory not found: {path}{hint}"
     if not (path / "config.json").is_file():
-        return [("model.path", f"{path} is not a Hugging Face model directory (no config.json)")]
-    return []
+        return f"{path} is not a Hugging Face model directory (no config.json)"
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{path / 'config.json'} cannot be read ({err})"
+    except ValueError as err:
+        return f"{path / 'config.json'} is not valid JSON ({err})"
+    if not isinstance(config, dict) or not isinstance(config.get("model_type", ""), str):
+        return f"{path / 'config.json'} is not a model config (a JSON object with model_type)"
+    tok = Path(tokenizer_dir or path)
+    if not any((tok / name).is_file() for name in TOKENIZER_FILES):
+        return f"{tok} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...): copy the tokenizer of the model next to its weights"
+    return None
+
+
+def module_names(model_dir: Path) -> set[str] | None:
+    """Names of the modules holding weights, from the safetensors headers (or the shard index), no weights read;
+    None when the model has no safetensors files to read them from."""
+    import json
+    import struct
+
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            keys = json.loads(index.read_text(encoding="utf-8"))["weight_map"].keys()
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                return None
+            keys = []
+            for file in files:
+                with open(file, "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    keys += [k for k in json.loads(f.read(size)) if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return {k.rsplit(".", 1)[0] for k in keys if "." in k}
+
+
+def _lora_target_problems(cfg: RunConfig) -> list[Problem]:
+    """lora_target names every module it lists, as PEFT matches them (the name or a dotted suffix of it)."""
+    m, path = cfg.method, Path(cfg.model.path)
+    target = m.lora_target.strip()
+    if m.finetuning_type not in ("lora", "qlora") or not target or target == "all-linear":
+        return []
+    modules = module_names(path)
+    if modules is None:
+        return []
+    if "lm_head" not in modules:  # a tied lm_head is stored as the embedding only
+        modules.add("lm_head")
+    wanted = [t.strip() for t in target.split(",") if t.strip()]
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in modules)]
+    if not missing:
+        return []
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+    return [("method.lora_target", f"{path.name} has no module named {', '.join(missing)} (its modules: "
+             f"{', '.join(leaves[:20])}); use those names or 'all-linear'")]
+
+
+def _model_problems(cfg: RunConfig) -> list[Problem]:
+    problem = model_dir_problem(cfg.model.path)
+    return [("model.path", problem)] if problem else _lora_target_problems(cfg)
 
 
 def _layer_count(model_dir: Path) -> int | None:
@@ -146,7 +213,27 @@ def _data_problems(cfg: RunConfig) -> list[Problem]:
             continue
         if need and spec.kind != need:
             out.append((f"data.datasets[{i}]", f"dataset '{name}' is {spec.kind} data, but stage {cfg.method.stage} needs {need} data"))
+            continue
+        problem = _records_problem(spec, cfg.data.max_samples)
+        if problem:
+            out.append((f"data.datasets[{i}]", problem))
     return out
+
+
+def _records_problem(spec, limit: int | None) -> str | None:
+    """The first record of the dataset that cannot become an example (file and line named), or a dataset with none."""
+    from engine.data.errors import DataError
+    from engine.data.formats import iter_examples
+
+    count = 0
+    try:
+        for count, _ in enumerate(iter_examples(spec.path, spec.format, spec.columns, limit), 1):
+            pass
+    except DataError as err:
+        return f"dataset '{spec.name}': {err}"
+    except OSError as err:
+        return f"dataset '{spec.name}' cannot be read: {err}"
+    return None if count else f"dataset '{spec.name}' ({spec.path}) has no usable record"
 
 
 def _template_problems(cfg: RunConfig) -> list[Problem]:
@@ -171,24 +258,76 @@ def _distributed_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]
         from engine.run.nodes import check_problems
 
         out += check_problems(cfg)
-    r = cfg.training.resume_from
-    if r:
-        if r == "latest":
-            from engine.run.rundir import latest_checkpoint
-
-            if run_dir is None or latest_checkpoint(run_dir) is None:
-                out.append(("training.resume_from", f"'latest' needs an existing run with a checkpoint, and {run_dir or 'output.run_dir'} has none"))
-            else:
-                from engine.run.nodes import resume_problems
-
-                out += resume_problems(Path(latest_checkpoint(run_dir)), d)
-        elif not (Path(r) / "trainer_state.json").is_file():
-            out.append(("training.resume_from", f"{r} is not a checkpoint directory (no trainer_state.json)"))
-        else:
-            from engine.run.nodes import resume_problems
-
-            out += resume_problems(Path(r), d)
     return out
+
+
+def _resume_problems(cfg: RunConfig, run_dir: Path | None) -> list[Problem]:
+    """A resume needs a complete checkpoint, and a completed run resumes only when its steps or epochs were raised."""
+    import json
+
+    from engine.run import rundir
+
+    r, field, t = cfg.training.resume_from, "training.resume_from", cfg.training
+    if not r:
+        return []
+    if r == "latest":
+        ckpt = rundir.resumable_checkpoint(run_dir) if run_dir else None
+        if ckpt is None:
+            broken = rundir.incomplete_checkpoints(run_dir) if run_dir else []
+            return [(field, f"'latest' needs an existing run with a complete checkpoint, and {run_dir or 'output.run_dir'} "
+                     "has none" + (f" ({', '.join(p.name for p in broken)}: incomplete saves, delete them)" if broken else ""))]
+    else:
+        ckpt = Path(r)
+        if not (ckpt / rundir.TRAINER_STATE).is_file():
+            return [(field, f"{r} is not a checkpoint directory (no trainer_state.json: not a checkpoint, or a save cut short)")]
+    try:
+        state = json.loads((ckpt / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
+        step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0.0)
+    except (OSError, ValueError, TypeError) as err:
+        return [(field, f"{ckpt / rundir.TRAINER_STATE} is unreadable ({err})")]
+    from engine.run.nodes import resume_problems
+
+    world = resume_problems(ckpt, cfg.distributed)  # a ZeRO checkpoint resumes only with its own world size
+    if world:
+        return world
+    done_step, done_epoch = step, epoch
+    latest = rundir.resumable_checkpoint(ckpt.parent)
+    if (ckpt.parent / rundir.FINAL).is_dir() and latest is not None:  # a completed run: its end counts, not ckpt's
+        try:
+            last = json.loads((latest / rundir.TRAINER_STATE).read_text(encoding="utf-8"))
+            done_step, done_epoch = max(step, int(last.get("global_step", 0))), max(epoch, float(last.get("epoch") or 0.0))
+        except (OSError, ValueError, TypeError):
+            pass
+    if t.max_steps > 0 and t.max_steps <= done_step:
+        return [(field, f"the run already trained {done_step} steps (training.max_steps is {t.max_steps}): raise "
+                 "training.max_steps to train further, or start a new run")]
+    if t.max_steps <= 0 and t.num_train_epochs <= done_epoch + 1e-6:
+        return [(field, f"the run already trained {done_epoch:g} epochs (training.num_train_epochs is "
+                 f"{t.num_train_epochs:g}): raise training.num_train_epochs to train further, or start a new run")]
+    return []
+
+
+def _run_dir_problems(run_dir: Path | None) -> list[Problem]:
+    """A run directory the file system cannot hold: a name over its length limit, or no right to create it."""
+    import os
+
+    if run_dir is None:
+        return []
+    field = "output.run_dir"
+    long = [part for part in run_dir.parts if len(part.encode()) > 255]
+    if long:
+        return [(field, f"the name '{long[0][:40]}...' is {len(long[0].encode())} bytes long; a file system allows "
+                 "at most 255 per name")]
+    if len(str(run_dir).encode()) >= 4096:
+        return [(field, f"the path is {len(str(run_dir).encode())} bytes long; at most 4095 are allowed")]
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [(field, f"{existing} is a file, so {run_dir} cannot be created")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [(field, f"{existing} is not writable, so the run cannot write {run_dir}")]
+    return []
 
 
 def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
@@ -196,5 +335,6 @@ def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
     run_dir = Path(run_dir) if run_dir else (Path(cfg.output.run_dir) if cfg.output.run_dir else None)
     problems = _model_problems(cfg) + _method_problems(cfg) + _stage_problems(cfg) + _template_problems(cfg)
     problems += _model_shape_problems(cfg) + _vocab_problems(cfg)
-    problems += _data_problems(cfg) + _distributed_problems(cfg, run_dir)
+    where = _run_dir_problems(run_dir)
+    problems += _data_problems(cfg) + _distributed_problems(cfg, run_dir) + (where or _resume_problems(cfg, run_dir))
     return problems

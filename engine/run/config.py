@@ -15,7 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
+# The project's own defaults are absolute, so the CLI and the UI find them from any folder; every other relative
+# path resolves against the current directory (README, "Paths").
+PROJECT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = str(PROJECT / "models" / "SmolLM2-135M-Instruct")
+DEFAULT_REGISTRY = str(PROJECT / "data" / "dataset_info.yaml")
 
 Stage = Literal["sft", "pt", "rm", "dpo", "kto", "orpo", "rl"]
 FinetuningType = Literal["full", "freeze", "lora", "qlora"]
@@ -71,7 +75,7 @@ class MethodConfig(_Section):
 
 class DataConfig(_Section):
     datasets: list[str] = Field(default_factory=lambda: ["identity"], json_schema_extra={"path": "dataset"}, description="Registered dataset names or paths to data files (json, jsonl, csv, parquet, txt).")
-    registry: str = Field("data/dataset_info.yaml", json_schema_extra={"path": "path"}, description="Dataset registry file that maps names to files, formats and columns.")
+    registry: str = Field(DEFAULT_REGISTRY, json_schema_extra={"path": "path"}, description="Dataset registry file that maps names to files, formats and columns.")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer examples are truncated.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples from each dataset (None: all).")
     val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for evaluation (0: no validation).")

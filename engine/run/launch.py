@@ -48,7 +48,11 @@ def new_run_dir(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve()) if path else path
+    """The one rule for a relative path: from the current directory, else from the project (engine.data.registry.find_path,
+    as the page and the data tools resolve it)."""
+    from engine.data.registry import find_path
+
+    return str(find_path(Path(path).expanduser()).resolve()) if path else path
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -58,7 +62,7 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     cfg.model.extend_vocab = _absolute(cfg.model.extend_vocab)
     cfg.data.registry = _absolute(cfg.data.registry)
     cfg.method.reward_model = _absolute(cfg.method.reward_model)
-    cfg.data.datasets = [_absolute(d) if Path(d).expanduser().exists() else d for d in cfg.data.datasets]
+    cfg.data.datasets = [_absolute(d) if Path(_absolute(d)).exists() else d for d in cfg.data.datasets]
     if cfg.distributed.hostfile:
         cfg.distributed.hostfile = _absolute(cfg.distributed.hostfile)
     if cfg.training.resume_from and cfg.training.resume_from != "latest":
@@ -72,6 +76,8 @@ def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[Ru
     run_dir = Path(cfg.output.run_dir).expanduser().resolve() if cfg.output.run_dir else new_run_dir(cfg, workspace)
     cfg.output.run_dir = str(run_dir)
     problems = check(cfg, run_dir)
+    if any(field == "output.run_dir" for field, _ in problems):  # a directory that cannot exist: nothing to look at
+        raise ConfigError(problems)
     resuming = bool(cfg.training.resume_from)
     if run_dir.exists() and any(run_dir.iterdir()):
         status = rundir.read_status(run_dir)
@@ -92,7 +98,9 @@ def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[Ru
         raise ConfigError(problems)
     nodes.write_run_files(cfg, run_dir)
     dump_config(cfg, run_dir / rundir.CONFIG)
-    rundir.write_status(run_dir, rundir.Status(state="queued"))
+    earlier = rundir.read_status_raw(run_dir) if resuming else None  # a resume keeps the progress it resumes
+    rundir.write_status(run_dir, rundir.Status(state="queued", step=earlier.step if earlier else 0,
+                                               total_steps=earlier.total_steps if earlier else 0))
     return cfg, run_dir
 
 
@@ -305,7 +313,10 @@ def supervise(run_dir: Path, kind: str = "train") -> int:
         lost = nodes.failure(rundir.log_tail(run_dir, lines=100_000, max_bytes=8_000_000), nodes.selection(cfg.distributed))
         if lost:  # name the node and rank that went first; the others only followed it
             changes.update(state="failed", error=f"{lost}: {changes.get('error') or status.error or ''}".rstrip(": "))
-    rundir.update_status(run_dir, **changes)
+    try:
+        rundir.update_status(run_dir, **changes)
+    except OSError as err:  # the run reads as failed all the same: its processes are gone (rundir.read_status)
+        print(f"[workbench] status.json not updated: {err}", flush=True)
     print(f"[workbench] run ended: {changes.get('state', status.state)} (exit code {code})", flush=True)
     return code
 

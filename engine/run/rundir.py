@@ -8,6 +8,8 @@ Layout of ``<run_dir>``::
     train.log        stdout and stderr of every process of the run
     checkpoint-<N>/  adapter or weights, tokenizer + chat template, run config, trainer state
     final/           the final weights (same layout as a checkpoint)
+    tmp-<name>/      a checkpoint or final/ being written; renamed into place when complete, so one that
+                     outlives its run is an incomplete save (reported on resume, left for the user to delete)
 
 This module imports no torch.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -33,6 +36,8 @@ STATUS = "status.json"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
 FINAL = "final"
+STAGING = "tmp-"
+TRAINER_STATE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -65,6 +70,20 @@ def atomic_write(path: str | Path, text: str) -> None:
         raise
 
 
+def replace_dir(staged: str | Path, target: str | Path) -> None:
+    """Rename the complete directory ``staged`` to ``target``; an older ``target`` is moved aside first and removed
+    only once the new one is in place, so ``target`` is at every moment either the old or the new, whole."""
+    staged, target = Path(staged), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f"{STAGING}old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+    os.rename(staged, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_status(run_dir: str | Path, status: Status) -> None:
     atomic_write(Path(run_dir) / STATUS, status.model_dump_json(indent=1))
 
@@ -81,7 +100,7 @@ def read_status_raw(run_dir: str | Path) -> Status | None:
     path = Path(run_dir) / STATUS
     try:
         return Status.model_validate_json(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # missing, half-replaced or unreadable
         return None
 
 
@@ -114,29 +133,47 @@ def guess_error(run_dir: str | Path) -> str:
     """The most telling line of a log whose process died without reporting."""
     tail = log_tail(run_dir, lines=200).splitlines()
     for line in reversed(tail):
+        if line.startswith("[workbench] run failed"):
+            return line.split(": ", 1)[-1][-500:]
+    if not writable(run_dir):
+        return f"the run directory {run_dir} is not writable (disk full, permissions or a removed mount?)"
+    for line in reversed(tail):
         s = line.strip()
         if re.search(r"(Error|Exception|Killed|out of memory)\b", s) and not s.startswith("File "):
             return s[-500:]
     return "the run's processes ended without reporting a result (killed?); see train.log"
 
 
+def writable(run_dir: str | Path) -> bool:
+    """Whether files can be created in ``run_dir`` (asked of the kernel: read-only mounts, immutable or
+    permission-denied directories read as not writable; nothing is written)."""
+    return os.access(run_dir, os.W_OK | os.X_OK)
+
+
 def read_status(run_dir: str | Path) -> Status | None:
-    """Status with liveness reconciled: an active run whose process group is gone is failed."""
+    """Status with liveness reconciled, never written: an active run whose process group is gone reads as failed
+    (or stopped, when it was stopping), with the cause from train.log."""
     status = read_status_raw(run_dir)
     if status is None or status.state not in ACTIVE or group_alive(status.pgid):
         return status
     status = read_status_raw(run_dir)  # it may have finished while we looked
     if status is None or status.state not in ACTIVE or group_alive(status.pgid):
         return status
+    ended = status.ended_at or _last_write(run_dir)
     if status.state == "stopping":  # a stop the supervisor could not record (it was killed too)
-        return update_status(run_dir, state="stopped", ended_at=status.ended_at or time.time())
-    return update_status(
-        run_dir,
-        state="failed",
-        ended_at=status.ended_at or time.time(),
-        error=status.error or guess_error(run_dir),
-        error_kind=status.error_kind or "killed",
-    )
+        return status.model_copy(update={"state": "stopped", "ended_at": ended})
+    return status.model_copy(update={"state": "failed", "ended_at": ended, "error": status.error or guess_error(run_dir),
+                                     "error_kind": status.error_kind or "killed"})
+
+
+def _last_write(run_dir: str | Path) -> float:
+    times = []
+    for name in (STATUS, LOG, METRICS):
+        try:
+            times.append((Path(run_dir) / name).stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=time.time())
 
 
 def signal_run(run_dir: str | Path, sig: int = signal.SIGTERM) -> bool:
@@ -206,9 +243,36 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def resumable_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (one with its trainer_state.json): what ``resume_from=latest`` means."""
+    for _, path in reversed(checkpoints(run_dir)):
+        if (path / TRAINER_STATE).is_file():
+            return path
+    return None
+
+
+def incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Saves that did not finish: ``tmp-*`` directories, and checkpoint-N without trainer_state.json newer
+    than the newest complete one (left by a save killed before this version wrote through tmp-)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    latest = resumable_checkpoint(run_dir)
+    newest = int(latest.name.split("-")[1]) if latest else -1
+    out = [p for p in sorted(run_dir.iterdir()) if p.name.startswith(STAGING) and p.is_dir()]
+    return out + [p for step, p in checkpoints(run_dir) if step > newest and not (p / TRAINER_STATE).is_file()]
+
+
 def list_runs(workspace: str | Path) -> list[Path]:
     root = Path(workspace) / "runs"
     if not root.is_dir():
         return []
     runs = [p for p in root.iterdir() if (p / CONFIG).is_file()]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(runs, key=_mtime, reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed while listing
+        return 0.0

@@ -62,7 +62,8 @@ class ChatRequest(BaseModel):
                                   stop=stop, stop_token_ids=self.stop_token_ids, seed=self.seed)
         except ValidationError as err:
             first = err.errors()[0]
-            raise InferenceError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            where = ".".join(map(str, first["loc"])).replace("max_new_tokens", "max_tokens")  # the field the client sent
+            raise InferenceError(f"{where}: {first['msg']}") from None
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -101,6 +102,8 @@ def create_app(chat_model, api_key: str | None = None, model_name: str | None = 
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
+        if req.model and req.model != name:  # as OpenAI: an unknown model is not found, not silently replaced
+            raise InferenceError(f"The model '{req.model}' does not exist here; this server serves '{name}'", "not_found")
         params = req.params(default_max_tokens)
         messages = [m.model_dump() for m in req.messages]
         chat_model.check(messages)  # bad roles, empty lists, over-long prompts fail here, before streaming

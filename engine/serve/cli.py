@@ -18,6 +18,45 @@ def params_from(args) -> SamplingParams:
                           seed=args.seed)
 
 
+def check_args(args) -> str | None:
+    """One sentence naming the first option of `workbench chat` or `workbench api` that cannot work, found before
+    any weights load (sampling bounds, port, host, the model's config.json and tokenizer files); None when all can."""
+    from pydantic import ValidationError
+
+    from engine.run.checks import model_dir_problem
+    from engine.serve.sampling import resolve_target
+
+    given = {f: getattr(args, f) for f in SamplingParams.model_fields if getattr(args, f, None) is not None}
+    try:
+        SamplingParams(**given)
+    except ValidationError as err:
+        first = err.errors()[0]
+        return f"--{str(first['loc'][0]).replace('_', '-')} {first['input']}: {first['msg'].lower()}"
+    if getattr(args, "host", None) is not None:
+        problem = check_address(args.host, args.port)
+        if problem:
+            return problem
+    try:
+        target = resolve_target(args.model, args.adapter)
+    except InferenceError as err:
+        return f"--model {args.model}: {err}"
+    problem = model_dir_problem(target.base, target.tokenizer_dir)
+    return f"--model {args.model}: {problem}" if problem else None
+
+
+def check_address(host: str, port: int) -> str | None:
+    """One sentence for a --port outside 1-65535 or a --host this machine cannot resolve (api and webui)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        return f"--port {port}: a port number is between 1 and 65535"
+    try:
+        socket.getaddrinfo(host, port)
+    except (socket.gaierror, UnicodeError) as err:
+        return f"--host {host}: this machine cannot resolve it to an address ({getattr(err, 'strerror', None) or err})"
+    return None
+
+
 def answer(chat, history: list[dict], params: SamplingParams, out=sys.stdout) -> str | None:
     """Stream one answer to ``out``; the answer text, or None when the request was refused."""
     try:
@@ -38,6 +77,10 @@ def answer(chat, history: list[dict], params: SamplingParams, out=sys.stdout) ->
 
 
 def run(args) -> int:
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from engine.serve.inference import ChatModel
 
     try:

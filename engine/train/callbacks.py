@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -55,10 +54,9 @@ class RunReporter(TrainerCallback):
     ``eval_accuracy``, ...), next to the progress fields (step, tokens, speed, ETA, memory).
     """
 
-    def __init__(self, run_dir: Path, config_text: str):
+    def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.metrics = self.run_dir / rundir.METRICS
-        self.config_text = config_text
         self.t0 = time.time()
         self.step0 = 0
         self.tokens0 = 0
@@ -94,18 +92,6 @@ class RunReporter(TrainerCallback):
         row["time"] = now
         rundir.append_jsonl(self.metrics, row)
         rundir.update_status(self.run_dir, step=state.global_step, total_steps=state.max_steps)
-
-    def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        ckpt = self.run_dir / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            (ckpt / rundir.CONFIG).write_text(self.config_text, encoding="utf-8")
-
-
-def copy_config(run_dir: Path, dest: Path) -> None:
-    if dest.is_dir():
-        shutil.copy(run_dir / rundir.CONFIG, dest / rundir.CONFIG)
 
 
 def rank() -> int:

@@ -5,6 +5,7 @@ Reports only through the run directory: status.json, metrics.jsonl, train.log (s
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     from engine.train.callbacks import GracefulStop, RunReporter
     from engine.data.templates import get_template
     from engine.train.model_setup import load_base_model, load_tokenizer, resolve_precision, setup_finetuning
+    from engine.train.saving import atomic_saves, save_final
     from engine.train.stages import STAGES, StageContext
 
     stop = GracefulStop()
@@ -134,21 +136,26 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab),
                              head=stage.head)
-    ctx.callbacks = [RunReporter(run_dir, config_text), stop]
-    trainer = stage.build_trainer(ctx, model)
-
-    resume = cfg.training.resume_from
-    if resume == "latest":
-        resume = str(rundir.latest_checkpoint(run_dir))
+    ctx.callbacks = [RunReporter(run_dir), stop]
+    resume, earlier = cfg.training.resume_from or None, None
+    if resume:
+        for path in rundir.incomplete_checkpoints(run_dir):
+            log.warning("%s is an incomplete save (the run was killed while writing it); it is not resumed from "
+                        "and is left for you to delete", path)
+        if resume == "latest":
+            resume = str(rundir.resumable_checkpoint(run_dir))
+        if (run_dir / rundir.FINAL).is_dir():  # a completed run trained further: keep its final weights
+            earlier = rundir.resumable_checkpoint(run_dir)
+        log.info("resuming from %s", resume)
+    trainer = atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier)
     trainer.train(resume_from_checkpoint=resume)
     if stop.requested:
         return "stopped"
-    final = run_dir / rundir.FINAL
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(final)
-        (final / rundir.CONFIG).write_text(config_text, encoding="utf-8")
+    save_final(trainer, tokenizer, run_dir, config_text, int(earlier.name.split("-")[1]) if earlier else None)
     return "completed"
+
+
+_STORAGE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def classify(err: BaseException) -> tuple[str, str]:
@@ -162,6 +169,9 @@ def classify(err: BaseException) -> tuple[str, str]:
         return "data", text
     if type(err).__name__ == "TemplateError":
         return "config", text
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRORS:
+        return "storage", (f"cannot write {err.filename or 'to the run directory'}: {err.strerror} (a full disk, "
+                           "changed permissions or a removed mount?)")
     if "out of memory" in str(err).lower() or type(err).__name__ in ("OutOfMemoryError", "MemoryError"):
         return "out_of_memory", f"out of memory: {text} (lower the batch size or cutoff_len, or use QLoRA / gradient checkpointing)"
     return "runtime", f"{type(err).__name__}: {text}"
@@ -192,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:  # noqa: BLE001 - every failure is reported in status.json
         traceback.print_exc()
         kind, message = classify(err)
+        print(f"[workbench] run failed ({kind}): {message}", flush=True)
         current = rundir.read_status_raw(run_dir)
         if current is None or current.state != "failed":
-            rundir.update_status(run_dir, state="failed", ended_at=time.time(), error=message, error_kind=kind)
-        print(f"[workbench] run failed ({kind}): {message}", flush=True)
+            try:
+                rundir.update_status(run_dir, state="failed", ended_at=time.time(), error=message, error_kind=kind)
+            except OSError as write_err:  # the run directory itself is what failed; train.log has the line above
+                print(f"[workbench] status.json not updated: {write_err}", flush=True)
         return 1
 
 

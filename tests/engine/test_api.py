@@ -79,33 +79,33 @@ def test_streaming_concatenates_with_usage(client, chat):
 
 
 def test_n_seed_stop_and_extension(client, chat):
-    out = client.chat.completions.create(model="x", messages=ASK, temperature=1.0, top_p=0.9, max_tokens=8, n=2, seed=3,
+    out = client.chat.completions.create(model="tiny-lora", messages=ASK, temperature=1.0, top_p=0.9, max_tokens=8, n=2, seed=3,
                                          frequency_penalty=0.5, presence_penalty=0.5)
-    again = client.chat.completions.create(model="x", messages=ASK, temperature=1.0, top_p=0.9, max_tokens=8, n=2, seed=3,
+    again = client.chat.completions.create(model="tiny-lora", messages=ASK, temperature=1.0, top_p=0.9, max_tokens=8, n=2, seed=3,
                                            frequency_penalty=0.5, presence_penalty=0.5)
     assert len(out.choices) == 2 and [c.message.content for c in out.choices] == [c.message.content for c in again.choices]
     assert out.usage.completion_tokens == 16
     full = chat.generate(ASK, SamplingParams(temperature=0, max_new_tokens=12))
     word = full.text[len(full.text) // 2:][:3]
-    cut = client.chat.completions.create(model="x", messages=ASK, temperature=0, max_tokens=12, stop=word)
+    cut = client.chat.completions.create(model="tiny-lora", messages=ASK, temperature=0, max_tokens=12, stop=word)
     assert cut.choices[0].message.content == full.text[: full.text.find(word)]
     assert cut.choices[0].finish_reason == "stop"
     stop_id = full.token_ids[4]
-    ext = client.chat.completions.create(model="x", messages=ASK, temperature=0, max_tokens=12,
+    ext = client.chat.completions.create(model="tiny-lora", messages=ASK, temperature=0, max_tokens=12,
                                          extra_body={"stop_token_ids": [stop_id]})
     assert ext.usage.completion_tokens == full.token_ids.index(stop_id) + 1
 
 
 def test_bad_requests_get_clear_errors_and_server_stays_up(client, server):
     with pytest.raises(openai.BadRequestError, match="message list is empty"):
-        client.chat.completions.create(model="x", messages=[])
+        client.chat.completions.create(model="tiny-lora", messages=[])
     with pytest.raises(openai.BadRequestError, match="role 'tool' is not known"):
-        client.chat.completions.create(model="x", messages=[{"role": "tool", "content": "hi", "tool_call_id": "1"}])
+        client.chat.completions.create(model="tiny-lora", messages=[{"role": "tool", "content": "hi", "tool_call_id": "1"}])
     with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
-        client.chat.completions.create(model="x", messages=ASK, max_tokens=0)
+        client.chat.completions.create(model="tiny-lora", messages=ASK, max_tokens=0)
     with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens, \d+ more than"):
-        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hello " * 2100}], stream=True)
+        client.chat.completions.create(model="tiny-lora", messages=[{"role": "user", "content": "hello " * 2100}], stream=True)
     with pytest.raises(openai.AuthenticationError, match="API key"):
         openai.OpenAI(base_url=server, api_key="wrong", max_retries=0).models.list()
     assert httpx.get(f"{server}/models").status_code == 401  # no key at all
-    assert client.chat.completions.create(model="x", messages=ASK, temperature=0, max_tokens=3).usage.completion_tokens == 3
+    assert client.chat.completions.create(model="tiny-lora", messages=ASK, temperature=0, max_tokens=3).usage.completion_tokens == 3
