@@ -95,25 +95,26 @@ def normalize(record: Any, fmt: str, columns: dict[str, str] | None = None) -> d
 
 
 def iter_examples(path: str | Path, fmt: str, columns: dict[str, str] | None = None,
-                  limit: int | None = None) -> Iterator[tuple[int, dict]]:
+                  limit: int | None = None, sample_by: readers.SampleBy = "line") -> Iterator[tuple[int, dict]]:
     """(line, canonical example) for each record of a file; errors name the file and line.
 
     In a .json file of format ``turns``, the {human, assistant} objects of the top-level array
-    are the turns of ONE conversation (a nested list is a conversation of its own).
+    are the turns of ONE conversation (a nested list is a conversation of its own). ``sample_by``
+    cuts a .txt file into rows (see ``readers.read_records``).
     """
     path = Path(path)
-    for line, record in raw_records(path, fmt, limit):
+    for line, record in raw_records(path, fmt, limit, sample_by=sample_by):
         try:
             yield line, normalize(record, fmt, columns)
         except DataError as err:
             raise err.located(path, line) from None
 
 
-def raw_records(path: Path, fmt: str, limit: int | None = None,
-                on_error: readers.OnError | None = None) -> Iterator[tuple[int, Any]]:
+def raw_records(path: Path, fmt: str, limit: int | None = None, on_error: readers.OnError | None = None,
+                sample_by: readers.SampleBy = "line") -> Iterator[tuple[int, Any]]:
     """The file's records as ``normalize`` takes them in format ``fmt`` (see ``iter_examples``)."""
     if fmt != "turns" or path.suffix.lower() != ".json":
-        yield from readers.read_records(path, limit, on_error)
+        yield from readers.read_records(path, limit, on_error, sample_by)
         return
     turns, first, count = [], None, 0
     for line, record in readers.read_records(path, on_error=on_error):

@@ -35,9 +35,10 @@ FEATURES = {
 }
 
 
-def _generate(path: str, mtime: float, size: int, fmt: str, columns: str, max_samples: int | None, version: int):
+def _generate(path: str, mtime: float, size: int, fmt: str, columns: str, max_samples: int | None, version: int,
+              sample_by: str = "line"):
     """Canonical examples of one file (``mtime``, ``size`` and ``version`` only key the cache)."""
-    for _, example in iter_examples(path, fmt, json.loads(columns), max_samples):
+    for _, example in iter_examples(path, fmt, json.loads(columns), max_samples, sample_by):
         yield example
 
 
@@ -56,7 +57,8 @@ def load_dataset_spec(spec: DatasetSpec, max_samples: int | None = None) -> data
     """The canonical examples of one dataset."""
     stat = spec.path.stat()
     kwargs = dict(path=str(spec.path.resolve()), mtime=stat.st_mtime, size=stat.st_size, fmt=spec.format,
-                  columns=json.dumps(spec.columns, sort_keys=True), max_samples=max_samples, version=LOADER_VERSION)
+                  columns=json.dumps(spec.columns, sort_keys=True), max_samples=max_samples, version=LOADER_VERSION,
+                  sample_by=spec.sample_by)
     try:
         return datasets.Dataset.from_generator(_generate, features=FEATURES[spec.kind], gen_kwargs=kwargs)
     except Exception as err:
