@@ -62,7 +62,7 @@ def encode_sft(example: dict, template, tokenizer, cutoff_len: int,
     """
     if multiturn_loss not in ("all", "last", "split"):
         raise ValueError(f"multiturn_loss must be all, last or split, not {multiturn_loss!r}")
-    pairs = template.encode_turns(tokenizer, example["messages"])
+    pairs = template.encode_turns(tokenizer, example["messages"], example.get("tools"))
     if multiturn_loss == "split":
         out = []
         for k in range(len(pairs)):
