@@ -10,6 +10,7 @@ can use it without loading the inference stack.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.run.checkpoint import is_reward_model, reward_model_refusal
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
 class InferenceError(ValueError):
@@ -54,23 +56,68 @@ class Result(BaseModel):
 
 
 def check_messages(messages) -> list[dict]:
-    """Plain {role, content} dicts, or an InferenceError naming the first bad message."""
+    """Plain {role, content} dicts (an assistant message that called tools keeps its ``tool_calls``, arguments
+    parsed), or an InferenceError naming the first bad message."""
+    from engine.data.errors import DataError
+    from engine.data.formats import tool_call
+
     if not isinstance(messages, list) or not messages:
         raise InferenceError("the message list is empty; send at least one user message")
     out = []
     for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
-        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        get = m.get if isinstance(m, dict) else lambda key, _m=m: getattr(_m, key, None)
+        role, content, calls = get("role"), get("content"), get("tool_calls")
         if role not in ROLES:
             raise InferenceError(f"messages[{i}]: role {role!r} is not known to the chat template (use one of {', '.join(ROLES)})")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise InferenceError(f"messages[{i}]: content must be text")
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise InferenceError(f"the last message must come from the user, not the {out[-1]['role']}")
+        message = {"role": role, "content": content}
+        if calls:
+            if role != "assistant" or not isinstance(calls, list):
+                raise InferenceError(f"messages[{i}]: tool_calls must be a list, on an assistant message")
+            where = f"messages[{i}].tool_calls"
+            try:
+                message["tool_calls"] = [tool_call(c, where) for c in calls]
+            except DataError as err:
+                raise InferenceError(err.message.replace(f"field '{where}'", where, 1)) from None
+        out.append(message)
+    if out[-1]["role"] not in ("user", "tool"):
+        raise InferenceError(f"the last message must come from the user (or be a tool result), not the {out[-1]['role']}")
     return out
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """(text without the calls, calls) of a generated answer. A call is written as the registry's tool formats
+    write it: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (Qwen2.5, ChatML), or the
+    whole answer as ``{"name": ..., "parameters"|"arguments": {...}}`` (Llama 3.1), one such object a line.
+    Each call comes back as ``{"name": str, "arguments": dict}``; text that is not a valid call stays text."""
+    def call(raw: str) -> dict | None:
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            return None
+        args = value.get("arguments", value.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+        return {"name": value["name"], "arguments": args} if isinstance(args, dict) else None
+
+    blocks = [(m, call(m.group(1))) for m in _CALL_BLOCK.finditer(text)]
+    if blocks and all(c is not None for _, c in blocks):
+        return _CALL_BLOCK.sub("", text).strip(), [c for _, c in blocks]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    calls = [call(line) for line in lines]
+    if lines and all(c is not None for c in calls):
+        return "", calls
+    return text, []
 
 
 # ---------------------------------------------------------------- what to load
