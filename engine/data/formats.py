@@ -190,9 +190,9 @@ def _step(m: dict) -> str:
     return ("call" if m.get("tool_calls") else "answer") if m["role"] == "assistant" else m["role"]
 
 
-def check_chat(messages: list[dict], field: str, end: str = "assistant") -> list[dict]:
-    """Check system-first, user/assistant alternation, and that the last message is ``end``. An assistant
-    message that calls tools is followed by one or more tool messages, then by the next assistant message."""
+def check_chat(messages: list[dict], field: str, end: str | None = "assistant") -> list[dict]:
+    """Check system-first, user/assistant alternation, and that the last message is ``end`` (None: any). An
+    assistant message that calls tools is followed by one or more tool messages, then by the next assistant one."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise DataError(f"field '{field}' has no user message", field=field)
@@ -213,10 +213,10 @@ def check_chat(messages: list[dict], field: str, end: str = "assistant") -> list
                            "assistant)")
             raise DataError(f"field '{field}', {where}: {problem}", field=field)
         prev = _step(m)
-    if body[-1]["role"] != end:
+    if end is not None and body[-1]["role"] != end:
         raise DataError(f"field '{field}' must end with {_an(end)} message, but it ends with "
                         f"{_an(body[-1]['role'])} message", field=field)
-    for i, m in enumerate(body):
+    for i, m in enumerate(body if end is not None else ()):
         if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise DataError(f"field '{field}', message {offset + i + 1}: the assistant answer is empty", field=field)
     return messages

@@ -59,7 +59,7 @@ def check_messages(messages) -> list[dict]:
     """Plain {role, content} dicts (an assistant message that called tools keeps its ``tool_calls``, arguments
     parsed), or an InferenceError naming the first bad message."""
     from engine.data.errors import DataError
-    from engine.data.formats import tool_call
+    from engine.data.formats import check_chat, tool_call
 
     if not isinstance(messages, list) or not messages:
         raise InferenceError("the message list is empty; send at least one user message")
@@ -87,6 +87,10 @@ def check_messages(messages) -> list[dict]:
         out.append(message)
     if out[-1]["role"] not in ("user", "tool"):
         raise InferenceError(f"the last message must come from the user (or be a tool result), not the {out[-1]['role']}")
+    try:
+        check_chat(out, "messages", end=None)
+    except DataError as err:
+        raise InferenceError(err.message.replace("field 'messages', ", "", 1)) from None
     return out
 
 
