@@ -88,6 +88,12 @@ def check_tasks(names: list[str]) -> list[str]:
     """One sentence per task that cannot run here (unknown to lm_eval, or needing a Hub it cannot reach)."""
     if not names:
         return ["name at least one harness task (e.g. workbench_mcq_demo, or arc_easy where the Hub is reachable)"]
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        return ["lm-evaluation-harness is not installed (pip install lm-eval==0.4.13, or make setup)"]
+    if set(names) <= set(project_tasks()):  # local files: no need to index lm_eval's thousands of task YAMLs
+        return []
     index = task_manager().task_index
     problems, hub_why = [], None
     for name in names:
