@@ -39,7 +39,7 @@ from urllib.parse import urlparse
 
 from .encode import IGNORE_INDEX, encode_answers, encode_pretrain, encode_sft
 from .errors import DataError
-from .formats import KIND_OF_FORMAT, detect_format, normalize, raw_records
+from .formats import FORMAT_FIELDS, KIND_OF_FORMAT, detect_format, normalize, raw_records
 from .readers import SAMPLE_BY, SUFFIXES, is_data_path
 from .registry import DatasetSpec, append_entry, check_name, find_path, locked
 
@@ -170,6 +170,7 @@ class Report:
     fatal: DataError | None = None  # a problem that stopped reading: nothing after it was checked
     complete: bool = True  # False when max_records ended the check early: the rest was not read
     other_formats: Counter = field(default_factory=Counter)  # formats of unusable records that fit another one
+    unused: Counter = field(default_factory=Counter)  # the file's columns the format does not read: records holding each
     examples: list[tuple[int, dict]] = field(default_factory=list)  # the first valid examples
     sample: list[dict] = field(default_factory=list)  # valid examples for statistics (uniform when sampled)
     notes: list[str] = field(default_factory=list)
@@ -231,6 +232,7 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
         if fmt not in KIND_OF_FORMAT:
             raise DataError(f"unknown format '{fmt}' (one of {', '.join(KIND_OF_FORMAT)})", field="format")
         report.format, report.kind = fmt, KIND_OF_FORMAT[fmt]
+        used = {columns.get(f, f) for f in FORMAT_FIELDS[fmt]}
         rng = random.Random(seed)
         for line, record in source.records(fmt, on_error=problem):
             if full():
@@ -242,6 +244,8 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
                 continue
             report.records += 1
             report.valid += 1
+            if isinstance(record, dict):
+                report.unused.update(k for k in record if k not in used and record[k] not in (None, "", [], {}))
             if len(report.examples) < preview:
                 report.examples.append((line, example))
             if len(report.sample) < sample:  # reservoir sampling: every valid example equally likely
@@ -259,6 +263,11 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
                                f"{'non-blank line' if source.sample_by == 'line' else source.sample_by})")
     if report.fatal is None and report.valid == 0 and report.error_count:
         report.notes.append("no record is usable")
+    if report.unused:
+        listed = ", ".join(f"'{c}' ({n:,} records)" for c, n in report.unused.most_common(10))
+        report.notes.append(f"column{'s' if len(report.unused) > 1 else ''} not used by the {fmt} format, so not trained "
+                            f"on: {listed}; map {'them' if len(report.unused) > 1 else 'it'} to a field, or choose "
+                            "another format")
     if report.other_formats:
         found = ", ".join(f"{n:,} record{'s are' if n > 1 else ' is'} {f}" for f, n in report.other_formats.most_common())
         report.notes.append(f"mixed schemas: the file is {fmt} ({report.valid:,} usable records), but {found}; "
