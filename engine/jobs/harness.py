@@ -27,12 +27,13 @@ class HarnessError(ValueError):
     """A harness task that cannot run here; the message names the task and why."""
 
 
-@lru_cache(maxsize=1)
-def task_manager():
-    """lm_eval's task index, with the project's task YAMLs (built once per process: it reads every task YAML)."""
+@lru_cache(maxsize=2)
+def task_manager(builtin: bool = True):
+    """lm_eval's task index with the project's task YAMLs (built once per process; with ``builtin`` it reads
+    lm_eval's ~15k task YAMLs, which takes a while, so project tasks alone are indexed without them)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(HARNESS_DIR))
+    return TaskManager(include_path=str(HARNESS_DIR), include_defaults=builtin)
 
 
 def _hub_unreachable() -> str | None:
@@ -126,9 +127,9 @@ def project_tasks() -> list[str]:
     return names
 
 
-def _spec(name: str):
+def _spec(name: str, manager):
     """What simple_evaluate is given for a name: the project's tasks as configs with absolute data files."""
-    entry = task_manager().task_index[name]
+    entry = manager.task_index[name]
     path = entry.yaml_path
     if path is not None and Path(path).resolve().parent == HARNESS_DIR.resolve() and entry.cfg:
         return _local(dict(entry.cfg), HARNESS_DIR)
@@ -141,9 +142,10 @@ def run(model, tokenizer, names: list[str], num_fewshot: int, limit: int | None,
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    manager = task_manager(builtin=not set(names) <= set(project_tasks()))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
-    out = simple_evaluate(model=lm, tasks=[_spec(n) for n in names], num_fewshot=num_fewshot, limit=limit,
-                          task_manager=task_manager(), apply_chat_template=chat_template, bootstrap_iters=0,
+    out = simple_evaluate(model=lm, tasks=[_spec(n, manager) for n in names], num_fewshot=num_fewshot, limit=limit,
+                          task_manager=manager, apply_chat_template=chat_template, bootstrap_iters=0,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                           log_samples=False)
     results = {}

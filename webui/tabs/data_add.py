@@ -115,7 +115,9 @@ def report_html(lang: str, report) -> str:
 def example_html(example: dict) -> str:
     """A canonical example rendered as a conversation (used by the dataset preview too)."""
     if "messages" in example:
-        return conversation(example["messages"])
+        tools = [t["function"]["name"] for t in example.get("tools") or ()]
+        shown = [{"role": "tools", "content": ", ".join(tools)}] if tools else []
+        return conversation(shown + example["messages"])
     if "chosen" in example:
         return conversation(example["prompt"], [("chosen ✓", example["chosen"]), ("rejected ✗", example["rejected"])])
     if "completion" in example:
