@@ -25,6 +25,6 @@ def test_lora_sft_on_tool_calls_then_chat_with_tools(tiny_model, tmp_path):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
                                                "parameters": {"type": "object", "properties": {}}}}]
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    assert chat.tokenizer.decode(chat.check(ask, tools)).count("<tools>") == 1
+    assert chat.tokenizer.decode(chat.check(ask, tools)).count("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\"") == 1
     result = chat.generate(ask, SamplingParams(temperature=0, max_new_tokens=8), tools=tools)
     assert result.completion_tokens > 0 and isinstance(chat.tool_calls(result)[1], list)
