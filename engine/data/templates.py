@@ -235,6 +235,13 @@ class Template:
         out = ["{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
                "{% set loop_messages = messages[1:] %}{% else %}{% set system = " + q(self.default_system) + " %}"
                "{% set loop_messages = messages %}{% endif %}"]
+        tools = self.spec.supports_tools
+        if tools:  # the schemas' block after the system prompt (or alone, its leading newlines dropped)
+            t0, t1 = self._fmt["tools"].split(_SLOT)
+            out.append("{% set ns = namespace(t='', a='') %}{% if tools %}{% for tool in tools %}{% set ns.t = ns.t + "
+                       "('\\n' if not loop.first else '') + (tool | tojson) %}{% endfor %}{% if system %}{% set system = "
+                       f"system + {q(t0)} + ns.t + {q(t1)} %}}{{% else %}}{{% set system = {q(t0.lstrip(chr(10)))} + "
+                       f"ns.t + {q(t1)} %}}{{% endif %}}{{% endif %}}")
         if self._fmt["prefix"]:
             out.append("{{ " + q(self._fmt["prefix"]) + " }}")
         if not self.spec.system_in_user:
@@ -247,8 +254,24 @@ class Template:
                        + user("message['content']") + "{% endif %}")
         else:
             out.append(user("message['content']"))
-        out.append("{% elif message['role'] == 'assistant' %}{{ " + q(pre["assistant"][0]) + " + message['content'] + "
-                   + q(pre["assistant"][1]) + " }}{% endif %}{% endfor %}")
+        if not tools:
+            out.append("{% elif message['role'] == 'assistant' %}{{ " + q(pre["assistant"][0]) + " + message['content'] + "
+                       + q(pre["assistant"][1]) + " }}{% endif %}{% endfor %}")
+            return "".join(out)
+        c0, rest = self._fmt["tool_call"].split("{{name}}")
+        c1, c2 = rest.split("{{arguments}}")
+        o0, o1 = self._fmt["observation"].split(_SLOT)
+        r0, r1 = self._fmt["tool_result"].split(_SLOT)
+        out.append("{% elif message['role'] == 'assistant' %}{% set ns.a = message['content'] or '' %}"
+                   "{% for call in message['tool_calls'] or [] %}{% set fn = call['function'] if call['function'] is "
+                   "defined else call %}{% set args = fn['arguments'] if fn['arguments'] is string else "
+                   "(fn['arguments'] | tojson) %}{% set ns.a = (ns.a + '\\n' if ns.a else '') + " + q(c0) + " + fn['name'] + "
+                   + q(c1) + " + args + " + q(c2) + " %}{% endfor %}{{ " + q(pre["assistant"][0]) + " + ns.a + "
+                   + q(pre["assistant"][1]) + " }}"
+                   "{% elif message['role'] == 'tool' %}{% if loop.first or loop_messages[loop.index0 - 1]['role'] != "
+                   "'tool' %}{{ " + q(self._fmt["separator"] + o0) + " }}{% endif %}{{ " + q(r0) + " + message['content'] + "
+                   + q(r1) + " }}{% if loop.last or loop_messages[loop.index0 + 1]['role'] != 'tool' %}{{ " + q(o1)
+                   + " }}{% endif %}{% endif %}{% endfor %}")
         return "".join(out)
 
 

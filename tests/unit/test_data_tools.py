@@ -97,3 +97,17 @@ def test_templates_without_tool_support_say_so(tokenizer):
         encode_sft(example, get_template("alpaca", tokenizer), tokenizer, 4096)
     with pytest.raises(TemplateError, match="template 'auto': this model's own chat template has no tool support"):
         encode_sft(example, get_template("auto", tokenizer), tokenizer, 4096)  # SmolLM2's template has no tools
+
+
+@pytest.mark.parametrize("name", ["qwen", "chatml", "llama3"])
+def test_saved_jinja_of_a_tool_template_renders_tools_as_the_template_does(tokenizer, name):
+    """The chat_template saved with a checkpoint shows schemas, calls and results exactly as training did."""
+    example = normalize(GLAIVE, "sharegpt")
+    template = get_template(name, tokenizer)
+    messages, tools = example["messages"], example["tools"]
+    assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, chat_template=template.jinja()) == \
+        template.render(messages, tools)
+    assert tokenizer.apply_chat_template(messages[1:5], tools=tools, tokenize=False, chat_template=template.jinja(),
+                                         add_generation_prompt=True) == template.render_generation_prompt(messages[1:5], tools)
+    plain = [m for m in messages[:1]] + [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert tokenizer.apply_chat_template(plain, tokenize=False, chat_template=template.jinja()) == template.render(plain)
