@@ -25,6 +25,7 @@ from typing import Any
 from . import readers
 from .errors import DataError
 from .readers import read_records  # noqa: F401  (part of this module's public interface)
+from .tools import has_tools, parse_tools, tool_call  # noqa: F401  (tool_call, parse_tools: public here too)
 
 KIND_OF_FORMAT: dict[str, str] = {
     "alpaca": "sft", "sharegpt": "sft", "messages": "sft", "turns": "sft", "fastchat": "sft",
@@ -222,64 +223,10 @@ def check_chat(messages: list[dict], field: str, end: str | None = "assistant") 
     return messages
 
 
-def has_tools(messages: list[dict]) -> bool:
-    """Whether a conversation calls tools or holds tool results."""
-    return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
-
-
 def _no_tools(messages: list[dict], field: str) -> list[dict]:
     if has_tools(messages):
         raise DataError(f"field '{field}': tool calls and tool results are supported in sft data only", field=field)
     return messages
-
-
-def tool_call(value: Any, field: str, where: str = "") -> dict:
-    """One call as ``{"type": "function", "function": {"name", "arguments": dict}}``, from the shapes files
-    use: ``{"name", "arguments"}`` (arguments an object or its JSON string; ``parameters`` as Llama 3 writes
-    it) or OpenAI's ``{"id", "type": "function", "function": {...}}``."""
-    where = f", {where}" if where else ""
-    if isinstance(value, dict) and isinstance(value.get("function"), dict):
-        value = value["function"]
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"].strip():
-        raise DataError(f"field '{field}'{where}: a tool call must be an object with a name and arguments, "
-                        'e.g. {"name": "get_weather", "arguments": {"city": "Paris"}}', field=field)
-    args = value.get("arguments", value.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as err:
-            raise DataError(f"field '{field}'{where}: the arguments of tool call '{value['name']}' are not valid JSON "
-                            f"({err.msg})", field=field) from None
-    if not isinstance(args, dict):
-        raise DataError(f"field '{field}'{where}: the arguments of tool call '{value['name']}' must be a JSON object",
-                        field=field)
-    return {"type": "function", "function": {"name": value["name"], "arguments": args}}
-
-
-def parse_tools(value: Any, field: str) -> list[dict]:
-    """The tool schemas of a conversation, as OpenAI ``{"type": "function", "function": {...}}`` objects, from a
-    list (or its JSON string, as the glaive function-calling sets store it) of such objects or of bare
-    ``{name, description, parameters}`` schemas."""
-    if value is None or value == "" or value == []:
-        return []
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise DataError(f"field '{field}' is not valid JSON ({err.msg} at column {err.colno}); it must be a list "
-                            "of function schemas", field=field) from None
-    if isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise DataError(f"field '{field}' must be a list of function schemas, found {type(value).__name__}", field=field)
-    out = []
-    for i, tool in enumerate(value, 1):
-        fn = tool.get("function") if isinstance(tool, dict) and isinstance(tool.get("function"), dict) else tool
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
-            raise DataError(f"field '{field}', tool {i}: a function schema needs a name (with a description and "
-                            "parameters)", field=field)
-        out.append({"type": "function", "function": fn})
-    return out
 
 
 def _speakers(items: Any, field: str, role_key: str, content_key: str) -> list[dict]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from .tools import call_json, probe_tool_support, uses_tools
+
 
 TEMPLATES_FILE = Path(__file__).with_name("templates.yaml")
 _KEYS = {"prefix", "system", "user", "assistant", "separator", "system_in_user", "stop_words",
@@ -129,16 +131,6 @@ def conversation_turns(messages: list[dict], end: str) -> tuple[str | None, list
     return system, turns
 
 
-def uses_tools(messages: list[dict], tools) -> bool:
-    return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
-
-
-def _call_json(call: dict) -> tuple[str, str]:
-    fn = call.get("function", call)
-    args = fn.get("arguments", {})
-    return fn["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-
-
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
@@ -170,7 +162,7 @@ class Template:
         """An assistant message's text: its content, then each tool call, joined by newlines."""
         parts = [message["content"]] if message["content"] else []
         for call in message.get("tool_calls") or ():
-            name, args = _call_json(call)
+            name, args = call_json(call)
             parts.append(self._fmt["tool_call"].replace("{{name}}", name).replace("{{arguments}}", args))
         return self._apply("assistant", "\n".join(parts))
 
@@ -303,7 +295,7 @@ class AutoTemplate:
 
     def _text(self, messages: list[dict], generation: bool, tools: list[dict] | None = None) -> str:
         if uses_tools(messages, tools):
-            reason = _probe_tool_support(self.tokenizer)
+            reason = probe_tool_support(self.tokenizer)
             if reason:
                 raise TemplateError(f"template 'auto': this model's own chat template has no tool support ({reason}); "
                                     f"pick a registry template with a tool format ({', '.join(tool_templates())})")
@@ -361,27 +353,6 @@ def _probe_default_system(tokenizer) -> str:
     if s >= 0 and len(head) >= len(before) + len(after) and head.startswith(before) and head.endswith(after):
         return head[len(before): len(head) - len(after)]
     return ""
-
-
-_PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "probe",
-                                               "parameters": {"type": "object", "properties": {}}}}
-_PROBE_CALL = {"role": "assistant", "content": "", "tool_calls": [
-    {"type": "function", "function": {"name": "probe_call_7f3a", "arguments": {"x": 1}}}]}
-
-
-def _probe_tool_support(tokenizer) -> str | None:
-    """None when the tokenizer's chat template shows tool schemas, tool calls and tool results; else why not."""
-    user = {"role": "user", "content": _PROBE_USER}
-    try:
-        schemas = tokenizer.apply_chat_template([user], tools=[_PROBE_TOOL], tokenize=False)
-        turns = tokenizer.apply_chat_template([user, _PROBE_CALL, {"role": "tool", "content": _PROBE_ANSWER}],
-                                              tokenize=False)
-    except Exception as err:  # a template may raise on any role or key it does not know
-        return f"it fails on tools: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-    missing = [what for what, token, text in (("the tool schemas", "probe_tool_7f3a", schemas),
-                                             ("tool calls", "probe_call_7f3a", turns),
-                                             ("tool results", _PROBE_ANSWER, turns)) if token not in text]
-    return f"it leaves out {', '.join(missing)}" if missing else None
 
 
 def _probe_stop_words(tokenizer) -> list[str]:

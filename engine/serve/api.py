@@ -63,7 +63,7 @@ class ChatRequest(BaseModel):
     def tool_schemas(self) -> list[dict] | None:
         """The schemas shown to the model (None: no tools, or tool_choice 'none')."""
         from engine.data.errors import DataError
-        from engine.data.formats import parse_tools
+        from engine.data.tools import parse_tools
 
         choice = self.tool_choice
         if not self.tools or choice == "none":

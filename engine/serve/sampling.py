@@ -10,7 +10,6 @@ can use it without loading the inference stack.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,10 +17,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.data.tools import parse_tool_calls  # noqa: F401  (the serving side reads calls back with it)
 from engine.run.checkpoint import is_reward_model, reward_model_refusal
 
 ROLES = ("system", "user", "assistant", "tool")
-_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
 class InferenceError(ValueError):
@@ -59,7 +58,8 @@ def check_messages(messages) -> list[dict]:
     """Plain {role, content} dicts (an assistant message that called tools keeps its ``tool_calls``, arguments
     parsed), or an InferenceError naming the first bad message."""
     from engine.data.errors import DataError
-    from engine.data.formats import check_chat, tool_call
+    from engine.data.formats import check_chat
+    from engine.data.tools import tool_call
 
     if not isinstance(messages, list) or not messages:
         raise InferenceError("the message list is empty; send at least one user message")
@@ -92,36 +92,6 @@ def check_messages(messages) -> list[dict]:
     except DataError as err:
         raise InferenceError(err.message.replace("field 'messages', ", "", 1)) from None
     return out
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """(text without the calls, calls) of a generated answer. A call is written as the registry's tool formats
-    write it: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks (Qwen2.5, ChatML), or the
-    whole answer as ``{"name": ..., "parameters"|"arguments": {...}}`` (Llama 3.1), one such object a line.
-    Each call comes back as ``{"name": str, "arguments": dict}``; text that is not a valid call stays text."""
-    def call(raw: str) -> dict | None:
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-            return None
-        args = value.get("arguments", value.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                return None
-        return {"name": value["name"], "arguments": args} if isinstance(args, dict) else None
-
-    blocks = [(m, call(m.group(1))) for m in _CALL_BLOCK.finditer(text)]
-    if blocks and all(c is not None for _, c in blocks):
-        return _CALL_BLOCK.sub("", text).strip(), [c for _, c in blocks]
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    calls = [call(line) for line in lines]
-    if lines and all(c is not None for c in calls):
-        return "", calls
-    return text, []
 
 
 # ---------------------------------------------------------------- what to load

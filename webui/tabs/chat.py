@@ -13,7 +13,7 @@ from engine.run import rundir
 from engine.run.checkpoint import is_reward_model
 from engine.run.config import field_info
 from engine.data.errors import DataError
-from engine.data.formats import parse_tools
+from engine.data.tools import parse_tools
 from engine.serve.sampling import SamplingParams, parse_tool_calls
 from engine.serve.worker import InferenceWorker, WorkerError
 
