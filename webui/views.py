@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import time
 from datetime import datetime
 
@@ -102,8 +103,11 @@ def conversation(messages: list[dict], extra: list[tuple[str, str]] | None = Non
     parts = []
     for m in messages:
         role = m.get("role", "user")
+        calls = [c.get("function", c) for c in m.get("tool_calls") or ()]
+        text = "\n".join([m.get("content") or ""] * bool(m.get("content")) +
+                         [f"→ {c['name']}({json.dumps(c.get('arguments', {}), ensure_ascii=False)})" for c in calls])
         parts.append(f'<div class="wb-msg-row wb-{esc(role)}"><span class="wb-role">{esc(role)}</span>'
-                     f'<div class="wb-bubble">{esc(m.get("content", ""))}</div></div>')
+                     f'<div class="wb-bubble">{esc(text)}</div></div>')
     for label, text in extra or []:
         parts.append(f'<div class="wb-msg-row wb-assistant"><span class="wb-role">{esc(label)}</span>'
                      f'<div class="wb-bubble">{esc(text)}</div></div>')

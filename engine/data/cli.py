@@ -135,7 +135,7 @@ def inspect(args) -> int:
 
     columns = parse_columns(args.columns)
     _check_cutoff(args.cutoff_len)
-    source = open_source(args.file)
+    source = open_source(args.file, sample_by=args.sample_by)
     tok = _tokenizer_and_template(args.model, args.template) if args.model else None
     report = inspect_source(source, args.format, columns, max_errors=args.max_errors, sample=args.sample,
                             max_records=args.max_records)
@@ -156,7 +156,7 @@ def add(args) -> int:
     from engine.data.registry import workspace_registry
 
     registry = Path(args.registry) if args.registry else workspace_registry(launch.workspace_dir(args.workspace))
-    spec, report = add_dataset(open_source(args.file), args.name, registry, args.format, parse_columns(args.columns),
+    spec, report = add_dataset(open_source(args.file, sample_by=args.sample_by), args.name, registry, args.format, parse_columns(args.columns),
                                args.kind, args.description or "", copy=args.copy, skip_invalid=args.skip_invalid)
     skipped = f", {report.error_count:,} unusable records left out" if report.error_count else ""
     print(f"registered '{spec.name}' in {registry}: {spec.format} format, {spec.kind} data, "
@@ -167,6 +167,7 @@ def add(args) -> int:
 
 def add_parsers(sub) -> None:
     from engine.data.formats import FORMATS, KINDS
+    from engine.data.readers import SAMPLE_BY
 
     formats = ["auto", *FORMATS]
     data = sub.add_parser("data", help="inspect a dataset (format, problems, token lengths) or register it")
@@ -177,6 +178,8 @@ def add_parsers(sub) -> None:
     p.add_argument("file", help="a .json/.jsonl/.csv/.tsv/.parquet/.txt file, a save_to_disk directory, or a Hub name")
     p.add_argument("--format", default="auto", choices=formats, help="the records' format (default: detected)")
     p.add_argument("--columns", default=None, help="field=column pairs, e.g. instruction=question,output=answer")
+    p.add_argument("--sample-by", default="line", choices=SAMPLE_BY,
+                   help="a .txt file: one row per line (default), paragraph (blank-line separated) or document")
     p.add_argument("--model", default=None, help="a local model directory: tokenize with its tokenizer")
     p.add_argument("--template", default="auto", help="chat template (auto or a registry name)")
     cutoff = DataConfig.model_fields["cutoff_len"]
@@ -192,6 +195,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--format", default="auto", choices=formats)
     p.add_argument("--kind", default=None, choices=KINDS, help="checked against the format (default: the format's)")
     p.add_argument("--columns", default=None, help="field=column pairs, e.g. instruction=question,output=answer")
+    p.add_argument("--sample-by", default="line", choices=SAMPLE_BY,
+                   help="a .txt file: one row per line (default), paragraph (blank-line separated) or document")
     p.add_argument("--description", default=None)
     p.add_argument("--workspace", default=None, help="its registry is WORKSPACE/datasets/dataset_info.yaml "
                                                      "(default ./workspace or $WORKBENCH_WORKSPACE)")

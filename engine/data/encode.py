@@ -62,7 +62,9 @@ def encode_sft(example: dict, template, tokenizer, cutoff_len: int,
     """
     if multiturn_loss not in ("all", "last", "split"):
         raise ValueError(f"multiturn_loss must be all, last or split, not {multiturn_loss!r}")
-    pairs = template.encode_turns(tokenizer, example["messages"])
+    tools = example.get("tools")  # passed only when there are some: a template object without tools need not take them
+    pairs = template.encode_turns(tokenizer, example["messages"], tools) if tools else \
+        template.encode_turns(tokenizer, example["messages"])
     if multiturn_loss == "split":
         out = []
         for k in range(len(pairs)):

@@ -2,8 +2,12 @@
 
 Canonical examples, by kind:
 
-* sft        ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-             (system first if any, then user/assistant alternating, ending with assistant)
+* sft        ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``
+             (system first if any, then user/assistant alternating, ending with assistant), and for
+             tool use ``"tools": [{"type": "function", "function": {name, description, parameters}}]``
+             (the schemas the conversation may call): an assistant message may carry
+             ``"tool_calls": [{"type": "function", "function": {"name": str, "arguments": dict}}]``
+             and is then followed by one ``tool`` message per result before the next assistant turn
 * preference ``{"prompt": [messages ending with user], "chosen": str, "rejected": str}``
 * kto        ``{"prompt": [messages ending with user], "completion": str, "label": bool}``
 * pretrain   ``{"text": str}``
@@ -13,6 +17,7 @@ Problems raise :class:`DataError` naming the field; the loader adds the file and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from typing import Any
 from . import readers
 from .errors import DataError
 from .readers import read_records  # noqa: F401  (part of this module's public interface)
+from .tools import has_tools, parse_tools, tool_call  # noqa: F401  (tool_call, parse_tools: public here too)
 
 KIND_OF_FORMAT: dict[str, str] = {
     "alpaca": "sft", "sharegpt": "sft", "messages": "sft", "turns": "sft", "fastchat": "sft",
@@ -33,8 +39,8 @@ KINDS: tuple[str, ...] = ("sft", "preference", "kto", "pretrain")
 # ``prompt`` or from a ``conversations``/``messages`` list; ``turns`` records are bare lists.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "output", "input", "system", "history"),
-    "sharegpt": ("conversations", "system"), "fastchat": ("conversations", "system"),
-    "messages": ("messages", "system"), "turns": (), "firefly": ("conversation", "system"),
+    "sharegpt": ("conversations", "system", "tools"), "fastchat": ("conversations", "system"),
+    "messages": ("messages", "system", "tools"), "turns": (), "firefly": ("conversation", "system"),
     "preference": ("chosen", "rejected", "prompt", "conversations", "messages", "system"),
     "kto": ("label", "prompt", "completion", "messages", "conversations", "system"),
     "text": ("text",),
@@ -45,11 +51,12 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "kto": ("label",), "text": ("text",),
 }
 
-# Speaker names in sharegpt ("from") and OpenAI-style ("role") messages. Tool results are
-# input to the model (user side); function calls are its output (assistant side).
+# Speaker names in sharegpt ("from") and OpenAI-style ("role") messages. A function_call turn is an
+# assistant turn that calls a tool (its value the call's JSON); observation, tool, function (OpenAI's
+# legacy role for a function's result) and ipython (Llama 3's) are tool results.
 ROLES = {
-    "system": "system", "human": "user", "user": "user", "observation": "user", "tool": "user",
-    "gpt": "assistant", "assistant": "assistant", "function": "assistant", "function_call": "assistant",
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "function_call": "function_call", "observation": "tool", "tool": "tool", "function": "tool", "ipython": "tool",
 }
 
 
@@ -95,25 +102,26 @@ def normalize(record: Any, fmt: str, columns: dict[str, str] | None = None) -> d
 
 
 def iter_examples(path: str | Path, fmt: str, columns: dict[str, str] | None = None,
-                  limit: int | None = None) -> Iterator[tuple[int, dict]]:
+                  limit: int | None = None, sample_by: readers.SampleBy = "line") -> Iterator[tuple[int, dict]]:
     """(line, canonical example) for each record of a file; errors name the file and line.
 
     In a .json file of format ``turns``, the {human, assistant} objects of the top-level array
-    are the turns of ONE conversation (a nested list is a conversation of its own).
+    are the turns of ONE conversation (a nested list is a conversation of its own). ``sample_by``
+    cuts a .txt file into rows (see ``readers.read_records``).
     """
     path = Path(path)
-    for line, record in raw_records(path, fmt, limit):
+    for line, record in raw_records(path, fmt, limit, sample_by=sample_by):
         try:
             yield line, normalize(record, fmt, columns)
         except DataError as err:
             raise err.located(path, line) from None
 
 
-def raw_records(path: Path, fmt: str, limit: int | None = None,
-                on_error: readers.OnError | None = None) -> Iterator[tuple[int, Any]]:
+def raw_records(path: Path, fmt: str, limit: int | None = None, on_error: readers.OnError | None = None,
+                sample_by: readers.SampleBy = "line") -> Iterator[tuple[int, Any]]:
     """The file's records as ``normalize`` takes them in format ``fmt`` (see ``iter_examples``)."""
     if fmt != "turns" or path.suffix.lower() != ".json":
-        yield from readers.read_records(path, limit, on_error)
+        yield from readers.read_records(path, limit, on_error, sample_by)
         return
     turns, first, count = [], None, 0
     for line, record in readers.read_records(path, on_error=on_error):
@@ -176,42 +184,88 @@ def _an(word: str) -> str:
     return f"{'an' if word[0] in 'aeio' else 'a'} {word}"  # a user, an assistant
 
 
-def check_chat(messages: list[dict], field: str, end: str = "assistant") -> list[dict]:
-    """Check system-first, user/assistant alternation, and that the last message is ``end``."""
+_NEXT = {None: ("user",), "user": ("assistant",), "answer": ("user",), "call": ("tool",), "tool": ("tool", "assistant")}
+
+
+def _step(m: dict) -> str:
+    return ("call" if m.get("tool_calls") else "answer") if m["role"] == "assistant" else m["role"]
+
+
+def check_chat(messages: list[dict], field: str, end: str | None = "assistant") -> list[dict]:
+    """Check system-first, user/assistant alternation, and that the last message is ``end`` (None: any). An
+    assistant message that calls tools is followed by one or more tool messages, then by the next assistant one."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise DataError(f"field '{field}' has no user message", field=field)
     offset = len(messages) - len(body)
+    prev = None
     for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != expected:
+        allowed = _NEXT[prev]
+        if m["role"] not in allowed:
             where = "message 1" if offset + i == 0 else f"message {offset + i + 1}"
-            problem = ("a system message may only come first" if m["role"] == "system"
-                       else f"expected {_an(expected)} message, found {m['role']} (turns must alternate user, assistant)")
+            if m["role"] == "system":
+                problem = "a system message may only come first"
+            elif prev == "call":
+                problem = f"expected a tool message (the result of the call before it), found {m['role']}"
+            elif m["role"] == "tool":
+                problem = "a tool message must follow an assistant message that calls a tool"
+            else:
+                problem = (f"expected {_an(allowed[-1])} message, found {m['role']} (turns must alternate user, "
+                           "assistant)")
             raise DataError(f"field '{field}', {where}: {problem}", field=field)
-    if body[-1]["role"] != end:
+        prev = _step(m)
+    if end is not None and body[-1]["role"] != end:
         raise DataError(f"field '{field}' must end with {_an(end)} message, but it ends with "
                         f"{_an(body[-1]['role'])} message", field=field)
-    for i, m in enumerate(body):
-        if m["role"] == "assistant" and not m["content"].strip():
+    for i, m in enumerate(body if end is not None else ()):
+        if m["role"] == "assistant" and not m["content"].strip() and not m.get("tool_calls"):
             raise DataError(f"field '{field}', message {offset + i + 1}: the assistant answer is empty", field=field)
     return messages
 
 
+def _no_tools(messages: list[dict], field: str) -> list[dict]:
+    if has_tools(messages):
+        raise DataError(f"field '{field}': tool calls and tool results are supported in sft data only", field=field)
+    return messages
+
+
 def _speakers(items: Any, field: str, role_key: str, content_key: str) -> list[dict]:
-    """Messages from a list of {from, value} (sharegpt) or {role, content} (OpenAI) objects."""
+    """Messages from a list of {from, value} (sharegpt) or {role, content} (OpenAI) objects, with tool calls
+    (a function_call turn, or OpenAI's tool_calls) and tool results (observation, tool)."""
     if not isinstance(items, list) or not items:
         raise DataError(f"field '{field}' must be a non-empty list of messages", field=field)
     out = []
     for i, item in enumerate(items, 1):
-        if not isinstance(item, dict) or role_key not in item or content_key not in item:
+        calls = item.get("tool_calls") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or role_key not in item or (content_key not in item and not calls):
             raise DataError(f"field '{field}', message {i}: expected an object with '{role_key}' and "
                             f"'{content_key}'", field=field)
         role = ROLES.get(str(item[role_key]).lower())
         if role is None:
             raise DataError(f"field '{field}', message {i}: unknown role '{item[role_key]}' "
                             f"(one of {', '.join(ROLES)})", field=field)
-        out.append(_msg(role, _text(item[content_key], f"{field}", allow_empty=True)))
+        content = item.get(content_key)
+        if role == "function_call":
+            if isinstance(content, str):
+                try:
+                    content = json.loads(content)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"field '{field}', message {i}: a function_call turn must hold the call as JSON, "
+                                    f'e.g. {{"name": "get_weather", "arguments": {{"city": "Paris"}}}} ({err.msg})',
+                                    field=field) from None
+            role, calls, content = "assistant", content if isinstance(content, list) else [content], ""
+        if calls:
+            if role != "assistant":
+                raise DataError(f"field '{field}', message {i}: only an assistant message may carry tool_calls",
+                                field=field)
+            if not isinstance(calls, list):
+                calls = [calls]
+            out.append({"role": "assistant", "content": "" if content is None else _text(content, field, True),
+                        "tool_calls": [tool_call(c, field, f"message {i}") for c in calls]})
+            continue
+        if role == "tool" and isinstance(content, (dict, list)):
+            content = json.dumps(content, ensure_ascii=False)
+        out.append(_msg(role, _text(content, f"{field}", allow_empty=True)))
     return out
 
 
@@ -257,16 +311,23 @@ def _alpaca(rec: _Record) -> dict:
     return {"messages": check_chat(_with_system(rec, messages), rec.name("output"))}
 
 
+def _chat(rec: _Record, key: str, role_key: str, content_key: str, why: str) -> dict:
+    field = rec.name(key)
+    example = {"messages": check_chat(_with_system(rec, _speakers(rec.require(key, why), field, role_key, content_key)),
+                                      field)}
+    tools = parse_tools(rec.get("tools"), rec.name("tools"))
+    if tools:
+        example["tools"] = tools
+    return example
+
+
 def _sharegpt(rec: _Record) -> dict:
-    field = rec.name("conversations")
-    items = rec.require("conversations", "sharegpt format needs conversations: a list of {from, value} messages")
-    return {"messages": check_chat(_with_system(rec, _speakers(items, field, "from", "value")), field)}
+    return _chat(rec, "conversations", "from", "value",
+                 "sharegpt format needs conversations: a list of {from, value} messages")
 
 
 def _messages(rec: _Record) -> dict:
-    field = rec.name("messages")
-    items = rec.require("messages", "messages format needs messages: a list of {role, content} objects")
-    return {"messages": check_chat(_with_system(rec, _speakers(items, field, "role", "content")), field)}
+    return _chat(rec, "messages", "role", "content", "messages format needs messages: a list of {role, content} objects")
 
 
 def _turns(items: Any, field: str, system: str = "") -> list[dict]:
@@ -311,9 +372,9 @@ def _prompt(rec: _Record, why: str) -> list[dict]:
                 and "role" in value[0] else _speakers(value, field, "from", "value")
         else:
             messages = [_msg("user", _text(value, field))]
-        return check_chat(_with_system(rec, messages), field, end="user")
+        return _no_tools(check_chat(_with_system(rec, messages), field, end="user"), field)
     messages, field = _chat_of(rec, why)
-    return check_chat(messages, field, end="user")
+    return _no_tools(check_chat(messages, field, end="user"), field)
 
 
 def _preference(rec: _Record) -> dict:
@@ -348,7 +409,7 @@ def _kto(rec: _Record) -> dict:
         completion = rec.text("completion", why)
     else:
         messages, field = _chat_of(rec, why)
-        check_chat(messages, field)
+        _no_tools(check_chat(messages, field), field)
         prompt, completion = messages[:-1], messages[-1]["content"]
     return {"prompt": prompt, "completion": completion, "label": label}
 

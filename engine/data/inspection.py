@@ -39,8 +39,8 @@ from urllib.parse import urlparse
 
 from .encode import IGNORE_INDEX, encode_answers, encode_pretrain, encode_sft
 from .errors import DataError
-from .formats import KIND_OF_FORMAT, detect_format, normalize, raw_records
-from .readers import SUFFIXES, header_looks_like_data, headerless, is_data_path
+from .formats import FORMAT_FIELDS, KIND_OF_FORMAT, detect_format, normalize, raw_records
+from .readers import SAMPLE_BY, SUFFIXES, header_looks_like_data, headerless, is_data_path
 from .registry import DatasetSpec, append_entry, check_name, find_path, locked
 
 MAX_ERRORS = 20
@@ -56,6 +56,11 @@ class Source:
 
     path: Path | None = None
     hub: str | None = None
+    sample_by: str = "line"  # how a .txt file is cut into rows (readers.SAMPLE_BY)
+
+    @property
+    def text_file(self) -> bool:
+        return self.path is not None and self.path.suffix.lower() == ".txt"
 
     @property
     def label(self) -> str:
@@ -69,12 +74,15 @@ class Source:
     def records(self, fmt: str, limit: int | None = None, on_error=None):
         """(line, record) pairs as ``normalize`` takes them for format ``fmt``."""
         if self.path is not None:
-            return raw_records(self.path, fmt, limit, on_error)
+            return raw_records(self.path, fmt, limit, on_error, self.sample_by)
         return _hub_records(self.hub, limit)
 
 
-def open_source(text: str, allowed_roots: list[Path] | None = None) -> Source:
-    """The source a user named; with ``allowed_roots``, a local path must lie inside one of them."""
+def open_source(text: str, allowed_roots: list[Path] | None = None, sample_by: str = "line") -> Source:
+    """The source a user named; with ``allowed_roots``, a local path must lie inside one of them.
+    ``sample_by`` cuts a .txt file into rows (line, paragraph or document)."""
+    if sample_by not in SAMPLE_BY:
+        raise DataError(f"sample_by must be one of {', '.join(SAMPLE_BY)}, not {sample_by!r}", field="sample_by")
     text = (text or "").strip()
     if not text:
         raise DataError("enter a data file, a datasets save_to_disk directory or a Hub dataset name", field="path")
@@ -91,7 +99,7 @@ def open_source(text: str, allowed_roots: list[Path] | None = None) -> Source:
             kinds = ", ".join(SUFFIXES)
             what = "directory is not a datasets save_to_disk directory" if real.is_dir() else "file type is not supported"
             raise DataError(f"this {what} (use {kinds}, or a directory written by Dataset.save_to_disk)", real)
-        return Source(path=real)
+        return Source(path=real, sample_by=sample_by)
     if HUB_NAME.fullmatch(text) and Path(text).suffix.lower() not in SUFFIXES:
         return Source(hub=text)
     raise DataError(f"'{text}' is not a file or directory here, nor a Hub dataset name (owner/name)", field="path")
@@ -153,6 +161,7 @@ class Report:
     fatal: DataError | None = None  # a problem that stopped reading: nothing after it was checked
     complete: bool = True  # False when max_records ended the check early: the rest was not read
     other_formats: Counter = field(default_factory=Counter)  # formats of unusable records that fit another one
+    unused: Counter = field(default_factory=Counter)  # the file's columns the format does not read: records holding each
     examples: list[tuple[int, dict]] = field(default_factory=list)  # the first valid examples
     sample: list[dict] = field(default_factory=list)  # valid examples for statistics (uniform when sampled)
     notes: list[str] = field(default_factory=list)
@@ -215,6 +224,7 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
         if fmt not in KIND_OF_FORMAT:
             raise DataError(f"unknown format '{fmt}' (one of {', '.join(KIND_OF_FORMAT)})", field="format")
         report.format, report.kind = fmt, KIND_OF_FORMAT[fmt]
+        used = {columns.get(f, f) for f in FORMAT_FIELDS[fmt]}
         rng = random.Random(seed)
         for line, record in source.records(fmt, on_error=problem):
             if full():
@@ -226,6 +236,8 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
                 continue
             report.records += 1
             report.valid += 1
+            if isinstance(record, dict):
+                report.unused.update(k for k in record if k not in used and record[k] not in (None, "", [], {}))
             if len(report.examples) < preview:
                 report.examples.append((line, example))
             if len(report.sample) < sample:  # reservoir sampling: every valid example equally likely
@@ -238,8 +250,16 @@ def inspect_source(source: Source, fmt: str = "auto", columns: dict | None = Non
         pass
     except DataError as err:
         report.fatal = err if err.file or source.hub else err.located(where)
+    if source.text_file and report.fatal is None:
+        report.notes.insert(0, f"sample_by: {source.sample_by}: {'' if report.complete else 'at least '}{report.records:,} rows (one per "
+                               f"{'non-blank line' if source.sample_by == 'line' else source.sample_by})")
     if report.fatal is None and report.valid == 0 and report.error_count:
         report.notes.append("no record is usable")
+    if report.unused:
+        listed = ", ".join(f"'{c}' ({n:,} records)" for c, n in report.unused.most_common(10))
+        report.notes.append(f"column{'s' if len(report.unused) > 1 else ''} not used by the {fmt} format, so not trained "
+                            f"on: {listed}; map {'them' if len(report.unused) > 1 else 'it'} to a field, or choose "
+                            "another format")
     if report.other_formats:
         found = ", ".join(f"{n:,} record{'s are' if n > 1 else ' is'} {f}" for f, n in report.other_formats.most_common())
         report.notes.append(f"mixed schemas: the file is {fmt} ({report.valid:,} usable records), but {found}; "
@@ -397,7 +417,8 @@ def add_dataset(source: Source, name: str, registry: Path, fmt: str = "auto", co
         description = description.strip() or f"{report.valid:,} records from {origin}"
         if report.error_count:
             description += f" ({report.error_count:,} unusable records left out)"
-        spec = append_entry(registry, name, file, report.format, report.kind, report.columns, description)
+        spec = append_entry(registry, name, file, report.format, report.kind, report.columns, description,
+                            source.sample_by)
     return spec, report
 
 

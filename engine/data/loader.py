@@ -5,7 +5,9 @@ Each data file becomes one ``datasets.Dataset`` built by ``Dataset.from_generato
 generator's arguments include the file's path, modification time and size, so a second load
 of an unchanged file comes from the ``datasets`` cache without reading the file again, and an
 edited file is read afresh. Messages are stored as Arrow lists of {role, content} structs, so
-rows come back with ``row["messages"]`` as a list of dicts.
+rows come back with ``row["messages"]`` as a list of dicts; in SFT data each message also holds its
+tool calls and the row its tool schemas, as JSON text ('' when none): ``sft_example`` turns a row back
+into the canonical example.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ import pyarrow.compute as pc
 
 from .encode import encode_answers, encode_pretrain, encode_sft
 from .errors import DataError
-from .formats import iter_examples
+from .formats import KIND_OF_FORMAT, iter_examples
 from .registry import DatasetSpec, resolve_dataset
 
 # Bump when the canonical layout or the encoding changes: both caches are keyed by function name.
-LOADER_VERSION = 1
-ENCODE_VERSION = 1
+LOADER_VERSION = 2
+ENCODE_VERSION = 2
 
 _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+_SFT_MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string"),
+                               "tool_calls": datasets.Value("string")})
+TOOL_FEATURES = datasets.Features({"messages": _SFT_MESSAGES, "tools": datasets.Value("string")})
 FEATURES = {
-    "sft": datasets.Features({"messages": _MESSAGES}),
+    "sft": datasets.Features({"messages": _MESSAGES}),  # without tools; TOOL_FEATURES where any example uses them
     "preference": datasets.Features({"prompt": _MESSAGES, "chosen": datasets.Value("string"),
                                      "rejected": datasets.Value("string")}),
     "kto": datasets.Features({"prompt": _MESSAGES, "completion": datasets.Value("string"),
@@ -35,10 +40,31 @@ FEATURES = {
 }
 
 
-def _generate(path: str, mtime: float, size: int, fmt: str, columns: str, max_samples: int | None, version: int):
+def _generate(path: str, mtime: float, size: int, fmt: str, columns: str, max_samples: int | None, version: int,
+              sample_by: str = "line"):
     """Canonical examples of one file (``mtime``, ``size`` and ``version`` only key the cache)."""
-    for _, example in iter_examples(path, fmt, json.loads(columns), max_samples):
-        yield example
+    sft = KIND_OF_FORMAT[fmt] == "sft"
+    for _, example in iter_examples(path, fmt, json.loads(columns), max_samples, sample_by):
+        yield _sft_row(example) if sft else example
+
+
+def _json_or_empty(value) -> str:
+    return json.dumps(value, ensure_ascii=False) if value else ""
+
+
+def _sft_row(example: dict) -> dict:
+    """A canonical SFT example as a row of FEATURES["sft"] (tool calls and schemas as JSON text)."""
+    return {"messages": [{"role": m["role"], "content": m["content"], "tool_calls": _json_or_empty(m.get("tool_calls"))}
+                         for m in example["messages"]], "tools": _json_or_empty(example.get("tools"))}
+
+
+def sft_example(row: dict) -> dict:
+    """The canonical example of a loaded SFT row: {"messages"} and, for tool use, "tools" and the messages'
+    "tool_calls"."""
+    example = {"messages": example_messages(row)}
+    if row.get("tools"):
+        example["tools"] = json.loads(row["tools"])
+    return example
 
 
 def _data_error(err: BaseException) -> DataError | None:
@@ -56,14 +82,38 @@ def load_dataset_spec(spec: DatasetSpec, max_samples: int | None = None) -> data
     """The canonical examples of one dataset."""
     stat = spec.path.stat()
     kwargs = dict(path=str(spec.path.resolve()), mtime=stat.st_mtime, size=stat.st_size, fmt=spec.format,
-                  columns=json.dumps(spec.columns, sort_keys=True), max_samples=max_samples, version=LOADER_VERSION)
+                  columns=json.dumps(spec.columns, sort_keys=True), max_samples=max_samples, version=LOADER_VERSION,
+                  sample_by=spec.sample_by)
     try:
-        return datasets.Dataset.from_generator(_generate, features=FEATURES[spec.kind], gen_kwargs=kwargs)
+        ds = datasets.Dataset.from_generator(_generate, features=TOOL_FEATURES if spec.kind == "sft" else
+                                             FEATURES[spec.kind], gen_kwargs=kwargs)
     except Exception as err:
         found = _data_error(err)
         if found is None:
             raise
         raise found from None
+    return ds if spec.kind != "sft" or _uses_tools(ds) else _with_features(ds, FEATURES["sft"])
+
+
+def _uses_tools(ds: datasets.Dataset) -> bool:
+    if not len(ds):
+        return False
+    table = ds.data.table
+    calls = pc.struct_field(pc.list_flatten(table.column("messages")), "tool_calls")
+    return any((pc.max(pc.utf8_length(col)).as_py() or 0) > 0 for col in (table.column("tools"), calls))
+
+
+def _rows(batch, tools: bool):
+    if tools:
+        return {"messages": [[dict(m, tool_calls=m.get("tool_calls") or "") for m in ms] for ms in batch["messages"]],
+                "tools": batch.get("tools") or [""] * len(batch["messages"])}
+    return {"messages": [[{"role": m["role"], "content": m["content"]} for m in ms] for ms in batch["messages"]]}
+
+
+def _with_features(ds: datasets.Dataset, features: datasets.Features) -> datasets.Dataset:
+    """SFT rows in the other layout (with or without the tool columns); the tool fields are '' where absent."""
+    return ds.map(_rows, batched=True, features=features, remove_columns=ds.column_names,
+                  fn_kwargs=dict(tools="tools" in features), desc="Converting")
 
 
 def load_examples(data_cfg, kind: str) -> datasets.Dataset:
@@ -78,13 +128,23 @@ def load_examples(data_cfg, kind: str) -> datasets.Dataset:
         listed = ", ".join(f"'{s.name}' holds {s.kind} data ({s.format} format)" for s in wrong)
         raise DataError(f"this stage needs {kind} data, but dataset {listed}", field="data.datasets")
     parts = [load_dataset_spec(s, data_cfg.max_samples) for s in specs]
+    if any(p.features == TOOL_FEATURES for p in parts):
+        parts = [p if p.features == TOOL_FEATURES else _with_features(p, TOOL_FEATURES) for p in parts]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def example_messages(row: dict) -> list[dict]:
-    """The messages of a loaded row as a list of {role, content} dicts."""
+    """The messages of a loaded row as a list of {role, content} dicts (with "tool_calls" where a message has them)."""
     messages = row["messages"]
-    return json.loads(messages) if isinstance(messages, str) else list(messages)
+    messages = json.loads(messages) if isinstance(messages, str) else list(messages)
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        m = {"role": m["role"], "content": m["content"]}
+        if calls:
+            m["tool_calls"] = json.loads(calls) if isinstance(calls, str) else calls
+        out.append(m)
+    return out
 
 
 def split_examples(examples: datasets.Dataset, data_cfg, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -101,8 +161,9 @@ def split_examples(examples: datasets.Dataset, data_cfg, seed: int) -> tuple[dat
 
 def _encode_batch(batch, indices, template, tokenizer, cutoff_len, multiturn_loss, version):
     out = {"input_ids": [], "labels": [], "_source": [], "_tokens": [], "_trained": []}
-    for index, messages in zip(indices, batch["messages"]):
-        for enc in encode_sft({"messages": messages}, template, tokenizer, cutoff_len, multiturn_loss):
+    for index, messages, tools in zip(indices, batch["messages"], batch.get("tools") or [""] * len(indices)):
+        example = sft_example({"messages": messages, "tools": tools})
+        for enc in encode_sft(example, template, tokenizer, cutoff_len, multiturn_loss):
             out["input_ids"].append(enc["input_ids"])
             out["labels"].append(enc["labels"])
             out["_source"].append(index)

@@ -23,11 +23,13 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import DataError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
+SampleBy = Literal["line", "paragraph", "document"]
+SAMPLE_BY: tuple[str, ...] = ("line", "paragraph", "document")  # how a .txt file is cut into rows
 _WS = re.compile(r"[ \t\n\r]*")
 OnError = Callable[[DataError], None]
 
@@ -36,14 +38,17 @@ def _raise(err: DataError) -> None:
     raise err
 
 
-def read_records(path: str | Path, limit: int | None = None,
-                 on_error: OnError | None = None) -> Iterator[tuple[int, Any]]:
+def read_records(path: str | Path, limit: int | None = None, on_error: OnError | None = None,
+                 sample_by: SampleBy = "line") -> Iterator[tuple[int, Any]]:
     """Yield ``(line, record)`` for each record of ``path``, at most ``limit`` of them.
 
     ``line`` is the 1-based line a record starts on (the 1-based row for parquet and Arrow).
     A record is a dict, except that JSON and JSON Lines files may hold lists (``turns``
     format). ``on_error`` receives each one-record problem instead of raising it (see above).
+    ``sample_by`` cuts a .txt file into rows by line, paragraph or document (other files ignore it).
     """
+    if sample_by not in SAMPLE_BY:
+        raise DataError(f"sample_by must be one of {', '.join(SAMPLE_BY)}, not {sample_by!r}", path, field="sample_by")
     path = Path(path)
     if path.is_dir():
         reader = _read_arrow_dir
@@ -58,7 +63,8 @@ def read_records(path: str | Path, limit: int | None = None,
                   ".parquet": _read_parquet, ".txt": _read_txt}[suffix]
     if limit is not None and limit <= 0:
         return
-    for count, item in enumerate(reader(path, on_error or _raise), 1):
+    items = reader(path, on_error or _raise, sample_by) if reader is _read_txt else reader(path, on_error or _raise)
+    for count, item in enumerate(items, 1):
         yield item
         if limit is not None and count >= limit:
             return
@@ -338,26 +344,30 @@ def _read_arrow_dir(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]
         raise DataError("file is empty (0 rows)", path)
 
 
-def _read_txt(path: Path, on_error: OnError) -> Iterator[tuple[int, dict]]:
-    """Plain text: documents are separated by one or more blank lines. A document with a line
-    that is not valid UTF-8 is left out (``on_error`` was told about that line)."""
+def _read_txt(path: Path, on_error: OnError, sample_by: SampleBy = "line") -> Iterator[tuple[int, dict]]:
+    """Plain text, as ``datasets``' text loader reads it: one row per non-blank line (``line``), per run of
+    lines between blank lines (``paragraph``), or the whole file as one row (``document``). A row with a
+    line that is not valid UTF-8 is left out (``on_error`` was told about that line)."""
     start, lines, seen, bad = 0, [], False, False
     for number, text in _decoded_lines(path, on_error):
         if text is None:
             seen = bad = True
+            if sample_by == "line":
+                bad = False
             continue
         text = text.rstrip("\r\n")
-        if text.strip():
+        if text.strip() or (sample_by == "document" and lines):
             if not lines:
                 start = number
             lines.append(text)
-            continue
+            if sample_by != "line":
+                continue
         if lines and not bad:
             seen = True
-            yield start, {"text": "\n".join(lines)}
+            yield start, {"text": "\n".join(lines).rstrip("\n")}
         lines, bad = [], False
     if lines and not bad:
         seen = True
-        yield start, {"text": "\n".join(lines)}
+        yield start, {"text": "\n".join(lines).rstrip("\n")}
     if not seen:
         raise DataError("file is empty", path)

@@ -5,6 +5,7 @@
       format: alpaca               # one of formats.FORMATS, or auto (detected from the first record)
       columns: {instruction: question}   # optional: canonical field -> the file's column
       kind: sft                    # sft | preference | kto | pretrain (derived from format if left out)
+      sample_by: line              # .txt only: one row per line (default), paragraph or document
       description: one line for the UI
 
 ``file`` may also be a ``datasets`` save_to_disk directory. The one reserved top-level key,
@@ -33,12 +34,12 @@ from engine.run import paths
 
 from .errors import DataError
 from .formats import FORMAT_FIELDS, FORMATS, KIND_OF_FORMAT, KINDS, detect_format
-from .readers import SUFFIXES, is_data_path, read_records
+from .readers import SAMPLE_BY, SUFFIXES, is_data_path, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT_REGISTRY = ROOT / "data" / "dataset_info.yaml"
 INCLUDE = "include"
-ENTRY_KEYS = ("file", "format", "columns", "kind", "description")
+ENTRY_KEYS = ("file", "format", "columns", "kind", "sample_by", "description")
 CANONICAL_FIELDS = tuple(dict.fromkeys(f for fields in FORMAT_FIELDS.values() for f in fields))
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -52,6 +53,7 @@ class DatasetSpec:
     columns: dict = field(default_factory=dict)
     description: str = ""
     registry: Path | None = field(default=None, compare=False)  # the file that registers it (None: a bare path)
+    sample_by: str = "line"  # how a .txt file is cut into rows (readers.SAMPLE_BY)
 
 
 class RegistryError(DataError):
@@ -224,7 +226,17 @@ def _entry(name: str, node, path: Path) -> DatasetSpec:
                                 f"(one of {', '.join(CANONICAL_FIELDS)})", path, ck.start_mark.line + 1, "columns")
             columns[str(ck.value)] = _scalar(cv, name, f"columns.{ck.value}", path)
     description = _scalar(fields["description"], name, "description", path) if "description" in fields else ""
-    return DatasetSpec(name, file, fmt, kind, columns, description, path)
+    sample_by = "line"
+    if "sample_by" in fields:
+        sample_by = _scalar(fields["sample_by"], name, "sample_by", path)
+        line = fields["sample_by"].start_mark.line + 1
+        if sample_by not in SAMPLE_BY:
+            raise DataError(f"entry '{name}': sample_by '{sample_by}' is not one of {', '.join(SAMPLE_BY)}",
+                            path, line, "sample_by")
+        if file.suffix.lower() != ".txt":
+            raise DataError(f"entry '{name}': sample_by applies to .txt files only, and '{file.name}' is not one",
+                            path, line, "sample_by")
+    return DatasetSpec(name, file, fmt, kind, columns, description, path, sample_by)
 
 
 def resolve_dataset(name_or_path: str, registry_path: str | Path) -> DatasetSpec:
@@ -279,7 +291,7 @@ def locked(registry: Path):
 
 
 def append_entry(registry: Path, name: str, file: Path, fmt: str, kind: str, columns: dict | None = None,
-                 description: str = "") -> DatasetSpec:
+                 description: str = "", sample_by: str = "line") -> DatasetSpec:
     """Add one entry to ``registry`` (created, including the project's registry, if it does not exist).
 
     ``file`` is written relative to the registry when it lies beside or below it, absolute
@@ -296,6 +308,8 @@ def append_entry(registry: Path, name: str, file: Path, fmt: str, kind: str, col
     entry = {"file": str(where), "format": fmt, "kind": kind}
     if columns:
         entry["columns"] = dict(columns)
+    if file.suffix.lower() == ".txt":
+        entry["sample_by"] = sample_by
     if description:
         entry["description"] = description
     block = yaml.safe_dump({name: entry}, sort_keys=False, allow_unicode=True, width=1000)

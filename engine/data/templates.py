@@ -19,10 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from .tools import call_json, probe_tool_support, uses_tools
+
 
 TEMPLATES_FILE = Path(__file__).with_name("templates.yaml")
 _KEYS = {"prefix", "system", "user", "assistant", "separator", "system_in_user", "stop_words",
-         "default_system", "description"}
+         "default_system", "description", "tools", "tool_call", "tool_result", "observation"}
+_TOOL_KEYS = ("tools", "tool_call", "tool_result", "observation")
 _SLOT = "{{content}}"
 
 
@@ -48,6 +51,14 @@ class TemplateSpec:
     stop_words: tuple[str, ...] = field(default_factory=tuple)
     default_system: str = ""
     description: str = ""
+    tools: str = ""  # the tool schemas' block, appended to the system prompt ({{content}}: one JSON schema a line)
+    tool_call: str = ""  # one call, with {{name}} and {{arguments}} (a JSON object); calls are joined by newlines
+    tool_result: str = ""  # one tool message
+    observation: str = ""  # the tool results after a call (joined), with the assistant header that follows
+
+    @property
+    def supports_tools(self) -> bool:
+        return bool(self.tool_call)
 
 
 @lru_cache(maxsize=4)
@@ -65,9 +76,14 @@ def load_templates(path: str | Path = TEMPLATES_FILE) -> dict[str, TemplateSpec]
         unknown = set(entry) - _KEYS
         if unknown:
             raise TemplateError(f"template '{name}' has unknown key(s) {', '.join(sorted(unknown))}", path)
-        for key in ("system", "user", "assistant"):
+        for key in ("system", "user", "assistant", "tools", "tool_result", "observation"):
             if key in entry and str(entry[key]).count(_SLOT) != 1:
                 raise TemplateError(f"template '{name}': {key} must contain {_SLOT} exactly once", path)
+        given = [k for k in _TOOL_KEYS if k in entry]
+        if given and len(given) != len(_TOOL_KEYS):
+            raise TemplateError(f"template '{name}': a tool format needs all of {', '.join(_TOOL_KEYS)}", path)
+        if "tool_call" in entry and not all(s in str(entry["tool_call"]) for s in ("{{name}}", "{{arguments}}")):
+            raise TemplateError(f"template '{name}': tool_call must contain {{{{name}}}} and {{{{arguments}}}}", path)
         entry = dict(entry, stop_words=tuple(entry.get("stop_words", ())))
         specs[name] = TemplateSpec(name=name, **entry)
     return specs
@@ -77,19 +93,42 @@ def template_names() -> list[str]:
     return ["auto", *load_templates()]
 
 
-def split_conversation(messages: list[dict], end: str) -> tuple[str | None, list[tuple[str, str | None]]]:
-    """(system or None, [(user, assistant)]) of a conversation; the last assistant is None when
-    ``end == "user"`` (a prompt awaiting its answer)."""
+def tool_templates() -> list[str]:
+    """Registry templates with a tool format."""
+    return [name for name, spec in load_templates().items() if spec.supports_tools]
+
+
+Turn = tuple[list[dict], "dict | None"]
+
+
+def conversation_turns(messages: list[dict], end: str) -> tuple[str | None, list[Turn]]:
+    """(system or None, [(prompt messages, assistant message)]): each assistant message with what precedes it,
+    a user message or the tool results of the call before it. The last assistant message is None when
+    ``end == "user"`` (a prompt awaiting its answer, after a user message or tool results)."""
     system = None
     if messages and messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
-    roles = [m["role"] for m in messages]
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
-    if not roles or roles != expected or roles[-1] != end:
-        raise TemplateError(f"a conversation must be an optional system message, then user/assistant turns ending "
-                            f"with {end}; got roles {', '.join(m['role'] for m in messages) or 'none'}")
-    contents = [m["content"] for m in messages] + ([None] if end == "user" else [])
-    return system, list(zip(contents[0::2], contents[1::2]))
+    turns, pending, ok, prev = [], [], bool(messages), None
+    for m in messages:
+        role = m["role"]
+        if role == "assistant":
+            ok = ok and bool(pending)
+            turns.append((pending, m))
+            pending, prev = [], "call" if m.get("tool_calls") else "answer"
+        else:
+            ok = ok and (role == "user" and prev in (None, "answer") or role == "tool" and prev in ("call", "tool"))
+            pending.append(m)
+            prev = role
+    if end == "user":
+        ok = ok and bool(pending)
+        turns.append((pending, None))
+    else:
+        ok = ok and not pending
+    if not ok:
+        raise TemplateError(f"a conversation must be an optional system message, then user/assistant turns (tool "
+                            f"results after an assistant message that calls tools) ending with {end}; got roles "
+                            f"{', '.join(m['role'] for m in messages) or 'none'}")
+    return system, turns
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -114,37 +153,64 @@ class Template:
         self.stop_words = list(spec.stop_words)
         bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
         self._fmt = {key: getattr(spec, key).replace("{{bos}}", bos).replace("{{eos}}", eos)
-                     for key in ("prefix", "system", "user", "assistant", "separator")}
+                     for key in ("prefix", "system", "user", "assistant", "separator", *_TOOL_KEYS)}
 
     def _apply(self, key: str, content: str) -> str:
         return self._fmt[key].replace(_SLOT, content, 1)
 
-    def turn_texts(self, messages: list[dict], end: str = "assistant") -> list[tuple[str, str]]:
-        """The text of each (prompt, response) pair; the last response is '' when ``end == "user"``."""
-        system, turns = split_conversation(messages, end)
-        system = self.default_system if system is None else system
+    def _answer(self, message: dict) -> str:
+        """An assistant message's text: its content, then each tool call, joined by newlines."""
+        parts = [message["content"]] if message["content"] else []
+        for call in message.get("tool_calls") or ():
+            name, args = call_json(call)
+            parts.append(self._fmt["tool_call"].replace("{{name}}", name).replace("{{arguments}}", args))
+        return self._apply("assistant", "\n".join(parts))
+
+    def _system(self, system: str, tools) -> str:
+        if not tools:
+            return system
+        block = self._apply("tools", "\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        return system + block if system else block.lstrip("\n")
+
+    def turn_texts(self, messages: list[dict], end: str = "assistant", tools: list[dict] | None = None
+                   ) -> list[tuple[str, str]]:
+        """The text of each (prompt, response) pair; the last response is '' when ``end == "user"``. A prompt
+        is a user message, or the tool results of the call before it; ``tools`` are the schemas the
+        conversation may call (shown after the system prompt)."""
+        system, turns = conversation_turns(messages, end)
+        if uses_tools(messages, tools) and not self.spec.supports_tools:
+            raise TemplateError(f"template '{self.name}' has no tool format, so it cannot show tool schemas, calls or "
+                                f"results; use one that has ({', '.join(tool_templates())}), or 'auto' with a model "
+                                "whose own chat template supports tools")
+        system = self._system(self.default_system if system is None else system, tools)
         pairs = []
-        for i, (user, answer) in enumerate(turns):
+        for i, (before, answer) in enumerate(turns):
             prompt = self._fmt["prefix"] if i == 0 else self._fmt["separator"]
-            if i == 0 and system:
-                if self.spec.system_in_user:
-                    user = self._apply("system", system) + user
-                else:
-                    prompt += self._apply("system", system)
-            prompt += self._apply("user", user)
-            pairs.append((prompt, self._apply("assistant", answer) if answer is not None else ""))
+            if before[0]["role"] == "tool":
+                prompt += self._apply("observation", "".join(self._apply("tool_result", m["content"]) for m in before))
+            else:
+                user = before[0]["content"]
+                if i == 0 and system:
+                    if self.spec.system_in_user:
+                        user = self._apply("system", system) + user
+                    else:
+                        prompt += self._apply("system", system)
+                prompt += self._apply("user", user)
+            pairs.append((prompt, self._answer(answer) if answer is not None else ""))
         return pairs
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The whole text of a conversation that ends with an assistant answer."""
-        return "".join(p + r for p, r in self.turn_texts(messages))
+        return "".join(p + r for p, r in self.turn_texts(messages, tools=tools))
 
-    def render_generation_prompt(self, messages: list[dict]) -> str:
-        """Text for inference: the conversation (ending with user) up to and including the assistant header."""
-        return "".join(p + r for p, r in self.turn_texts(messages, end="user"))
+    def render_generation_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """Text for inference: the conversation (ending with user or tool results) up to and including the
+        assistant header."""
+        return "".join(p + r for p, r in self.turn_texts(messages, end="user", tools=tools))
 
-    def encode_turns(self, tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
-        return [(_ids(tokenizer, p), _ids(tokenizer, r)) for p, r in self.turn_texts(messages)]
+    def encode_turns(self, tokenizer, messages: list[dict], tools: list[dict] | None = None
+                     ) -> list[tuple[list[int], list[int]]]:
+        return [(_ids(tokenizer, p), _ids(tokenizer, r)) for p, r in self.turn_texts(messages, tools=tools)]
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         return _stop_ids(tokenizer, self.stop_words)
@@ -161,6 +227,13 @@ class Template:
         out = ["{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
                "{% set loop_messages = messages[1:] %}{% else %}{% set system = " + q(self.default_system) + " %}"
                "{% set loop_messages = messages %}{% endif %}"]
+        tools = self.spec.supports_tools
+        if tools:  # the schemas' block after the system prompt (or alone, its leading newlines dropped)
+            t0, t1 = self._fmt["tools"].split(_SLOT)
+            out.append("{% set ns = namespace(t='', a='') %}{% if tools %}{% for tool in tools %}{% set ns.t = ns.t + "
+                       "('\\n' if not loop.first else '') + (tool | tojson) %}{% endfor %}{% if system %}{% set system = "
+                       f"system + {q(t0)} + ns.t + {q(t1)} %}}{{% else %}}{{% set system = {q(t0.lstrip(chr(10)))} + "
+                       f"ns.t + {q(t1)} %}}{{% endif %}}{{% endif %}}")
         if self._fmt["prefix"]:
             out.append("{{ " + q(self._fmt["prefix"]) + " }}")
         if not self.spec.system_in_user:
@@ -173,8 +246,24 @@ class Template:
                        + user("message['content']") + "{% endif %}")
         else:
             out.append(user("message['content']"))
-        out.append("{% elif message['role'] == 'assistant' %}{{ " + q(pre["assistant"][0]) + " + message['content'] + "
-                   + q(pre["assistant"][1]) + " }}{% endif %}{% endfor %}")
+        if not tools:
+            out.append("{% elif message['role'] == 'assistant' %}{{ " + q(pre["assistant"][0]) + " + message['content'] + "
+                       + q(pre["assistant"][1]) + " }}{% endif %}{% endfor %}")
+            return "".join(out)
+        c0, rest = self._fmt["tool_call"].split("{{name}}")
+        c1, c2 = rest.split("{{arguments}}")
+        o0, o1 = self._fmt["observation"].split(_SLOT)
+        r0, r1 = self._fmt["tool_result"].split(_SLOT)
+        out.append("{% elif message['role'] == 'assistant' %}{% set ns.a = message['content'] or '' %}"
+                   "{% for call in message['tool_calls'] or [] %}{% set fn = call['function'] if call['function'] is "
+                   "defined else call %}{% set args = fn['arguments'] if fn['arguments'] is string else "
+                   "(fn['arguments'] | tojson) %}{% set ns.a = (ns.a + '\\n' if ns.a else '') + " + q(c0) + " + fn['name'] + "
+                   + q(c1) + " + args + " + q(c2) + " %}{% endfor %}{{ " + q(pre["assistant"][0]) + " + ns.a + "
+                   + q(pre["assistant"][1]) + " }}"
+                   "{% elif message['role'] == 'tool' %}{% if loop.first or loop_messages[loop.index0 - 1]['role'] != "
+                   "'tool' %}{{ " + q(self._fmt["separator"] + o0) + " }}{% endif %}{{ " + q(r0) + " + message['content'] + "
+                   + q(r1) + " }}{% if loop.last or loop_messages[loop.index0 + 1]['role'] != 'tool' %}{{ " + q(o1)
+                   + " }}{% endif %}{% endif %}{% endfor %}")
         return "".join(out)
 
 
@@ -204,18 +293,23 @@ class AutoTemplate:
             return [{"role": "system", "content": self._system_override}] + list(messages)
         return list(messages)
 
-    def _text(self, messages: list[dict], generation: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    def _text(self, messages: list[dict], generation: bool, tools: list[dict] | None = None) -> str:
+        if uses_tools(messages, tools):
+            reason = probe_tool_support(self.tokenizer)
+            if reason:
+                raise TemplateError(f"template 'auto': this model's own chat template has no tool support ({reason}); "
+                                    f"pick a registry template with a tool format ({', '.join(tool_templates())})")
+        extra = {"tools": tools} if tools else {}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
 
-    def turn_texts(self, messages: list[dict]) -> list[tuple[str, str]]:
+    def turn_texts(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, str]]:
         """(prompt, response) text per turn: each prompt is what the generation prompt adds to the
-        conversation so far, each response what the answer adds to that."""
+        conversation so far (a user message, or tool results), each response what the answer adds to that."""
         messages = self._messages(messages)
-        split_conversation(messages, "assistant")
-        start = 1 if messages[0]["role"] == "system" else 0
+        conversation_turns(messages, "assistant")
         pairs, so_far = [], ""
-        for u in range(start, len(messages), 2):
-            prompt, full = self._text(messages[: u + 1], True), self._text(messages[: u + 2], False)
+        for a in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
+            prompt, full = self._text(messages[:a], True, tools), self._text(messages[: a + 1], False, tools)
             if not prompt.startswith(so_far) or not full.startswith(prompt):
                 raise TemplateError(f"the tokenizer's chat template is not prefix-stable (rendering turn {len(pairs) + 1} "
                                     "changes the text of earlier turns), so turns cannot be masked; pick a registry "
@@ -224,15 +318,16 @@ class AutoTemplate:
             so_far = full
         return pairs
 
-    def encode_turns(self, tokenizer, messages: list[dict]) -> list[tuple[list[int], list[int]]]:
+    def encode_turns(self, tokenizer, messages: list[dict], tools: list[dict] | None = None
+                     ) -> list[tuple[list[int], list[int]]]:
         """Each piece is tokenized on its own, as the generation prompt is at inference."""
-        return [(_ids(tokenizer, p), _ids(tokenizer, r)) for p, r in self.turn_texts(messages)]
+        return [(_ids(tokenizer, p), _ids(tokenizer, r)) for p, r in self.turn_texts(messages, tools)]
 
-    def render(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(self._messages(messages), tokenize=False)
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self._text(self._messages(messages), False, tools)
 
-    def render_generation_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(self._messages(messages), tokenize=False, add_generation_prompt=True)
+    def render_generation_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self._text(self._messages(messages), True, tools)
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         return _stop_ids(tokenizer, self.stop_words)

@@ -43,7 +43,9 @@ def summary(kind: str, result: dict) -> str:
                   f"{'yes' if g['tokens_match'] else 'no'}" for g in result.get("gguf", [])]
         return "\n".join(lines)
     keys = ("loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy")
-    shown = [k for k in keys if any(k in r for r in result["rows"])]
+    harness = dict.fromkeys(f"{t} {m}" for r in result["rows"] for t, ms in (r.get("harness") or {}).items()
+                            for m in ms if m != "sample_len")  # lm-evaluation-harness columns, "<task> <metric>"
+    shown = [k for k in keys if any(k in r for r in result["rows"])] + list(harness)
     out = ["\t".join(["model"] + shown)]
     for r in result["rows"]:
         out.append("\t".join([r["model"]] + [f"{r[k]:.4g}" if k in r else "-" for k in shown]))

@@ -4,7 +4,8 @@ For each model (the base first, then each checkpoint) the chosen tasks run in tu
   * loss / perplexity on the dataset's answers, with the training label masks (encode_sft);
   * generation: batched, left-padded greedy or sampled answers to each prompt (the conversation without
     its last assistant turn), scored with BLEU-4 / ROUGE against that turn; ``predictions-<k>.jsonl``;
-  * multiple choice: accuracy by the log-likelihood of each choice letter (engine.jobs.choice_eval).
+  * multiple choice: accuracy by the log-likelihood of each choice letter (engine.jobs.choice_eval);
+  * harness: lm-evaluation-harness tasks (engine.jobs.harness), each metric a column "<task> <metric>".
 The result is ``result.json``: {"rows": one per model, "predictions": files, ...}.
 """
 
@@ -66,8 +67,8 @@ def check_eval(cfg: EvalConfig) -> list[tuple[str, str]]:
     from engine.data.errors import DataError
 
     problems = []
-    if not any((cfg.tasks.loss, cfg.tasks.generation, cfg.tasks.choice)):
-        problems.append(("tasks", "choose at least one task: loss, generation or choice"))
+    if not any((cfg.tasks.loss, cfg.tasks.generation, cfg.tasks.choice, cfg.tasks.harness)):
+        problems.append(("tasks", "choose at least one task: loss, generation, choice or harness"))
     try:
         targets(cfg)
     except CheckpointError as err:
@@ -82,6 +83,10 @@ def check_eval(cfg: EvalConfig) -> list[tuple[str, str]]:
             read_benchmark(cfg.benchmark.file, cfg.benchmark.max_samples)
         except BenchmarkError as err:
             problems.append(("benchmark.file", str(err)))
+    if cfg.tasks.harness:
+        from engine.jobs.harness import check_tasks
+
+        problems += [("harness.tasks", p) for p in check_tasks(cfg.harness.tasks)]
     return problems
 
 
@@ -154,7 +159,7 @@ def evaluate(cfg: EvalConfig, job_dir: Path, progress) -> dict:
     base, models = targets(cfg)
     convs = load_eval_examples(cfg) if (cfg.tasks.loss or cfg.tasks.generation) else []
     questions = read_benchmark(cfg.benchmark.file, cfg.benchmark.max_samples) if cfg.tasks.choice else []
-    per_model = len(convs) * (cfg.tasks.loss + cfg.tasks.generation) + len(questions)
+    per_model = len(convs) * (cfg.tasks.loss + cfg.tasks.generation) + len(questions) + cfg.tasks.harness
     progress.plan(per_model * len(models))
     dtype = getattr(torch, cfg.model.dtype)
     rows, files = [], {}
@@ -194,11 +199,22 @@ def evaluate(cfg: EvalConfig, job_dir: Path, progress) -> dict:
             progress.phase(f"{label}: multiple choice")
             mc = score(model, tokenizer, template, questions, lambda: tick(1, "choice"))
             row.update(accuracy=mc["accuracy"], by_subject=mc["by_subject"])
+        if cfg.tasks.harness:
+            from engine.jobs import harness
+
+            progress.phase(f"{label}: lm-evaluation-harness ({', '.join(cfg.harness.tasks)})")
+            h = cfg.harness
+            found = harness.run(model, tokenizer, h.tasks, h.num_fewshot, h.limit, h.batch_size, h.chat_template)
+            row["harness"] = found
+            row.update({f"{task} {metric}": value for task, metrics in found.items() for metric, value in metrics.items()
+                        if metric != "sample_len"})
+            tick(1, "harness")
         rows.append(row)
         rundir.append_jsonl(job_dir / rundir.METRICS, {"result": row})
         del model
     return {"rows": rows, "predictions": files, "samples": len(convs), "questions": len(questions),
-            "datasets": cfg.data.datasets, "benchmark": cfg.benchmark.file if cfg.tasks.choice else None}
+            "datasets": cfg.data.datasets, "benchmark": cfg.benchmark.file if cfg.tasks.choice else None,
+            "harness": cfg.harness.tasks if cfg.tasks.harness else None}
 
 
 def main(argv: list[str] | None = None) -> int:

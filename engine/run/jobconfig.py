@@ -36,6 +36,7 @@ class EvalTasks(_Section):
     loss: bool = Field(True, description="Loss and perplexity on the answers of the dataset (prompt tokens masked, as in training).")
     generation: bool = Field(True, description="Generate answers for the dataset's prompts and score them with BLEU-4 and ROUGE-1/2/L.")
     choice: bool = Field(False, description="Multiple-choice benchmark accuracy (benchmark.file), scored by the log-likelihood of each choice.")
+    harness: bool = Field(False, description="Standard benchmarks through lm-evaluation-harness (harness.tasks).")
 
 
 class EvalData(_Section):
@@ -61,6 +62,14 @@ class EvalBenchmark(_Section):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many questions (None: all).")
 
 
+class EvalHarness(_Section):
+    tasks: list[str] = Field(default_factory=lambda: ["workbench_mcq_demo"], min_length=1, description="lm-evaluation-harness task or group names (arc_easy, hellaswag, mmlu, ... where the Hub is reachable), or the project's offline tasks in data/benchmarks/harness (workbench_mcq_demo, workbench_gen_demo).")
+    num_fewshot: int = Field(0, ge=0, le=25, description="Solved examples put before each question (few-shot count).")
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="Use at most this many examples of each task (None: all).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Requests scored together.")
+    chat_template: bool = Field(False, description="Wrap each prompt in the model's chat template (as the multiple-choice task does); off scores raw text, as published results do.")
+
+
 class EvalOutput(_Section):
     dir: str = Field("", json_schema_extra={"path": "path"}, description="Job directory for status, results and predictions; empty creates workspace/evals/<time>.")
     overwrite: bool = Field(False, description="Allow a non-empty job directory to be replaced.")
@@ -72,6 +81,7 @@ class EvalConfig(_Section):
     data: EvalData = Field(default_factory=EvalData)
     generation: EvalGeneration = Field(default_factory=EvalGeneration)
     benchmark: EvalBenchmark = Field(default_factory=EvalBenchmark)
+    harness: EvalHarness = Field(default_factory=EvalHarness)
     output: EvalOutput = Field(default_factory=EvalOutput)
 
 

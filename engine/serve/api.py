@@ -1,5 +1,13 @@
 """An OpenAI-compatible chat API over one ChatModel: GET /v1/models, POST /v1/chat/completions.
 
+Tool use follows OpenAI's shape: ``tools`` (function schemas) and ``tool_choice`` in, assistant
+``tool_calls`` out (finish_reason ``tool_calls``), then ``role: tool`` results in the next request.
+The template shows the schemas and the results to the model and the calls it writes are parsed
+back. ``tool_choice`` "none" hides the tools; a named function shows only that one; "required"
+cannot force a call (the answer comes back as text when the model writes none). A streamed answer
+with tools is sent when it is complete, as content or as tool_calls chunks, because whether it is
+a call is known only at its end.
+
 ``create_app(chat_model, api_key=None)`` builds the FastAPI app (tests run it with uvicorn on a
 loopback port); ``serve`` is what ``workbench api`` calls. Errors come back in OpenAI's shape
 ({"error": {"message", "type", "code"}}) and never take the server down.
@@ -49,6 +57,29 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stop_token_ids: list[int] = Field(default_factory=list, description="extension: token ids that end the answer")
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+
+    def tool_schemas(self) -> list[dict] | None:
+        """The schemas shown to the model (None: no tools, or tool_choice 'none')."""
+        from engine.data.errors import DataError
+        from engine.data.tools import parse_tools
+
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return None
+        try:
+            tools = parse_tools(self.tools, "tools")
+        except DataError as err:
+            raise InferenceError(err.message.replace("field 'tools'", "tools", 1)) from None
+        if isinstance(choice, dict):
+            wanted = (choice.get("function") or {}).get("name")
+            tools = [t for t in tools if t["function"]["name"] == wanted]
+            if not tools:
+                raise InferenceError(f"tool_choice names function {wanted!r}, which is not among the tools")
+        elif choice not in (None, "auto", "required"):
+            raise InferenceError(f"tool_choice must be none, auto, required or a function, not {choice!r}")
+        return tools
 
     def params(self, default_max: int) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -105,20 +136,21 @@ def create_app(chat_model, api_key: str | None = None, model_name: str | None = 
         if req.model and req.model != name:  # as OpenAI: an unknown model is not found, not silently replaced
             raise InferenceError(f"The model '{req.model}' does not exist here; this server serves '{name}'", "not_found")
         params = req.params(default_max_tokens)
+        tools = req.tool_schemas()
         messages = [m.model_dump() for m in req.messages]
-        chat_model.check(messages)  # bad roles, empty lists, over-long prompts fail here, before streaming
+        chat_model.check(messages, tools)  # bad roles, empty lists, over-long prompts fail here, before streaming
         cid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             usage = bool(((req.model_extra or {}).get("stream_options") or {}).get("include_usage"))
-            return EventSourceResponse(_chunks(chat_model, gate, messages, params, req.n, cid, now, name, usage),
+            return EventSourceResponse(_chunks(chat_model, gate, messages, params, req.n, cid, now, name, usage, tools),
                                        ping=15, sep="\n")
-        results = await run_in_threadpool(_complete, chat_model, gate, messages, params, req.n)
-        return {
-            "id": cid, "object": "chat.completion", "created": now, "model": name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                         "finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(results)],
-            "usage": _usage(results),
-        }
+        results = await run_in_threadpool(_complete, chat_model, gate, messages, params, req.n, tools)
+        choices = []
+        for i, r in enumerate(results):
+            message, finish = _answer(chat_model, r, tools)
+            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": None})
+        return {"id": cid, "object": "chat.completion", "created": now, "model": name, "choices": choices,
+                "usage": _usage(results)}
 
     return app
 
@@ -127,9 +159,20 @@ def _seeded(params: SamplingParams, i: int) -> SamplingParams:
     return params if params.seed is None or i == 0 else params.model_copy(update={"seed": params.seed + i})
 
 
-def _complete(chat_model, gate, messages, params, n):
+def _complete(chat_model, gate, messages, params, n, tools=None):
     with gate:
-        return [chat_model.generate(messages, _seeded(params, i)) for i in range(n)]
+        return [chat_model.generate(messages, _seeded(params, i), tools=tools) for i in range(n)]
+
+
+def _answer(chat_model, result, tools) -> tuple[dict, str]:
+    """(OpenAI assistant message, finish_reason) of a result; with tools, the calls it writes become tool_calls."""
+    text, calls = chat_model.tool_calls(result) if tools else (result.text, [])
+    if not calls:
+        return {"role": "assistant", "content": result.text}, result.finish_reason
+    return {"role": "assistant", "content": text or None,
+            "tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                            "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                           for c in calls]}, "tool_calls"
 
 
 def _usage(results) -> dict:
@@ -138,7 +181,7 @@ def _usage(results) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _chunks(chat_model, gate, messages, params, n, cid, created, name, include_usage):
+def _chunks(chat_model, gate, messages, params, n, cid, created, name, include_usage, tools=None):
     """SSE data lines of a streamed completion (a sync generator: sse-starlette runs it in a thread)."""
     def chunk(i, delta, finish=None, usage=None):
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -150,16 +193,27 @@ def _chunks(chat_model, gate, messages, params, n, cid, created, name, include_u
     results = []
     with gate:
         for i in range(n):
-            stream = chat_model.stream(messages, _seeded(params, i))
+            stream = chat_model.stream(messages, _seeded(params, i), tools=tools)
             yield chunk(i, {"role": "assistant", "content": ""})
             try:
+                pieces = []
                 for piece in stream:
-                    yield chunk(i, {"content": piece})
+                    if tools:  # held back: a call is known only at the end
+                        pieces.append(piece)
+                    else:
+                        yield chunk(i, {"content": piece})
             except GeneratorExit:  # the client went away: stop generating
                 stream.close()
                 raise
             results.append(stream.result)
-            yield chunk(i, {}, stream.result.finish_reason)
+            finish = stream.result.finish_reason
+            if tools:
+                message, finish = _answer(chat_model, stream.result, tools)
+                for k, call in enumerate(message.get("tool_calls") or []):
+                    yield chunk(i, {"tool_calls": [dict(call, index=k)]})
+                if message["content"]:
+                    yield chunk(i, {"content": message["content"]})
+            yield chunk(i, {}, finish)
     if include_usage:  # as OpenAI does with stream_options={"include_usage": true}: a last chunk with no choices
         yield chunk(None, None, usage=_usage(results))
     yield "[DONE]"

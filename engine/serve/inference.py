@@ -18,7 +18,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from engine.run.config import ModelConfig
 from engine.data.templates import TemplateError, get_template
-from engine.serve.sampling import InferenceError, Result, SamplingParams, check_messages, model_shape, resolve_target
+from engine.serve.sampling import (InferenceError, Result, SamplingParams, check_messages, model_shape, parse_tool_calls,
+                                   resolve_target)
 
 log = logging.getLogger("engine.serve.inference")
 
@@ -147,23 +148,37 @@ class ChatModel:
     def has_adapter(self) -> bool:
         return bool(self.target and self.target.adapters)
 
+    def tool_calls(self, result: Result) -> tuple[str, list[dict]]:
+        """(text, tool calls) of an answer: the calls it writes in its template's tool format, and the text
+        around them. Special tokens other than the stop tokens are kept, as a tool format may use them
+        (Qwen2.5's <tool_call> is one)."""
+        text, calls = parse_tool_calls(result.text)
+        if calls or not result.token_ids:
+            return text, calls
+        stops = set(self.template.stop_token_ids(self.tokenizer)) | {self.tokenizer.pad_token_id}
+        raw = self.tokenizer.decode([t for t in result.token_ids if t not in stops], skip_special_tokens=False)
+        text2, calls = parse_tool_calls(raw)
+        return (text2, calls) if calls else (text, [])
+
     @property
     def context_window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
 
     # ------------------------------------------------------------ generation
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         messages = check_messages(messages)
         try:
-            text = self.template.render_generation_prompt(messages)
+            text = self.template.render_generation_prompt(messages, tools) if tools else \
+                self.template.render_generation_prompt(messages)
         except TemplateError as err:
             raise InferenceError(err.message) from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def check(self, messages: list[dict]) -> list[int]:
-        """The prompt's token ids, or an InferenceError for a bad conversation or one too long for the model."""
-        ids = self.prompt_ids(messages)
+    def check(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids, or an InferenceError for a bad conversation or one too long for the model.
+        ``tools``: the schemas the model may call (OpenAI {"type": "function", "function": {...}} objects)."""
+        ids = self.prompt_ids(messages, tools)
         window = self.context_window
         if len(ids) >= window:
             raise InferenceError(f"the prompt is {len(ids)} tokens, {len(ids) - window + 1} more than the model's "
@@ -171,8 +186,8 @@ class ChatModel:
                                  "context_length")
         return ids
 
-    def _setup(self, messages, params: SamplingParams, event, streamer=None):
-        ids = self.check(messages)
+    def _setup(self, messages, params: SamplingParams, event, streamer=None, tools=None):
+        ids = self.check(messages, tools)
         window = self.context_window
         max_new = min(params.max_new_tokens, window - len(ids))
         eos = list(dict.fromkeys(self.template.stop_token_ids(self.tokenizer) + list(params.stop_token_ids)))
@@ -204,9 +219,10 @@ class ChatModel:
                     return self.model.generate(**kwargs)
             return self.model.generate(**kwargs)
 
-    def generate(self, messages: list[dict], params: SamplingParams | None = None, use_adapter: bool = True) -> Result:
+    def generate(self, messages: list[dict], params: SamplingParams | None = None, use_adapter: bool = True,
+                 tools: list[dict] | None = None) -> Result:
         params = params or SamplingParams()
-        ids, eos, words, kwargs = self._setup(messages, params, None)
+        ids, eos, words, kwargs = self._setup(messages, params, None, tools=tools)
         out = self._run(kwargs, params, use_adapter)[0, len(ids):].tolist()
         text, hit = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), words)
         stopped = hit or (bool(out) and out[-1] in eos)
@@ -214,13 +230,13 @@ class ChatModel:
                       finish_reason="stop" if stopped else "length", token_ids=out)
 
     def stream(self, messages: list[dict], params: SamplingParams | None = None, use_adapter: bool = True,
-               stop_event: threading.Event | None = None) -> "Stream":
+               stop_event: threading.Event | None = None, tools: list[dict] | None = None) -> "Stream":
         """An iterator of text pieces; its ``result`` is set once it is exhausted. Closing it early,
         or setting ``stop_event``, stops generation after the current token."""
         params = params or SamplingParams()
         event = stop_event or threading.Event()
         streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        ids, eos, words, kwargs = self._setup(messages, params, event, streamer)
+        ids, eos, words, kwargs = self._setup(messages, params, event, streamer, tools)
         return Stream(self, kwargs, params, use_adapter, streamer, event, ids, eos, words)
 
 

@@ -17,9 +17,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.data.tools import parse_tool_calls  # noqa: F401  (the serving side reads calls back with it)
 from engine.run.checkpoint import is_reward_model, reward_model_refusal
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class InferenceError(ValueError):
@@ -54,22 +55,42 @@ class Result(BaseModel):
 
 
 def check_messages(messages) -> list[dict]:
-    """Plain {role, content} dicts, or an InferenceError naming the first bad message."""
+    """Plain {role, content} dicts (an assistant message that called tools keeps its ``tool_calls``, arguments
+    parsed), or an InferenceError naming the first bad message."""
+    from engine.data.errors import DataError
+    from engine.data.formats import check_chat
+    from engine.data.tools import tool_call
+
     if not isinstance(messages, list) or not messages:
         raise InferenceError("the message list is empty; send at least one user message")
     out = []
     for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
-        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        get = m.get if isinstance(m, dict) else lambda key, _m=m: getattr(_m, key, None)
+        role, content, calls = get("role"), get("content"), get("tool_calls")
         if role not in ROLES:
             raise InferenceError(f"messages[{i}]: role {role!r} is not known to the chat template (use one of {', '.join(ROLES)})")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise InferenceError(f"messages[{i}]: content must be text")
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise InferenceError(f"the last message must come from the user, not the {out[-1]['role']}")
+        message = {"role": role, "content": content}
+        if calls:
+            if role != "assistant" or not isinstance(calls, list):
+                raise InferenceError(f"messages[{i}]: tool_calls must be a list, on an assistant message")
+            where = f"messages[{i}].tool_calls"
+            try:
+                message["tool_calls"] = [tool_call(c, where) for c in calls]
+            except DataError as err:
+                raise InferenceError(err.message.replace(f"field '{where}'", where, 1)) from None
+        out.append(message)
+    if out[-1]["role"] not in ("user", "tool"):
+        raise InferenceError(f"the last message must come from the user (or be a tool result), not the {out[-1]['role']}")
+    try:
+        check_chat(out, "messages", end=None)
+    except DataError as err:
+        raise InferenceError(err.message.replace("field 'messages', ", "", 1)) from None
     return out
 
 

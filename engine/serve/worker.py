@@ -106,7 +106,7 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
             elif msg[0] == "chat":
                 if chat is None:
                     raise InferenceError("no model is loaded; press Load first")
-                _stream(conn, chat, msg[1], SamplingParams(**msg[2]), msg[3])
+                _stream(conn, chat, msg[1], SamplingParams(**msg[2]), msg[3], msg[4] if len(msg) > 4 else None)
             elif msg[0] == "stop":
                 continue  # a stop that arrived after its answer ended
         except InferenceError as err:
@@ -116,14 +116,17 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
             conn.send(("error", f"{type(err).__name__}: {err}", kind))
 
 
-def _stream(conn, chat, messages, params, use_adapter) -> None:
-    stream = chat.stream(messages, params, use_adapter=use_adapter)
+def _stream(conn, chat, messages, params, use_adapter, tools=None) -> None:
+    stream = chat.stream(messages, params, use_adapter=use_adapter, tools=tools)
     for piece in stream:
         conn.send(("piece", piece))
         while conn.poll():
             if conn.recv()[0] == "stop":
                 stream.cancel()
-    conn.send(("done", stream.result.model_dump()))
+    done = stream.result.model_dump()
+    if tools:
+        done["tool_calls"] = chat.tool_calls(stream.result)[1]
+    conn.send(("done", done))
 
 
 class WorkerError(RuntimeError):
@@ -140,6 +143,7 @@ class InferenceWorker:
         self.conn = None
         self.info: dict | None = None
         self.last: Result | None = None
+        self.last_calls: list[dict] = []
         self._busy = threading.Lock()
         self._send = threading.Lock()
 
@@ -183,14 +187,16 @@ class InferenceWorker:
             self.info = reply[1]
             return self.info
 
-    def chat(self, messages: list[dict], params: SamplingParams, use_adapter: bool = True) -> Iterator[str]:
-        """Yields text pieces; afterwards ``self.last`` holds the Result."""
+    def chat(self, messages: list[dict], params: SamplingParams, use_adapter: bool = True,
+             tools: list[dict] | None = None) -> Iterator[str]:
+        """Yields text pieces; afterwards ``self.last`` holds the Result and ``self.last_calls`` the tool calls
+        the answer makes (with ``tools``: the function schemas the model is shown)."""
         if not self.loaded:
             raise WorkerError("no model is loaded; press Load first", "invalid_request")
         with self._busy:
-            self.last = None
+            self.last, self.last_calls = None, []
             with self._send:
-                self.conn.send(("chat", messages, params.model_dump(), use_adapter))
+                self.conn.send(("chat", messages, params.model_dump(), use_adapter, tools))
             finished = False
             try:
                 while True:
@@ -199,6 +205,7 @@ class InferenceWorker:
                         yield reply[1]
                     elif reply[0] == "done":
                         finished = True
+                        self.last_calls = reply[1].pop("tool_calls", [])
                         self.last = Result(**reply[1])
                         return
                     else:

@@ -167,7 +167,8 @@ def sample_text(data_cfg, chars: int = SAMPLE_CHARS) -> str:
 
     for name in data_cfg.datasets:
         try:
-            for _, record in read_records(resolve_dataset(name, data_cfg.registry).path):
+            spec = resolve_dataset(name, data_cfg.registry)
+            for _, record in read_records(spec.path, sample_by=spec.sample_by):
                 walk(record)
                 if total >= chars / len(data_cfg.datasets):
                     break

@@ -152,8 +152,10 @@ def test_adapter_for_another_base_is_refused(tmp_path, tiny_model, lora_run):
 def test_bad_messages_and_params(tiny):
     with pytest.raises(InferenceError, match="empty"):
         tiny.generate([], GREEDY)
-    with pytest.raises(InferenceError, match="role 'tool' is not known"):
-        tiny.generate([{"role": "tool", "content": "x"}], GREEDY)
+    with pytest.raises(InferenceError, match="role 'narrator' is not known"):
+        tiny.generate([{"role": "narrator", "content": "x"}], GREEDY)
+    with pytest.raises(InferenceError, match="a tool message must follow an assistant message that calls a tool"):
+        tiny.generate([{"role": "tool", "content": "x"}], GREEDY)  # a tool result needs the call it answers
     with pytest.raises(InferenceError, match="last message must come from the user"):
         tiny.generate([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], GREEDY)
     with pytest.raises(ValidationError, match="max_new_tokens"):

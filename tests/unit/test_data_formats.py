@@ -19,6 +19,15 @@ def s(text):
     return {"role": "system", "content": text}
 
 
+def call(name, arguments, content=""):
+    return {"role": "assistant", "content": content,
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+
+def tool(text):
+    return {"role": "tool", "content": text}
+
+
 CASES = [
     ("alpaca", {"instruction": "Translate", "input": "bonjour", "output": "hello"},
      {"messages": [u("Translate\nbonjour"), a("hello")]}),
@@ -33,7 +42,7 @@ CASES = [
     ("sharegpt", {"system": "Tools.", "conversations": [
         {"from": "human", "value": "weather?"}, {"from": "function_call", "value": '{"name": "w"}'},
         {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]},
-     {"messages": [s("Tools."), u("weather?"), a('{"name": "w"}'), u("sunny"), a("It is sunny.")]}),
+     {"messages": [s("Tools."), u("weather?"), call("w", {}), tool("sunny"), a("It is sunny.")]}),
     ("fastchat", {"id": "x1", "conversations": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]},
      {"messages": [u("Q"), a("A")]}),
     ("messages", {"messages": [s("S"), u("Q"), a("A"), u("Q2"), a("A2")]},
@@ -127,3 +136,66 @@ def test_located_error_is_one_sentence_with_file_and_line():
     located = err.value.located("data/foo.jsonl", 17)
     assert str(located) == "data/foo.jsonl, line 17: field 'output' is missing (alpaca format needs instruction and output)"
     assert (located.file, located.line, located.field) == ("data/foo.jsonl", 17, "output")
+
+
+WEATHER = {"name": "get_weather", "description": "Weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_sharegpt_function_calling_layout_keeps_tools_calls_and_results():
+    """The glaive_toolcall layout: tools as a JSON string, function_call and observation turns."""
+    import json
+    record = {"conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": '{"temp": 21}'}, {"from": "gpt", "value": "21 degrees."}],
+        "tools": json.dumps([WEATHER])}
+    assert detect_format(record) == "sharegpt"
+    assert normalize(record, "sharegpt") == {
+        "messages": [u("Weather in Paris?"), call("get_weather", {"city": "Paris"}), tool('{"temp": 21}'),
+                     a("21 degrees.")],
+        "tools": [{"type": "function", "function": WEATHER}]}
+
+
+def test_openai_messages_with_tool_calls_and_tool_role():
+    record = {"messages": [
+        u("Weather in Paris and Rome?"),
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21"}, {"role": "tool", "tool_call_id": "c2", "content": "25"},
+        a("Paris 21, Rome 25.")], "tools": [{"type": "function", "function": WEATHER}]}
+    example = normalize(record, "messages")
+    assert [m["role"] for m in example["messages"]] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [c["function"]["arguments"] for c in example["messages"][1]["tool_calls"]] == [{"city": "Paris"},
+                                                                                         {"city": "Rome"}]
+    assert example["tools"] == [{"type": "function", "function": WEATHER}]
+
+
+@pytest.mark.parametrize("conversation,message", [
+    ([{"from": "human", "value": "Q"}, {"from": "function_call", "value": "not json"}],
+     "field 'conversations', message 2: a function_call turn must hold the call as JSON"),
+    ([{"from": "human", "value": "Q"}, {"from": "function_call", "value": '{"arguments": {}}'}],
+     "field 'conversations', message 2: a tool call must be an object with a name and arguments"),
+    ([{"from": "human", "value": "Q"}, {"from": "function_call", "value": '{"name": "f"}'},
+      {"from": "human", "value": "again"}],
+     "field 'conversations', message 3: expected a tool message (the result of the call before it), found user"),
+    ([{"from": "human", "value": "Q"}, {"from": "observation", "value": "r"}],
+     "field 'conversations', message 2: a tool message must follow an assistant message that calls a tool"),
+])
+def test_bad_tool_conversations(conversation, message):
+    with pytest.raises(DataError) as err:
+        normalize({"conversations": conversation}, "sharegpt")
+    assert str(err.value).startswith(message)
+
+
+def test_bad_tools_column_and_tools_outside_sft():
+    conv = [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
+    with pytest.raises(DataError, match="field 'tools' is not valid JSON"):
+        normalize({"conversations": conv, "tools": "[{"}, "sharegpt")
+    with pytest.raises(DataError, match="field 'tools', tool 1: a function schema needs a name"):
+        normalize({"conversations": conv, "tools": [{"description": "x"}]}, "sharegpt")
+    prompt = [{"from": "human", "value": "Q"}, {"from": "function_call", "value": '{"name": "f"}'},
+              {"from": "observation", "value": "r"}, {"from": "gpt", "value": "A"}, {"from": "human", "value": "and?"}]
+    with pytest.raises(DataError, match="tool calls and tool results are supported in sft data only"):
+        normalize({"prompt": prompt, "chosen": "x", "rejected": "y"}, "preference")

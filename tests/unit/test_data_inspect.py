@@ -322,3 +322,32 @@ def test_streaming_a_1gb_jsonl_stays_small(tmp_path):
     assert columns == ["instruction", "input", "output"] and report.valid == 20_000 and not report.complete
     assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
     print(f"\n1 GiB JSONL: columns + 20,000-record check in {seconds:.1f} s, peak traced memory {peak / 2**20:.1f} MiB")
+
+
+def test_inspection_says_how_a_txt_file_is_cut_into_rows(tmp_path):
+    path = tmp_path / "wiki.txt"
+    path.write_text("".join(f"Document {i}.\n" for i in range(30)), encoding="utf-8")
+    report = inspect_source(open_source(str(path)))
+    assert (report.format, report.valid) == ("text", 30)
+    assert report.notes[0] == "sample_by: line: 30 rows (one per non-blank line)"
+    para = inspect_source(open_source(str(path), sample_by="paragraph"))
+    assert (para.valid, para.notes[0]) == (1, "sample_by: paragraph: 1 rows (one per paragraph)")
+    spec, _ = add_dataset(open_source(str(path), sample_by="document"), "wiki", tmp_path / "reg.yaml")
+    assert (spec.sample_by, spec.path) == ("document", path)
+    assert "sample_by: document" in (tmp_path / "reg.yaml").read_text()
+
+
+def test_columns_the_format_does_not_read_are_listed(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"instruction": "Q", "output": "A", "source": "web", "score": 3}\n'
+                    '{"instruction": "Q2", "output": "A2", "source": "book"}\n', encoding="utf-8")
+    report = inspect_source(open_source(str(path)))
+    assert report.ok and report.notes[-1] == ("columns not used by the alpaca format, so not trained on: 'source' "
+                                              "(2 records), 'score' (1 records); map them to a field, or choose another format")
+    tools = tmp_path / "tools.jsonl"
+    tools.write_text('{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], '
+                     '"tools": "[]", "id": "x"}\n', encoding="utf-8")
+    assert not any("not used" in n for n in inspect_source(open_source(str(tools)), "sharegpt").notes[:-1])
+    assert inspect_source(open_source(str(tools)), "sharegpt").notes == [
+        "column not used by the sharegpt format, so not trained on: 'id' (1 records); map it to a field, or choose "
+        "another format"]

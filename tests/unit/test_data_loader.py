@@ -225,3 +225,27 @@ def test_shared_real_datasets(shared_datasets, tokenizer):
     assert len(dpo) == 300 and dpo[0]["prompt"][-1]["role"] == "user" and dpo[0]["chosen"] != dpo[0]["rejected"]
     c4 = load_examples(cfg([str(shared_datasets / "c4_demo.jsonl")]), "pretrain")
     assert len(c4) == 300
+
+
+def test_txt_one_document_per_line_holds_out_a_tenth(tmp_path, tokenizer):
+    """A corpus written one document per line (wiki_demo.txt's layout) is 30 rows, and val_size 0.1 holds out 3."""
+    from engine.data.loader import split_examples
+
+    path = tmp_path / "wiki.txt"
+    path.write_text("".join(f"Document {i} is about topic {i}.\n" for i in range(30)), encoding="utf-8")
+    examples = load_examples(cfg([str(path)]), "pretrain")
+    assert len(examples) == 30 and examples[0]["text"] == "Document 0 is about topic 0."
+    train, held = split_examples(examples, cfg([str(path)], val_size=0.1), seed=0)
+    assert (len(train), len(held)) == (27, 3)
+    _, evaluation, stats = build_pretrain_dataset(cfg([str(path)], cutoff_len=64, val_size=0.1), tokenizer, seed=0)
+    assert stats["examples"] == 30 and len(evaluation) >= 1
+
+
+def test_registry_sample_by_paragraph_and_document(tmp_path):
+    (tmp_path / "p.txt").write_text("one\nstill one\n\ntwo\n\nthree\n", encoding="utf-8")
+    (tmp_path / "r.yaml").write_text("para: {file: p.txt, format: text, sample_by: paragraph}\n"
+                                     "doc: {file: p.txt, sample_by: document}\nline: {file: p.txt}\n")
+    registry = str(tmp_path / "r.yaml")
+    texts = {n: load_examples(cfg([n], registry=registry), "pretrain")["text"] for n in ("para", "doc", "line")}
+    assert texts == {"para": ["one\nstill one", "two", "three"], "doc": ["one\nstill one\n\ntwo\n\nthree"],
+                     "line": ["one", "still one", "two", "three"]}

@@ -100,8 +100,21 @@ def test_parquet_rows(tmp_path):
 
 def test_txt_documents_split_on_blank_lines(tmp_path):
     path = write(tmp_path, "a.txt", "First doc\nstill first\n\n\nSecond doc\n\nThird\n")
-    assert list(read_records(path)) == [(1, {"text": "First doc\nstill first"}), (5, {"text": "Second doc"}),
+    assert list(read_records(path, sample_by="paragraph")) == [(1, {"text": "First doc\nstill first"}), (5, {"text": "Second doc"}),
                                         (7, {"text": "Third"})]
+
+
+def test_txt_rows_by_line_paragraph_or_document(tmp_path):
+    """As datasets' text loader: one row per line by default; paragraph and document on request."""
+    path = write(tmp_path, "a.txt", "First doc\nstill first\n\n\nSecond doc\n\nThird\n")
+    assert list(read_records(path)) == [(1, {"text": "First doc"}), (2, {"text": "still first"}),
+                                        (5, {"text": "Second doc"}), (7, {"text": "Third"})]
+    assert list(read_records(path, sample_by="document")) == [
+        (1, {"text": "First doc\nstill first\n\n\nSecond doc\n\nThird"})]
+    bad = write(tmp_path, "b.txt", b"good\nbad \xff\nlast\n", binary=True)
+    assert collect(bad)[0] == [(1, {"text": "good"}), (3, {"text": "last"})]
+    with pytest.raises(DataError, match="sample_by must be one of line, paragraph, document, not 'word'"):
+        list(read_records(path, sample_by="word"))
 
 
 @pytest.mark.parametrize("name", ["e.json", "e.jsonl", "e.csv", "e.txt"])
@@ -166,7 +179,7 @@ def test_on_error_keeps_line_numbers_after_a_non_utf8_line(tmp_path):
 
 def test_on_error_leaves_out_the_text_document_with_a_bad_line(tmp_path):
     path = write(tmp_path, "a.txt", b"good doc\n\nbad \xff doc\nsecond line\n\nlast\n", binary=True)
-    records, problems = collect(path)
+    records, problems = collect(path, sample_by="paragraph")
     assert records == [(1, {"text": "good doc"}), (6, {"text": "last"})]
     assert problems == [f"{path}, line 3: the file is not valid UTF-8 (byte 0xff at column 5); save it as UTF-8"]
 

@@ -45,7 +45,8 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("entry,line,message", [
-    ("x:\n  file: a.json\n  fromat: alpaca\n", 3, "entry 'x': unknown key 'fromat' (allowed: file, format, columns, kind, description)"),
+    ("x:\n  file: a.json\n  fromat: alpaca\n", 3, "entry 'x': unknown key 'fromat' (allowed: file, format, columns, kind, sample_by, description)"),
+    ("x:\n  file: a.json\n  sample_by: line\n", 3, "entry 'x': sample_by applies to .txt files only, and 'a.json' is not one"),
     ("x:\n  format: alpaca\n", 2, "entry 'x': key 'file' is missing"),
     ("x:\n  file: missing.json\n", 2, "entry 'x': file '{dir}/missing.json' does not exist"),
     ("x:\n  file: a.json\n  format: alpacca\n", 3, "entry 'x': unknown format 'alpacca' (one of auto, alpaca, sharegpt, "),

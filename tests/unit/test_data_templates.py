@@ -156,3 +156,12 @@ def test_saved_jinja_round_trips_through_auto(saved, tokenizer, name):
     assert auto.default_system == template.default_system
     for conv in ("multi", "multi+system"):
         assert auto.encode_turns(saved, CONVERSATIONS[conv]) == template.encode_turns(tokenizer, CONVERSATIONS[conv])
+
+
+def test_alpaca_system_prompt_is_its_own_block(tokenizer):
+    """An explicit system prompt is followed by a blank line, as the default one is (it was glued to the header)."""
+    alpaca = get_template("alpaca", tokenizer)
+    assert alpaca.render(CONVERSATIONS["single+system"]).startswith("Be brief.\n\n### Instruction:\nHi there")
+    assert alpaca.render(CONVERSATIONS["single+system"][1:]).startswith(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nHi there")

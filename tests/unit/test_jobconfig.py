@@ -44,3 +44,11 @@ def test_every_job_field_has_a_description(schema):
     for section, info in schema.model_fields.items():
         for name, field in info.annotation.model_fields.items():
             assert field.description, f"{section}.{name}"
+
+
+def test_shipped_harness_example_loads():
+    from engine.jobs.harness import project_tasks
+
+    cfg = load_job_config("eval", ROOT / "configs" / "examples" / "eval_harness.yaml", ["harness.limit=4"])
+    assert cfg.tasks.harness and not cfg.tasks.choice and cfg.harness.limit == 4
+    assert set(cfg.harness.tasks) <= set(project_tasks()) == {"workbench_mcq_demo", "workbench_gen_demo"}

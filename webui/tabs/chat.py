@@ -12,8 +12,10 @@ import psutil
 from engine.run import rundir
 from engine.run.checkpoint import is_reward_model
 from engine.run.config import field_info
+from engine.data.errors import DataError
+from engine.data.tools import parse_tools
 from engine.run.paths import PathRefused
-from engine.serve.sampling import SamplingParams
+from engine.serve.sampling import SamplingParams, parse_tool_calls
 from engine.serve.worker import InferenceWorker, WorkerError
 
 from ..i18n import t
@@ -67,6 +69,22 @@ def status_html(lang: str, worker: InferenceWorker, note: str = "") -> str:
     return f'<div id="chat-status" class="wb-card" data-state="empty">{esc(t(lang, "chat.none"))}{note}</div>'
 
 
+TOOL_RESULT = "tool result"
+
+
+def conversation_message(h: dict, tools: bool) -> dict:
+    """A Chatbot message as the model sees it: a message marked as a tool result is a tool message, and with
+    tools an answer that wrote calls in the template's tool format carries them as tool_calls."""
+    if h["role"] == "user" and ((h.get("metadata") or {}).get("title") == TOOL_RESULT):
+        return {"role": "tool", "content": h["content"]}
+    if h["role"] == "assistant" and tools:
+        text, calls = parse_tool_calls(h["content"])
+        if calls:
+            return {"role": "assistant", "content": text,
+                    "tool_calls": [{"type": "function", "function": c} for c in calls]}
+    return {"role": h["role"], "content": h["content"]}
+
+
 def build(ctx) -> None:
     c, defaults = ctx.shared, SamplingParams()
     c["chat_worker"] = InferenceWorker()
@@ -102,6 +120,8 @@ def build(ctx) -> None:
                                                   info=info.description, elem_id=f"chat-{name.replace('_', '-')}")
             c["chat_side"] = ctx.translate(gr.Checkbox(False, label=ctx.t("chat.side_by_side"), elem_id="chat-side"),
                                            label="chat.side_by_side")
+            c["chat_tools"] = ctx.translate(gr.Code("", language="json", label=ctx.t("chat.tools"), lines=4,
+                                                    elem_id="chat-tools"), label="chat.tools")
         with gr.Row():
             c["chat_base_bot"] = ctx.translate(gr.Chatbot([], label=ctx.t("chat.base"), visible=False, elem_id="chat-base-bot",
                                                           height=420), label="chat.base")
@@ -115,6 +135,8 @@ def build(ctx) -> None:
             c["chat_stop"] = ctx.translate(gr.Button(ctx.t("chat.stop"), variant="stop", scale=1, elem_id="btn-chat-stop"),
                                            value="chat.stop")
             c["chat_clear"] = ctx.translate(gr.Button(ctx.t("chat.clear"), scale=1, elem_id="btn-chat-clear"), value="chat.clear")
+        c["chat_as_tool"] = ctx.translate(gr.Checkbox(False, label=ctx.t("chat.as_tool"), elem_id="chat-as-tool"),
+                                          label="chat.as_tool")
         c["chat_tab"] = tab
 
 
@@ -170,22 +192,30 @@ def wire(ctx) -> None:
 
     c["chat_unload"].click(on_unload, lang, c["chat_status"], concurrency_limit=1)
 
-    def on_send(lg, text, bot, base_bot, side, system, *values):
+    def on_send(lg, text, bot, base_bot, side, system, tools_text, as_tool, *values):
         text = (text or "").strip()
         if not text:
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
+        try:
+            tools = parse_tools((tools_text or "").strip() or None, "tools") or None
+        except DataError as err:
+            yield text, gr.skip(), gr.skip(), status_html(lg, worker, message("error", t(lg, "chat.failed"), [str(err)]))
+            return
         params = SamplingParams(**dict(zip(SLIDERS, values)))
         side = side and worker.loaded and bool(worker.info["adapters"])
         bots = [("tuned", list(bot or []), True)] + ([("base", list(base_bot or []), False)] if side else [])
+        said = {"role": "user", "content": text}
+        if as_tool:  # the result of the call the model just made, shown as such
+            said["metadata"] = {"title": TOOL_RESULT}
         for _, history, _ in bots:
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+            history += [dict(said), {"role": "assistant", "content": ""}]
         yield "", bots[0][1], bots[1][1] if side else gr.skip(), gr.skip()
         for i, (_, history, use_adapter) in enumerate(bots):
             convo = ([{"role": "system", "content": system}] if system.strip() else []) + \
-                [{"role": h["role"], "content": h["content"]} for h in history[:-1]]
+                [conversation_message(h, bool(tools)) for h in history[:-1]]
             try:
-                for piece in worker.chat(convo, params, use_adapter=use_adapter):
+                for piece in worker.chat(convo, params, use_adapter=use_adapter, tools=tools):
                     history[-1]["content"] += piece
                     yield gr.skip(), bots[0][1], bots[1][1] if side else gr.skip(), gr.skip()
             except WorkerError as err:
@@ -197,8 +227,8 @@ def wire(ctx) -> None:
         note = "" if last is None else f'<div class="wb-hint" id="chat-usage">{esc(t(lg, "chat.usage", **last.model_dump(exclude={"text"})))}</div>'
         yield gr.skip(), gr.skip(), gr.skip(), status_html(lg, worker, note)
 
-    send_in = [lang, c["chat_msg"], c["chat_bot"], c["chat_base_bot"], c["chat_side"], c["chat_system"],
-               *[c[f"chat_{n}"] for n in SLIDERS]]
+    send_in = [lang, c["chat_msg"], c["chat_bot"], c["chat_base_bot"], c["chat_side"], c["chat_system"], c["chat_tools"],
+               c["chat_as_tool"], *[c[f"chat_{n}"] for n in SLIDERS]]
     send_out = [c["chat_msg"], c["chat_bot"], c["chat_base_bot"], c["chat_status"]]
     c["chat_send"].click(on_send, send_in, send_out, concurrency_limit=1, show_progress="hidden")
     c["chat_msg"].submit(on_send, send_in, send_out, concurrency_limit=1, show_progress="hidden")

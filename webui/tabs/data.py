@@ -20,17 +20,17 @@ from . import data_add
 
 PREVIEW_ROWS = 3
 COUNT_CAP = 200_000
-_counts: dict[tuple[str, float, int], int] = {}
+_counts: dict[tuple[str, float, int, str], int] = {}
 _count_lock = threading.Lock()
 
 
-def count_records(path: Path) -> int:
+def count_records(path: Path, sample_by: str = "line") -> int:
     """Records in a data file (streamed; cached per file version; capped at COUNT_CAP)."""
     st = path.stat()
-    key = (str(path), st.st_mtime, st.st_size)
+    key = (str(path), st.st_mtime, st.st_size, sample_by)
     with _count_lock:
         if key not in _counts:
-            _counts[key] = sum(1 for _ in islice(read_records(path), COUNT_CAP))
+            _counts[key] = sum(1 for _ in islice(read_records(path, sample_by=sample_by), COUNT_CAP))
         return _counts[key]
 
 
@@ -77,7 +77,7 @@ def preview_html(lang: str, stage: str, names: list[str], registry: str, policy=
     for name in names:
         try:
             spec = resolve_dataset(name, registry)
-            count = count_records(spec.path)
+            count = count_records(spec.path, spec.sample_by)
         except (DataError, OSError) as err:
             blocks.append(message("error", t(lang, "data.cannot_read", name=name), [str(err)]))
             continue
@@ -90,7 +90,7 @@ def preview_html(lang: str, stage: str, names: list[str], registry: str, policy=
             head += message("warn", t(lang, "data.wrong_kind", name=name, kind=spec.kind, stage=stage, need=need))
         examples = []
         try:
-            for line, record in read_records(spec.path, PREVIEW_ROWS):
+            for line, record in read_records(spec.path, PREVIEW_ROWS, sample_by=spec.sample_by):
                 examples.append(_example(record, spec))
         except DataError as err:
             examples.append(message("error", t(lang, "data.bad_row"), [str(err)]))

@@ -21,6 +21,7 @@ from engine.data.inspection import (Source, add_dataset, columns_of, detect_sour
                                     open_source, token_lengths)
 from engine.data.registry import CANONICAL_FIELDS, PROJECT_REGISTRY, find_path, workspace_registry
 from engine.run.paths import PathPolicy, PathRefused
+from engine.data.readers import SAMPLE_BY
 from engine.train.stages import STAGE_KINDS
 
 from .. import chatfmt, plots
@@ -43,14 +44,14 @@ def uploaded(path: str) -> Path:
     return Path(path)
 
 
-def _source(state: dict, policy: PathPolicy) -> Source:
+def _source(state: dict, policy: PathPolicy, sample_by: str = "line") -> Source:
     """The source a check or save reads, its path checked again (an upload in Gradio's folder, else the policy)."""
     if state.get("hub"):
         return Source(hub=state["hub"])
     if state.get("upload"):
-        return Source(path=uploaded(state["path"]))
+        return Source(path=uploaded(state["path"]), sample_by=sample_by)
     try:
-        return Source(path=policy.check(state["path"], "path"))
+        return Source(path=policy.check(state["path"], "path"), sample_by=sample_by)
     except PathRefused as err:
         raise DataError(str(err), field="path") from None
 
@@ -125,7 +126,9 @@ def report_html(lang: str, report) -> str:
 def example_html(example: dict) -> str:
     """A canonical example rendered as a conversation (used by the dataset preview too)."""
     if "messages" in example:
-        return conversation(example["messages"])
+        tools = [t["function"]["name"] for t in example.get("tools") or ()]
+        shown = [{"role": "tools", "content": ", ".join(tools)}] if tools else []
+        return conversation(shown + example["messages"])
     if "chosen" in example:
         return conversation(example["prompt"], [("chosen ✓", example["chosen"]), ("rejected ✗", example["rejected"])])
     if "completion" in example:
@@ -232,6 +235,9 @@ def build(ctx) -> None:
                                  label="data.add.format", info="data.add.format_info")
             c["add_kind"] = tr(gr.Textbox("", label=ctx.t("data.add.kind"), interactive=False, elem_id="data-kind",
                                           scale=1), label="data.add.kind")
+            c["add_sample_by"] = tr(gr.Dropdown(list(SAMPLE_BY), value="line", label=ctx.t("data.add.sample_by"),
+                                                info=ctx.t("data.add.sample_by_info"), elem_id="data-sample-by", scale=1),
+                                    label="data.add.sample_by", info="data.add.sample_by_info")
         c["add_map_title"] = tr(gr.Markdown(ctx.t("data.add.mapping")), value="data.add.mapping")
         with gr.Row(elem_id="data-mapping"):
             c["add_maps"] = [gr.Dropdown([(ctx.t("data.add.same_name"), "")], value="", label=f, visible=False,
@@ -293,16 +299,16 @@ def wire(ctx, dataset_choices) -> None:
 
     load_outputs = [c["add_source"], c["add_msg"], c["add_format"], c["add_name"], c["add_kind"]] + maps
     check_inputs = [lang, c["add_source"], c["add_format"], f["model.path"], f["model.template"], f["data.cutoff_len"],
-                    f["data.multiturn_loss"]] + maps
+                    f["data.multiturn_loss"], c["add_sample_by"]] + maps
     check_outputs = [c["add_report"], c["add_pending"], c["add_example_no"], c["add_preview"], c["add_plot"],
                      c["add_lengths"], c["add_kind"]]
 
-    def check(lg, state, fmt, model, template, cutoff, multiturn, *values):
+    def check(lg, state, fmt, model, template, cutoff, multiturn, sample_by, *values):
         """Validate every record (up to CHECK_RECORDS), then preview example 1 and the length histogram."""
         if not state:
             return message("warn", t(lg, "data.add.no_source")), {}, gr.update(visible=False), "", None, "", ""
         try:
-            source = _source(state, ctx.policy)
+            source = _source(state, ctx.policy, sample_by)
         except DataError as err:
             return message("error", t(lg, "data.add.cannot_open"), [str(err)]), {}, gr.update(visible=False), "", None, "", ""
         report = inspect_source(source, fmt, mapping_of(state, fmt, values), max_records=CHECK_RECORDS,
@@ -320,6 +326,7 @@ def wire(ctx, dataset_choices) -> None:
     for event in (c["add_load"].click, c["add_path"].submit):
         event(load, [lang, gr.State(None), c["add_path"]], load_outputs).then(check, check_inputs, check_outputs)
     c["add_check"].click(check, check_inputs, check_outputs)
+    c["add_sample_by"].input(check, check_inputs, check_outputs)
 
     def on_format(lg, state, fmt):
         shown = fmt if fmt != "auto" else (state or {}).get("detected") or ""
@@ -331,12 +338,12 @@ def wire(ctx, dataset_choices) -> None:
     c["add_example_no"].change(lambda *a: preview_html(*a, policy=ctx.policy), preview_inputs, c["add_preview"],
                                show_progress="hidden")
 
-    def save(lg, state, fmt, name, description, skip, stage, chosen, *values):
+    def save(lg, state, fmt, name, description, skip, stage, chosen, sample_by, *values):
         """Validate every record and register the dataset; it is then selected when the stage trains on its kind."""
         if not state:
             return message("warn", t(lg, "data.add.no_source")), gr.skip(), gr.skip()
         try:
-            spec, report = add_dataset(_source(state, ctx.policy), (name or "").strip(), ws_registry, fmt, mapping_of(state, fmt, values),
+            spec, report = add_dataset(_source(state, ctx.policy, sample_by), (name or "").strip(), ws_registry, fmt, mapping_of(state, fmt, values),
                                        description=description or "", copy=bool(state.get("upload")),
                                        skip_invalid=bool(skip))
         except (DataError, OSError) as err:
@@ -353,7 +360,7 @@ def wire(ctx, dataset_choices) -> None:
                 gr.update(choices=choices, value=value), str(ws_registry))
 
     c["add_save"].click(save, [lang, c["add_source"], c["add_format"], c["add_name"], c["add_desc"], c["add_skip"],
-                               f["method.stage"], f["data.datasets"]] + maps,
+                               f["method.stage"], f["data.datasets"], c["add_sample_by"]] + maps,
                         [c["add_msg"], f["data.datasets"], f["data.registry"]])
 
     def use_workspace_registry(registry):

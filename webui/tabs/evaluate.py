@@ -1,5 +1,5 @@
 """Evaluate tab: the base model and checkpoints on the same evaluation (loss/perplexity, BLEU/ROUGE of generated
-answers, multiple-choice accuracy), run as a job; results as one comparison table, a chart, and the predictions
+answers, multiple-choice accuracy, lm-evaluation-harness tasks), run as a job; results as one comparison table, a chart, and the predictions
 with per-sample scores (sortable, so the worst ones can be read)."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ METRICS = ("loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "acc
 LABELS = {"ev_base": "base", "ev_ckpts": "checkpoints", "ev_include_base": "include_base", "ev_tasks": "tasks",
           "ev_data": "datasets", "ev_max": "max_samples", "ev_batch": "batch_size", "ev_new": "max_new_tokens",
           "ev_sample": "do_sample", "ev_bench": "benchmark", "ev_job": "job", "ev_table": "comparison", "ev_chart": "chart",
-          "ev_pred_model": "pred_model", "ev_preds": "predictions"}
+          "ev_pred_model": "pred_model", "ev_preds": "predictions", "ev_harness": "harness_tasks",
+          "ev_fewshot": "num_fewshot", "ev_limit": "limit"}
 PRED_COLS = ("index", "bleu-4", "rouge-l", "prompt", "reference", "prediction")
 
 
@@ -34,16 +35,23 @@ def _datasets() -> list[str]:
         return []
 
 
+def _harness_columns(rows: list[dict]) -> list[str]:
+    """The "<task> <metric>" columns of lm-evaluation-harness results, in the order they first appear."""
+    return list(dict.fromkeys(f"{task} {metric}" for r in rows for task, metrics in (r.get("harness") or {}).items()
+                              for metric in metrics if metric != "sample_len"))
+
+
 def comparison(result: dict | None) -> pd.DataFrame:
     rows = (result or {}).get("rows", [])
-    cols = [m for m in METRICS if any(m in r for r in rows)]
+    cols = [m for m in METRICS if any(m in r for r in rows)] + _harness_columns(rows)
     return pd.DataFrame([[r["model"]] + [round(r[m], 4) if m in r else None for m in cols] for r in rows], columns=["model"] + cols)
 
 
 def chart(result: dict | None) -> pd.DataFrame:
     rows = (result or {}).get("rows", [])
-    return pd.DataFrame([{"model": r["model"], "metric": m, "value": r[m]} for r in rows
-                         for m in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy") if m in r],
+    shown = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy")
+    return pd.DataFrame([{"model": r["model"], "metric": m, "value": r[m] * (100 if m not in shown else 1)} for r in rows
+                         for m in shown + tuple(_harness_columns(rows)) if m in r],
                         columns=["model", "metric", "value"])
 
 
@@ -70,7 +78,8 @@ def build(ctx) -> None:
                                         info=info("eval", "model.checkpoints"), elem_id="ev-ckpts", scale=3)
             c["ev_include_base"] = gr.Checkbox(d.model.include_base, label=ctx.t("evaluate.include_base"), elem_id="ev-include-base")
         with gr.Row():
-            c["ev_tasks"] = gr.CheckboxGroup([("loss / perplexity", "loss"), ("BLEU / ROUGE", "generation"), ("multiple choice", "choice")],
+            c["ev_tasks"] = gr.CheckboxGroup([("loss / perplexity", "loss"), ("BLEU / ROUGE", "generation"), ("multiple choice", "choice"),
+                                              ("lm-evaluation-harness", "harness")],
                                              value=["loss", "generation"], label=ctx.t("evaluate.tasks"), elem_id="ev-tasks")
             c["ev_data"] = gr.Dropdown(_datasets(), value=d.data.datasets, multiselect=True, label=ctx.t("evaluate.datasets"),
                                        info=info("eval", "data.datasets"), elem_id="ev-data")
@@ -84,6 +93,13 @@ def build(ctx) -> None:
             c["ev_sample"] = gr.Checkbox(d.generation.do_sample, label=ctx.t("evaluate.do_sample"), info=info("eval", "generation.do_sample"))
             c["ev_bench"] = gr.Textbox(str(ROOT / d.benchmark.file), label=ctx.t("evaluate.benchmark"), info=info("eval", "benchmark.file"),
                                        elem_id="ev-bench")
+        with gr.Row():
+            c["ev_harness"] = gr.Textbox(", ".join(d.harness.tasks), label=ctx.t("evaluate.harness_tasks"),
+                                         info=info("eval", "harness.tasks"), elem_id="ev-harness", scale=3)
+            c["ev_fewshot"] = gr.Number(d.harness.num_fewshot, precision=0, minimum=0, maximum=25,
+                                        label=ctx.t("evaluate.num_fewshot"), info=info("eval", "harness.num_fewshot"))
+            c["ev_limit"] = gr.Number(d.harness.limit, precision=0, minimum=1, label=ctx.t("evaluate.limit"),
+                                      info=info("eval", "harness.limit"))
         with gr.Row(equal_height=True):
             c["ev_start"] = gr.Button(ctx.t("evaluate.start"), variant="primary", elem_id="btn-eval", scale=0, min_width=160)
             c["ev_job"] = gr.Dropdown([], value=None, label=ctx.t("evaluate.job"), elem_id="ev-job", scale=3)
@@ -103,15 +119,18 @@ def build(ctx) -> None:
 def wire(ctx) -> None:
     c, lang, ws = ctx.shared, ctx.shared["lang"], ctx.workspace
 
-    def start(lg, base, ckpts, include_base, tasks, data, max_samples, batch, new, sample, bench):
+    def start(lg, base, ckpts, include_base, tasks, data, max_samples, batch, new, sample, bench, harness, fewshot,
+              limit):
         try:
             cfg = EvalConfig.model_validate({
                 "model": {"base": base, "checkpoints": ckpts or [], "include_base": include_base},
-                "tasks": {k: k in (tasks or []) for k in ("loss", "generation", "choice")},
+                "tasks": {k: k in (tasks or []) for k in ("loss", "generation", "choice", "harness")},
                 "data": {"datasets": data or [], "registry": str(ROOT / "data" / "dataset_info.yaml"),
                          "max_samples": int(max_samples) if max_samples else None},
                 "generation": {"batch_size": int(batch), "max_new_tokens": int(new), "do_sample": bool(sample)},
                 "benchmark": {"file": bench},
+                "harness": {"tasks": [n.strip() for n in (harness or "").split(",") if n.strip()],
+                            "num_fewshot": int(fewshot or 0), "limit": int(limit) if limit else None},
             })
             ctx.confine(cfg)
             from engine.jobs.evaluate import check_eval
@@ -122,7 +141,8 @@ def wire(ctx) -> None:
         return status_html(lg, path), gr.update(choices=job_choices("eval", ws), value=path.name)
 
     c["ev_start"].click(start, [lang, c["ev_base"], c["ev_ckpts"], c["ev_include_base"], c["ev_tasks"], c["ev_data"], c["ev_max"],
-                                c["ev_batch"], c["ev_new"], c["ev_sample"], c["ev_bench"]], [c["ev_status"], c["ev_job"]])
+                                c["ev_batch"], c["ev_new"], c["ev_sample"], c["ev_bench"], c["ev_harness"], c["ev_fewshot"],
+                                c["ev_limit"]], [c["ev_status"], c["ev_job"]])
 
     def show(lg, name, model):
         path = job_dir("eval", ws, name)
