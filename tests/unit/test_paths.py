@@ -17,8 +17,8 @@ SCHEMA_LIST = [RunConfig, *SCHEMAS.values()]
 # Every string field of a schema is either marked as a path or listed here as not one, so a new path field
 # cannot skip the policy unnoticed: this test fails until it is marked (or listed here, if it is not a path).
 NOT_PATHS = {
-    "RunConfig": {"model.template", "method.lora_target", "method.modules_to_save", "distributed.devices"},
-    "EvalConfig": {"model.template"},
+    "RunConfig": {"model.template", "method.lora_target", "method.modules_to_save", "distributed.devices", "distributed.include", "distributed.master_addr"},
+    "EvalConfig": {"model.template", "harness.tasks"},
     "ExportConfig": {"output.max_shard_size", "verify.prompt", "hub.repo_id", "hub.token", "hub.endpoint"},
 }
 
