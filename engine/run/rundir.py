@@ -49,6 +49,7 @@ class Status(BaseModel):
     total_steps: int = 0
     error: str | None = None
     error_kind: str | None = None
+    warnings: list[str] = []  # problems that did not stop the run (a tracker that failed, an untrained context)
 
 
 def atomic_write(path: str | Path, text: str) -> None:

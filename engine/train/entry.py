@@ -61,7 +61,9 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
-        report_to=[],
+        report_to=list(t.report_to),  # engine.train.trackers
+        run_name=run_dir.name,
+        neftune_noise_alpha=t.neftune_noise_alpha or None,
         use_cpu=not cuda,
         ddp_backend=None if cuda else "gloo",
         ddp_find_unused_parameters=False,
@@ -111,6 +113,13 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     if cfg.model.template != "auto":
         tokenizer.chat_template = template.jinja()  # saved with every checkpoint, so chat uses the same format
 
+    from engine.run.checks import rope_warning
+
+    warning = rope_warning(cfg)
+    if warning:
+        log.warning(warning)
+        if int(os.environ.get("RANK", "0")) == 0:
+            rundir.update_status(run_dir, warnings=[warning])
     stage = STAGES[cfg.method.stage]
     ctx = StageContext(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template)
     stage.prepare_data(ctx)
@@ -134,7 +143,19 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab),
                              head=stage.head)
     ctx.callbacks = [RunReporter(run_dir, config_text), stop]
+    if cfg.training.report_to:
+        from engine.train.trackers import tracker_env
+
+        tracker_env(run_dir)
     trainer = stage.build_trainer(ctx, model)
+    if cfg.training.report_to:
+        from engine.train.trackers import guard_trackers
+
+        guard_trackers(trainer, run_dir, cfg.model_dump(mode="json"), config_text)
+    if cfg.method.loraplus_lr_ratio > 0:
+        from engine.train.model_setup import loraplus_optimizer
+
+        loraplus_optimizer(trainer, cfg.method.loraplus_lr_ratio)
 
     resume = cfg.training.resume_from
     if resume == "latest":
