@@ -152,6 +152,9 @@ def _lora_variant_problems(cfg: RunConfig) -> list[Problem]:
     if m.init_lora_weights == "pissa" and q != "none":
         out.append(("method.init_lora_weights", "PiSSA starts from an SVD of the full-precision weights, which cannot "
                     "be taken of quantized weights: use init_lora_weights olora or default with QLoRA, or quantization none"))
+    if m.init_lora_weights in ("pissa", "olora") and m.stage in ("dpo", "kto", "rl") and lora:
+        out.append(("method.init_lora_weights", f"{m.init_lora_weights} moves part of each base weight into the "
+                    f"adapter, and {m.stage} uses the base as its reference model: use init_lora_weights default or gaussian"))
     if m.loraplus_lr_ratio > 0 and not lora:
         out.append(("method.loraplus_lr_ratio", "LoRA+ sets the learning rates of LoRA adapters: use finetuning_type "
                     "lora or qlora, or loraplus_lr_ratio 0"))

@@ -76,6 +76,10 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
     return (cls or TrainingArguments)(**{**common, **stage_fields})
 
 
+def trainer_is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _threads() -> None:
     import torch
 
@@ -118,7 +122,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     warning = rope_warning(cfg)
     if warning:
         log.warning(warning)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if trainer_is_main():
             rundir.update_status(run_dir, warnings=[warning])
     stage = STAGES[cfg.method.stage]
     ctx = StageContext(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template)
@@ -142,6 +146,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab),
                              head=stage.head)
+    from engine.train.model_setup import keep_initial_adapter
+
+    initial_adapter = keep_initial_adapter(model, cfg.method, run_dir) if trainer_is_main() else None
     ctx.callbacks = [RunReporter(run_dir, config_text), stop]
     if cfg.training.report_to:
         from engine.train.trackers import tracker_env
@@ -164,6 +171,11 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     if stop.requested:
         return "stopped"
     final = run_dir / rundir.FINAL
+    if initial_adapter is not None:
+        import functools
+
+        trainer.model.save_pretrained = functools.partial(
+            trainer.model.save_pretrained, path_initial_model_for_weight_conversion=str(initial_adapter))
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)

@@ -192,6 +192,23 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, 
     return model
 
 
+def keep_initial_adapter(model, method: MethodConfig, run_dir) -> None:
+    """PiSSA and OLoRA move part of each base weight into the adapter, so their adapter only fits that changed base.
+    The starting adapter is kept in ``run_dir/lora_init`` and the final save converts the trained one (PEFT's
+    path_initial_model_for_weight_conversion) into a plain LoRA of rank 2r on the original base, which chat and
+    export load as any adapter. Checkpoints stay unconverted, so a run resumes from them."""
+    if method.init_lora_weights not in ("pissa", "olora") or not hasattr(model, "peft_config"):
+        return None
+    from pathlib import Path
+
+    init_dir = Path(run_dir) / "lora_init"
+    config = model.peft_config["default"]
+    config.init_lora_weights = True  # loading the saved start must not decompose the weights again
+    model.save_pretrained(str(init_dir))
+    config.init_lora_weights = method.init_lora_weights
+    return init_dir
+
+
 def loraplus_optimizer(trainer, ratio: float):
     """LoRA+ (PEFT's create_loraplus_optimizer): the run's optimizer with the B matrices at ``ratio`` × the learning
     rate, handed to the trainer before it would make its own."""
