@@ -83,6 +83,8 @@ def run_card(lang: str, info: RunInfo | None, series: MetricSeries | None, now: 
         note = message("error", t(lang, "train.failed", kind=kind).strip(), [info.error or t(lang, "train.no_error")])
     elif info.state == "starting":
         note = f'<div class="wb-hint">{esc(t(lang, "train.starting_note"))}</div>'
+    if info.warnings:
+        note += message("warn", t(lang, "train.warnings"), list(info.warnings))
     bar_class = "wb-bar-fill" + (" wb-live" if active else "")
     return (
         f'<div id="run-card" class="wb-card" data-run="{esc(info.id)}" data-state="{esc(info.state)}" '

@@ -8,6 +8,7 @@ Layout of ``<run_dir>``::
     train.log        stdout and stderr of every process of the run
     checkpoint-<N>/  adapter or weights, tokenizer + chat template, run config, trainer state
     final/           the final weights (same layout as a checkpoint)
+    tensorboard/     TensorBoard event files, when training.report_to has tensorboard (wandb/, mlruns/ likewise)
 
 This module imports no torch.
 """
@@ -33,6 +34,7 @@ STATUS = "status.json"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
 FINAL = "final"
+TENSORBOARD = "tensorboard"  # training.report_to tensorboard: the event files
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 

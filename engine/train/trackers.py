@@ -18,7 +18,7 @@ from engine.run import rundir
 
 log = logging.getLogger("engine.train.trackers")
 
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = rundir.TENSORBOARD
 MLFLOW_DIR = "mlruns"
 PROJECT = "workbench"
 _EVENTS = [name for name in vars(TrainerCallback) if name.startswith("on_")]
