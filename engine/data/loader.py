@@ -79,6 +79,12 @@ def mix(parts: list[datasets.Dataset], data_cfg, seed: int = 0) -> tuple[dataset
     return mixed.remove_columns("_mix"), [counts.get(i, 0) for i in range(len(parts))]
 
 
+def mix_counts(sizes: list[int], data_cfg, seed: int = 0) -> list[int]:
+    """The rows a run takes from datasets of ``sizes`` rows: the same draw as ``mix`` (it depends only on the
+    sizes, probabilities, stopping strategy and seed), made on row numbers instead of the rows."""
+    return mix([datasets.Dataset.from_dict({"i": list(range(n))}) for n in sizes], data_cfg, seed)[1]
+
+
 def load_examples(data_cfg, kind: str, seed: int = 0, counts: dict | None = None) -> datasets.Dataset:
     """Canonical examples from every dataset of ``data_cfg`` (each capped at ``max_samples``, then mixed by
     ``data_cfg.mix``), for a stage of ``kind``. ``counts``, when given, receives the rows taken per dataset."""

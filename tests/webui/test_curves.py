@@ -89,3 +89,20 @@ def test_workbench_plot_writes_png_and_svg(tmp_path, capsys):
     assert (a / "plots" / "compare.svg").is_file()
     assert main(["plot", str(tmp_path)]) == 2
     assert "is not a run directory with metrics" in capsys.readouterr().err
+
+
+def test_data_preview_shows_the_rows_a_mix_takes_per_dataset():
+    from pathlib import Path
+
+    from webui.tabs.data import preview_html
+
+    registry = str(Path(__file__).resolve().parents[2] / "data" / "dataset_info.yaml")
+    html = preview_html("en", "sft", ["identity", "instruct_demo"], registry, "interleave", "0.5, 0.5",
+                        "first_exhausted", None, 42)
+    assert 'id="data-mix"' in html and "Rows a run takes (interleave): identity 90" in html
+    rows = [int(n) for n in html.split('data-rows="')[1].split('"')[0].split(",")]
+    assert rows[0] == 90 and 60 <= rows[1] <= 120  # the mix stops when identity (90 rows, drawn half the time) runs out
+    concat = preview_html("en", "sft", ["identity", "instruct_demo"], registry, "concat", "", "first_exhausted", None, 42)
+    assert 'data-rows="90,314"' in concat
+    assert 'id="data-mix"' not in preview_html("en", "sft", ["identity", "instruct_demo"], registry, "interleave",
+                                               "0.5, 0.4", "first_exhausted", None, 42)
