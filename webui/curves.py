@@ -46,14 +46,19 @@ def frame(rows: list[dict], x: str) -> pd.DataFrame:
     return df[df[x].notna()].reset_index(drop=True) if x != "step" else df
 
 
-def loss_rows(series: MetricSeries | None, words: dict[str, str], smoothing: float = DEFAULT_SMOOTHING) -> list[dict]:
-    """Training loss (raw and smoothed by ``smoothing``, TensorBoard's debiased EMA) and eval loss."""
+LOSS_SERIES = ("raw", "smoothed", "eval")
+
+
+def loss_rows(series: MetricSeries | None, words: dict[str, str], smoothing: float = DEFAULT_SMOOTHING,
+              show: tuple[str, ...] | list[str] = LOSS_SERIES) -> list[dict]:
+    """Training loss (raw and smoothed by ``smoothing``, TensorBoard's debiased EMA) and eval loss; ``show`` names
+    the series switched on."""
     if series is None:
         return []
-    rows = _rows(series, "loss", words["raw"])
-    if smoothing > 0:
+    rows = _rows(series, "loss", words["raw"]) if "raw" in show else []
+    if smoothing > 0 and "smoothed" in show:
         rows += _rows(series, "loss", words["smoothed"], smoothing=smoothing)
-    return rows + _rows(series, "eval_loss", words["eval"], "eval")
+    return rows + (_rows(series, "eval_loss", words["eval"], "eval") if "eval" in show else [])
 
 
 def loss_colors(words: dict[str, str]) -> dict[str, str]:

@@ -40,6 +40,16 @@ def controls(ctx, prefix: str) -> tuple[gr.Slider, gr.Radio]:
     return smoothing, axis
 
 
+def series_toggle(ctx, prefix: str) -> gr.CheckboxGroup:
+    """The loss plot's series, each switched on or off."""
+    return ctx.translate(gr.CheckboxGroup(_series(ctx.lang), value=list(curves.LOSS_SERIES), label=ctx.t("plot.series"),
+                                          elem_id=f"{prefix}-series", scale=2), label="plot.series", choices=_series)
+
+
+def _series(lang: str) -> list[tuple[str, str]]:
+    return [(t(lang, f"plot.{k}"), k) for k in curves.LOSS_SERIES]
+
+
 def _axes(lang: str) -> list[tuple[str, str]]:
     return [(t(lang, f"plot.{x}"), x) for x in curves.X_AXES]
 
@@ -54,9 +64,9 @@ def _update(rows: list[dict], colors: dict[str, str], x: str, title: str, lang: 
     return gr.update(value=curves.frame(rows, x), x=x, color_map=colors, title=title, x_title=w[x], y_title=y_title)
 
 
-def loss_update(series, lang: str, smoothing: float, x: str) -> dict:
+def loss_update(series, lang: str, smoothing: float, x: str, show=curves.LOSS_SERIES) -> dict:
     w = words(lang)
-    rows = curves.loss_rows(series, w, smoothing)
+    rows = curves.loss_rows(series, w, smoothing, show)
     return _update(rows, curves.loss_colors(w), x, w["loss"] if rows else w["waiting"], lang, w["loss"])
 
 

@@ -74,6 +74,7 @@ def build(ctx) -> None:
         c["card"] = gr.HTML(run_card(ctx.lang, None, None), elem_id="run-card-box")
         with gr.Row(equal_height=True, elem_classes="wb-toolbar"):
             c["smoothing"], c["x_axis"] = curveview.controls(ctx, "train")
+            c["series"] = curveview.series_toggle(ctx, "train")
             c["metric"] = ctx.translate(gr.Dropdown(curveview.metric_choices("", ctx.lang), value="learning_rate",
                                                     label=ctx.t("plot.metric"), elem_id="train-metric", scale=2),
                                         label="plot.metric")
@@ -108,13 +109,15 @@ def wire(ctx) -> None:
     def run_choices():
         return [r.path.name for r in m.runs()]
 
-    def tick(run_id, lang_, view, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step", metric="learning_rate"):
+    def tick(run_id, lang_, view, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step", metric="learning_rate",
+             show=curveview.curves.LOSS_SERIES):
+        show = tuple(show or ())
         view = dict(view or {})
         out = {k: gr.skip() for k in outputs}
         if not run_id:
             card = run_card(lang_, None, None)
             if view.get("card") != card:
-                out.update({c["card"]: card, c["loss_plot"]: curveview.loss_update(None, lang_, smoothing, x),
+                out.update({c["card"]: card, c["loss_plot"]: curveview.loss_update(None, lang_, smoothing, x, show),
                             c["lr_plot"]: curveview.metric_update(None, lang_, metric, x), c["log"]: log_html(""),
                             c["stop"]: gr.update(interactive=False), c["resume"]: gr.update(interactive=False),
                             c["ckpt"]: gr.update(choices=[], value=None)})
@@ -137,9 +140,9 @@ def wire(ctx) -> None:
             if metric not in [v for _, v in choices]:
                 metric = "learning_rate"
             out[c["metric"]] = gr.update(choices=choices, value=metric)
-        sig = (run_id, series.version, lang_, smoothing, x, metric)
+        sig = (run_id, series.version, lang_, smoothing, x, metric, show)
         if view.get("plots") != sig:
-            out[c["loss_plot"]] = curveview.loss_update(series, lang_, smoothing, x)
+            out[c["loss_plot"]] = curveview.loss_update(series, lang_, smoothing, x, show)
             out[c["lr_plot"]] = curveview.metric_update(series, lang_, metric, x)
         log = run_dir / rundir.LOG
         log_sig = (run_id, log.stat().st_size if log.exists() else 0)
@@ -157,9 +160,9 @@ def wire(ctx) -> None:
         out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls, "stage": (info.stage, lang_)}
         return out
 
-    inputs = [c["run"], lang, c["view"], c["smoothing"], c["x_axis"], c["metric"]]
+    inputs = [c["run"], lang, c["view"], c["smoothing"], c["x_axis"], c["metric"], c["series"]]
     c["timer"].tick(tick, inputs, outputs, show_progress="hidden", queue=False)
-    for widget in (c["smoothing"], c["x_axis"], c["metric"]):  # redraw at once, not at the next tick
+    for widget in (c["smoothing"], c["x_axis"], c["metric"], c["series"]):  # redraw at once, not at the next tick
         widget.input(tick, inputs, outputs, show_progress="hidden", queue=False)
 
     def save_plots(run_id, lang_):
