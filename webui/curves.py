@@ -16,7 +16,7 @@ from .metrics import MetricSeries, smooth
 from .plots import EVAL, LR, PALETTE, RAW, SMOOTH
 
 X_AXES = ("step", "tokens", "elapsed_s")
-COLUMNS = ["series", "step", "tokens", "elapsed_s", "value", "time"]
+COLUMNS = ["series", "step", "tokens", "elapsed_s", "y", "time"]
 DEFAULT_SMOOTHING = 0.6
 
 
@@ -35,14 +35,19 @@ def _rows(series: MetricSeries, key: str, name: str, source: str = "train", smoo
         row = table[step]
         near = series.train.get(step, row)  # eval rows carry no progress fields: take the training row's
         out.append({"series": name, "step": step, "tokens": near.get("tokens", row.get("tokens")),
-                    "elapsed_s": near.get("elapsed_s", row.get("elapsed_s")), "value": value,
+                    "elapsed_s": near.get("elapsed_s", row.get("elapsed_s")), "y": value,
                     "time": _clock(row.get("time"))})
     return out
 
 
+NUMBERS = {"step": "int64", "tokens": "float64", "elapsed_s": "float64", "y": "float64"}
+
+
 def frame(rows: list[dict], x: str) -> pd.DataFrame:
-    """The plot's table; points without the chosen x (a trainer that counts no tokens) are left out."""
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    """The plot's table; points without the chosen x (a trainer that counts no tokens) are left out. The column
+    types are fixed, even with no rows: the page builds the chart's axes from the first table it gets and then
+    only swaps the rows in, so an empty first table must already say which columns are numbers."""
+    df = pd.DataFrame(rows, columns=COLUMNS).astype(NUMBERS)
     return df[df[x].notna()].reset_index(drop=True) if x != "step" else df
 
 

@@ -29,7 +29,9 @@ def _finished_run(workspace, run_id="20260101-000000-sft"):
 
 
 def _legend(page, plot: str) -> list[str]:
-    return page.locator(f"{plot} svg .role-legend-label text").all_inner_texts()
+    """The series drawn as lines (each line's accessible label names its series)."""
+    labels = [e.get_attribute("aria-label") or "" for e in page.locator(f"{plot} svg .mark-line path").all()]
+    return sorted({m.group(1) for m in map(lambda a: re.search(r"series: (\w+)", a), labels) if m})
 
 
 def test_hover_reads_a_point_and_series_switch_off_and_on(tmp_path):

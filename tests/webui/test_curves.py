@@ -34,10 +34,10 @@ def test_loss_table_has_hover_columns_axes_and_smoothing(tmp_path):
     assert list(df.columns) == curves.COLUMNS
     raw = df[df.series == "raw"]
     assert list(raw.step) == [1, 2, 3, 4, 5, 6] and list(raw.tokens) == [100, 200, 300, 400, 500, 600]
-    assert list(raw.value) == pytest.approx([2.0 / s for s in range(1, 7)])
-    assert list(df[df.series == "smoothed"].value) == pytest.approx(smooth([2.0 / s for s in range(1, 7)], 0.5))
+    assert list(raw.y) == pytest.approx([2.0 / s for s in range(1, 7)])
+    assert list(df[df.series == "smoothed"].y) == pytest.approx(smooth([2.0 / s for s in range(1, 7)], 0.5))
     ev = df[df.series == "eval"]
-    assert list(ev.value) == [0.9] and list(ev.tokens) == [400]  # the eval point sits at its training row's x
+    assert list(ev.y) == [0.9] and list(ev.tokens) == [400]  # the eval point sits at its training row's x
     assert raw.time.iloc[0] and ":" in raw.time.iloc[0]
     assert set(curves.frame(curves.loss_rows(series, words, smoothing=0), "step").series) == {"raw", "eval"}
     assert set(curves.loss_colors(words)) == {"raw", "smoothed", "eval"}

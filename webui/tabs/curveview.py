@@ -10,7 +10,7 @@ from .. import curves
 from ..i18n import t
 from ..plots import stage_panels
 
-TOOLTIP = ["series", "step", "value", "time"]
+TOOLTIP = ["series", "step", "y", "time"]
 
 
 def words(lang: str) -> dict[str, str]:
@@ -19,7 +19,7 @@ def words(lang: str) -> dict[str, str]:
 
 
 def line_plot(elem_id: str, **kwargs) -> gr.LinePlot:
-    plot = gr.LinePlot(curves.frame([], "step"), x="step", y="value", color="series", tooltip=TOOLTIP,
+    plot = gr.LinePlot(None, x="step", y="y", color="series", tooltip=TOOLTIP,
                        show_label=False, elem_id=elem_id, height=kwargs.pop("height", 300), **kwargs)
     # drag across the plot to zoom into those x values; a double click shows everything again
     plot.select(_zoom, None, plot, show_progress="hidden", queue=False)
@@ -60,8 +60,14 @@ def metric_choices(stage: str, lang: str) -> list[tuple[str, str]]:
 
 
 def _update(rows: list[dict], colors: dict[str, str], x: str, title: str, lang: str, y_title: str = "") -> dict:
+    """A plot's new table. The page rebuilds a chart (axes, colour domain, legend) only when one of its settings
+    changes, and swaps the rows in otherwise: so the colour map holds exactly the series drawn, and a series that
+    appears or goes (the first points, an eval, a run switched on) changes it and rebuilds the chart."""
     w = words(lang)
-    return gr.update(value=curves.frame(rows, x), x=x, color_map=colors, title=title, x_title=w[x], y_title=y_title)
+    shown = {r["series"] for r in rows}
+    # no rows: no table at all (an empty one leaves the chart without a colour domain once rows arrive)
+    return gr.update(value=curves.frame(rows, x) if rows else None, x=x, color_map={k: v for k, v in colors.items() if k in shown},
+                     title=title, x_title=w[x], y_title=y_title)
 
 
 def loss_update(series, lang: str, smoothing: float, x: str, show=curves.LOSS_SERIES) -> dict:
