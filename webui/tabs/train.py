@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from engine.run import launch, rundir
-from engine.run.checks import check
+from engine.run.checks import check, rope_warning
 from engine.run.config import ConfigError, RunConfig, dump_config
 
 from ..i18n import t
@@ -204,6 +204,9 @@ def wire(ctx) -> None:
             msg = message("info", text)
         else:
             msg = message("ok", t(lg, "train.started", run=result.id))
+        warning = rope_warning(cfg)
+        if warning:  # the run starts; the same sentence goes to train.log and the run card
+            msg += message("warn", t(lg, "train.warnings"), [warning])
         return {c["train_msg"]: msg, c["run"]: gr.update(choices=run_choices(), value=result.id), c["view"]: {}}
 
     c["start"].click(on_start, fields | {lang}, [c["train_msg"], c["run"], c["view"]])
