@@ -1,5 +1,5 @@
 """The interactive curves in a real Chromium: hover a point of the loss plot and read its step and value, switch a
-series off and on, and drag to zoom."""
+series off and on, and drag to zoom into a range of steps."""
 
 from __future__ import annotations
 
@@ -78,6 +78,22 @@ def test_hover_reads_a_point_and_series_switch_off_and_on(tmp_path):
             while sorted(_legend(page, "#loss-plot")) != ["raw", "smoothed"] and time.time() < deadline:
                 time.sleep(0.3)
             assert sorted(_legend(page, "#loss-plot")) == ["raw", "smoothed"]
+
+            # zoom: drag across the middle of the plot; the x axis then ends before step 10
+            def x_labels():
+                return {e.text_content() for e in page.locator("#loss-plot svg .role-axis-label text").all()}
+
+            assert x_labels() & {"10", "10.0"}
+            box = page.locator("#loss-plot svg .mark-line path").first.bounding_box()
+            y = box["y"] + box["height"] * 0.5
+            page.mouse.move(box["x"] + box["width"] * 0.2, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=8)
+            page.mouse.up()
+            deadline = time.time() + 15
+            while x_labels() & {"10", "10.0"} and time.time() < deadline:
+                time.sleep(0.3)
+            assert not x_labels() & {"10", "10.0"}, x_labels()
             page.screenshot(path=str(tmp_path / "curves.png"))
             browser.close()
     finally:
