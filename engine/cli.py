@@ -87,6 +87,31 @@ def _webui(args) -> int:
                  share=args.share, lang=args.lang, data_roots=args.data_root)
 
 
+def _plot(args) -> int:
+    from pathlib import Path
+
+    from engine.run import rundir
+    from engine.run.config import load_config
+    from webui.metrics import MetricSeries  # matplotlib only, no gradio
+    from webui.plots import plot_words, save_overlay, save_run_plots
+
+    words, runs = plot_words(args.lang), []
+    for path in map(Path, args.run_dirs):
+        if not (path / rundir.METRICS).is_file():
+            print(f"error: {path} is not a run directory with metrics (no {rundir.METRICS})", file=sys.stderr)
+            return 2
+        series = MetricSeries(path)
+        series.update()
+        stage = load_config(path / rundir.CONFIG).method.stage if (path / rundir.CONFIG).is_file() else ""
+        for written in save_run_plots(series, path, words, stage, tuple(args.format)):
+            print(written)
+        runs.append((path.name, series))
+    if len(runs) > 1:
+        for written in save_overlay(runs, Path(args.run_dirs[0]) / "plots", words, tuple(args.format)):
+            print(written)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Fine-tune open LLMs: one run config, one engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder the page may read and write besides the project and the workspace (repeatable; "
                         "also $WORKBENCH_DATA_ROOTS and data_roots in webui/defaults.yaml)")
     p.set_defaults(func=_webui)
+
+    p = sub.add_parser("plot", help="write a run's curves as PNG/SVG files into RUN_DIR/plots (several runs: also compare.*)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
+    p.add_argument("--lang", default="en", choices=["en", "zh"])
+    p.set_defaults(func=_plot)
 
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a local HF model (idempotent)")
     p.add_argument("--output", default="models/SmolLM2-135M-Instruct")

@@ -29,11 +29,15 @@ def theme() -> gr.themes.Base:
 
 
 def header_html(ctx: Context, lang: str) -> str:
+    from engine.jobs.hub import offline
+
     devices = ", ".join(d.name for d in ctx.manager.devices)
+    hub = t(lang, "app.hub_offline" if offline() else "app.hub_online")
     return (f'<div class="wb-header"><div class="wb-logo">◆</div><div><div class="wb-title">Workbench</div>'
             f'<div class="wb-tagline">{t(lang, "app.tagline")}</div></div>'
             f'<div class="wb-env"><span class="wb-chip">{t(lang, "app.devices")}: {devices}</span>'
-            f'<span class="wb-chip" title="{ctx.workspace}">{t(lang, "app.workspace")}: {ctx.workspace}</span></div></div>')
+            f'<span class="wb-chip" title="{ctx.workspace}">{t(lang, "app.workspace")}: {ctx.workspace}</span>'
+            f'<span class="wb-chip" id="hub-mode" title="HF_HUB_OFFLINE">{hub}</span></div></div>')
 
 
 def build_app(ctx: Context) -> gr.Blocks:

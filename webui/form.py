@@ -34,7 +34,7 @@ SLIDER_MAX_RANGE = 1024
 @dataclass(frozen=True)
 class FieldSpec:
     key: str
-    kind: str  # checkbox | radio | dropdown | multiselect | slider | number | text | devices
+    kind: str  # checkbox | checkboxes | radio | dropdown | multiselect | slider | number | numbers | text | devices
     default: Any
     choices: tuple = ()
     minimum: float | None = None
@@ -106,6 +106,11 @@ def spec(key: str) -> FieldSpec:
         kind = over.get("widget") or ("slider" if bounded and not optional else "number")
         return FieldSpec(key, kind, default, (), lo, hi, step, integer, optional)
     if typing.get_origin(ann) is list:
+        item = typing.get_args(ann)[0]
+        if typing.get_origin(item) is typing.Literal:  # a set of known choices: one checkbox each
+            return FieldSpec(key, "checkboxes", default, typing.get_args(item))
+        if over.get("widget") == "numbers":  # typed as "0.7, 0.3"
+            return FieldSpec(key, "numbers", default)
         return FieldSpec(key, over.get("widget", "multiselect"), default, (), custom=True)
     return FieldSpec(key, over.get("widget", "text"), default, (), optional=optional, custom=bool(over.get("custom")))
 
@@ -162,8 +167,10 @@ def to_values(cfg: RunConfig, visible: list[Device]) -> dict[str, Any]:
             value = "".join(f"{n['host']} slots={n['slots']}\n" for n in value)
         elif s.kind == "text" and value is None:
             value = ""
-        elif s.kind == "multiselect":
+        elif s.kind in ("multiselect", "checkboxes"):
             value = list(value)
+        elif s.kind == "numbers":
+            value = ", ".join(f"{v:g}" for v in value)
         out[key] = value
     return out
 
@@ -190,6 +197,10 @@ def from_values(values: dict[str, Any], visible: list[Device], base: RunConfig |
             value = int(value)
         elif s.kind == "multiselect":
             value = [v.strip() for v in (value or []) if isinstance(v, str) and v.strip()]
+        elif s.kind == "checkboxes":
+            value = list(value or [])
+        elif s.kind == "numbers":  # the config's own check names a part that is no number
+            value = [v.strip() for v in str(value or "").replace(";", ",").split(",") if v.strip()]
         data[section][name] = value
     return parse_config(data, "form")
 
@@ -217,6 +228,9 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
     common.update(kwargs)
     if s.kind == "checkbox":
         w = gr.Checkbox(value=value, **common)
+    elif s.kind == "checkboxes":
+        opts = [(choice_label(lang, key, c), c) for c in s.choices]
+        w = gr.CheckboxGroup(choices=opts, value=value, **common)
     elif s.kind in ("radio", "dropdown") and s.choices:
         opts = [(choice_label(lang, key, c), c) for c in s.choices] if choices is None else choices
         w = (gr.Radio if s.kind == "radio" else gr.Dropdown)(choices=opts, value=value, **common)

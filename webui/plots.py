@@ -150,6 +150,14 @@ def has_cjk_font() -> bool:
     return len(_font_family()) > 1
 
 
+def plot_words(lang: str) -> dict[str, str]:
+    """The words drawn into a figure, in ``lang`` where a CJK font can draw them (else English)."""
+    from .i18n import t
+
+    lang = lang if has_cjk_font() else "en"
+    return {k: t(lang, f"plot.{k}") for k in ("loss", "step", "raw", "smoothed", "eval", "lr", "waiting", "compare", "pick")}
+
+
 def length_figure(prompt: list[int], response: list[int], cutoff: int, words: dict[str, str]) -> Figure:
     """Token lengths of a dataset's examples (total filled; prompt and response as outlines) with the cutoff."""
     fig, ax = _figure(6.4, 3.2)
@@ -172,3 +180,35 @@ def length_figure(prompt: list[int], response: list[int], cutoff: int, words: di
                 fontsize=8, family=_font_family())
     ax.legend(fontsize=8, frameon=False, loc="upper right", prop={"family": _font_family(), "size": 8})
     return fig
+
+
+PLOTS_DIR = "plots"
+
+
+def save_run_plots(series: MetricSeries, run_dir, words: dict[str, str], stage: str = "",
+                   formats: tuple[str, ...] = ("png", "svg")) -> list:
+    """The run's loss (with its stage's metrics) and learning-rate curves as files in ``run_dir/plots/``."""
+    from pathlib import Path
+
+    out = Path(run_dir) / PLOTS_DIR
+    out.mkdir(exist_ok=True)
+    written = []
+    for name, fig in (("loss", loss_figure(series, words, stage)), ("learning_rate", lr_figure(series, words))):
+        for fmt in formats:
+            fig.savefig(out / f"{name}.{fmt}", format=fmt)
+            written.append(out / f"{name}.{fmt}")
+    return written
+
+
+def save_overlay(runs: list[tuple[str, MetricSeries]], dest, words: dict[str, str],
+                 formats: tuple[str, ...] = ("png", "svg")) -> list:
+    """Several runs' losses on one axis, as ``dest/compare.<fmt>``."""
+    from pathlib import Path
+
+    fig = overlay_figure(runs, words)
+    written = []
+    for fmt in formats:
+        path = Path(dest) / f"compare.{fmt}"
+        fig.savefig(path, format=fmt)
+        written.append(path)
+    return written

@@ -76,6 +76,7 @@ class RunInfo:
     queue_position: int | None = None
     nodes: tuple[str, ...] = ()  # several machines: each node with the slots it runs ("node-a:0,1")
     world_size: int = 1
+    warnings: tuple[str, ...] = ()  # status.json: what went wrong without stopping the run (a tracker, the context)
 
 
 def _node_info(cfg: RunConfig | None) -> dict:
@@ -192,7 +193,7 @@ class RunManager:
             total_steps=status.total_steps or series.latest.get("total_steps", 0) or 0,
             last_loss=series.last_loss(), started_at=status.started_at, ended_at=status.ended_at,
             created_at=(run_dir / rundir.CONFIG).stat().st_ctime if (run_dir / rundir.CONFIG).exists() else 0.0,
-            error=status.error, error_kind=status.error_kind, devices=tuple(sorted(self.run_devices(cfg))),
+            error=status.error, error_kind=status.error_kind, warnings=tuple(status.warnings), devices=tuple(sorted(self.run_devices(cfg))),
             queue_position=queue.index(run_dir) + 1 if run_dir in queue else None,
             **_node_info(cfg),
         )

@@ -71,7 +71,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the Hub is online or offline as the user's environment says (HF_HUB_OFFLINE); the header shows which
     from engine.run.launch import workspace_dir
 
     from .app import create, launch_kwargs

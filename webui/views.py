@@ -84,6 +84,8 @@ def run_card(lang: str, info: RunInfo | None, series: MetricSeries | None, now: 
         note = message("error", t(lang, "train.failed", kind=kind).strip(), [info.error or t(lang, "train.no_error")])
     elif info.state == "starting":
         note = f'<div class="wb-hint">{esc(t(lang, "train.starting_note"))}</div>'
+    if info.warnings:
+        note += message("warn", t(lang, "train.warnings"), list(info.warnings))
     bar_class = "wb-bar-fill" + (" wb-live" if active else "")
     where = t(lang, "train.world", n=info.world_size, nodes=", ".join(info.nodes)) if info.nodes else ", ".join(info.devices)
     return (

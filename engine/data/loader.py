@@ -116,8 +116,28 @@ def _with_features(ds: datasets.Dataset, features: datasets.Features) -> dataset
                   fn_kwargs=dict(tools="tools" in features), desc="Converting")
 
 
-def load_examples(data_cfg, kind: str) -> datasets.Dataset:
-    """Canonical examples from every dataset of ``data_cfg`` (each capped at ``max_samples``), for a stage of ``kind``."""
+def mix(parts: list[datasets.Dataset], data_cfg, seed: int = 0) -> tuple[datasets.Dataset, list[int]]:
+    """(the datasets as one, rows taken from each): ``data_cfg.mix`` concat puts them one after another; interleave
+    draws rows by ``mix_probabilities`` (empty: in turn) until ``mix_stopping`` (datasets.interleave_datasets)."""
+    if len(parts) == 1 or getattr(data_cfg, "mix", "concat") == "concat":  # eval data has no mix: concat
+        return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), [len(p) for p in parts]
+    tagged = [p.add_column("_mix", [i] * len(p)) for i, p in enumerate(parts)]
+    mixed = datasets.interleave_datasets(tagged, probabilities=data_cfg.mix_probabilities or None, seed=seed,
+                                         stopping_strategy=data_cfg.mix_stopping).flatten_indices()
+    taken = pc.value_counts(mixed.data.column("_mix")).to_pylist() if len(mixed) else []
+    counts = {row["values"]: row["counts"] for row in taken}
+    return mixed.remove_columns("_mix"), [counts.get(i, 0) for i in range(len(parts))]
+
+
+def mix_counts(sizes: list[int], data_cfg, seed: int = 0) -> list[int]:
+    """The rows a run takes from datasets of ``sizes`` rows: the same draw as ``mix`` (it depends only on the
+    sizes, probabilities, stopping strategy and seed), made on row numbers instead of the rows."""
+    return mix([datasets.Dataset.from_dict({"i": list(range(n))}) for n in sizes], data_cfg, seed)[1]
+
+
+def load_examples(data_cfg, kind: str, seed: int = 0, counts: dict | None = None) -> datasets.Dataset:
+    """Canonical examples from every dataset of ``data_cfg`` (each capped at ``max_samples``, then mixed by
+    ``data_cfg.mix``), for a stage of ``kind``. ``counts``, when given, receives the rows taken per dataset."""
     if kind not in FEATURES:
         raise ValueError(f"kind must be one of {', '.join(FEATURES)}, not {kind!r}")
     if not data_cfg.datasets:
@@ -130,7 +150,15 @@ def load_examples(data_cfg, kind: str) -> datasets.Dataset:
     parts = [load_dataset_spec(s, data_cfg.max_samples) for s in specs]
     if any(p.features == TOOL_FEATURES for p in parts):
         parts = [p if p.features == TOOL_FEATURES else _with_features(p, TOOL_FEATURES) for p in parts]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    mixed, taken = mix(parts, data_cfg, seed)
+    if counts is not None:
+        counts.update(zip(data_cfg.datasets, taken))
+    return mixed
+
+
+def _per_dataset(stats: dict, rows: dict) -> dict:
+    """``stats`` with the rows taken from each dataset, when there are several (the Data tab and train.log show it)."""
+    return {**stats, "rows_per_dataset": rows} if len(rows) > 1 else stats
 
 
 def example_messages(row: dict) -> list[dict]:
@@ -202,7 +230,8 @@ def build_sft_dataset(data_cfg, tokenizer, template, seed: int) -> tuple[dataset
     dropped_too_long (conversations that produced nothing), tokens (input tokens) and
     trained_tokens (tokens with a label), plus train and eval sizes.
     """
-    examples, raw_eval = split_examples(load_examples(data_cfg, "sft"), data_cfg, seed)
+    rows: dict = {}
+    examples, raw_eval = split_examples(load_examples(data_cfg, "sft", seed, rows), data_cfg, seed)
     name = ", ".join(data_cfg.datasets)
     train, stats = _encode(examples, data_cfg, tokenizer, template)
     evaluation = None
@@ -214,7 +243,7 @@ def build_sft_dataset(data_cfg, tokenizer, template, seed: int) -> tuple[dataset
                         f"cutoff_len={data_cfg.cutoff_len})", field="data.cutoff_len")
     stats["train"] = len(train)
     stats["eval"] = len(evaluation) if evaluation is not None else 0
-    return train, evaluation, stats
+    return train, evaluation, _per_dataset(stats, rows)
 
 
 # ---------------------------------------------------------------- the other stages
@@ -242,7 +271,8 @@ def build_pretrain_dataset(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dat
     The validation split holds out whole documents before packing. ``stats``: documents read, blocks,
     tokens (all real: nothing is padding), trained_tokens, and train and eval sizes in blocks.
     """
-    docs, raw_eval = split_examples(load_examples(data_cfg, "pretrain"), data_cfg, seed)
+    rows: dict = {}
+    docs, raw_eval = split_examples(load_examples(data_cfg, "pretrain", seed, rows), data_cfg, seed)
     train = _pack(docs, data_cfg, tokenizer)
     evaluation = _pack(raw_eval, data_cfg, tokenizer) if raw_eval is not None else None
     if len(train) == 0:
@@ -253,7 +283,7 @@ def build_pretrain_dataset(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dat
     stats = {"examples": len(docs) + (len(raw_eval) if raw_eval is not None else 0), "blocks": sum(map(len, parts)),
              "tokens": tokens, "trained_tokens": tokens - pieces,
              "train": len(train), "eval": len(evaluation) if evaluation is not None else 0}
-    return train, evaluation, stats
+    return train, evaluation, _per_dataset(stats, rows)
 
 
 _PAIRS = datasets.Features({"prompt_ids": datasets.List(datasets.Value("int32")),
@@ -297,7 +327,8 @@ def build_answer_dataset(data_cfg, tokenizer, template, seed: int, kind: str):
     ``stats``: examples read, encoded, dropped_too_long (prompt alone fills cutoff_len), tokens (prompt plus
     every answer), and train and eval sizes.
     """
-    examples, raw_eval = split_examples(load_examples(data_cfg, kind), data_cfg, seed)
+    rows: dict = {}
+    examples, raw_eval = split_examples(load_examples(data_cfg, kind, seed, rows), data_cfg, seed)
     train = _encode_answers(examples, data_cfg, tokenizer, template)
     evaluation = _encode_answers(raw_eval, data_cfg, tokenizer, template) if raw_eval is not None else None
     read = len(examples) + (len(raw_eval) if raw_eval is not None else 0)
@@ -311,7 +342,7 @@ def build_answer_dataset(data_cfg, tokenizer, template, seed: int, kind: str):
              "tokens": sum(pc.sum(pc.list_value_length(p.data.column(c))).as_py() or 0
                            for p in parts for c in answer_columns),
              "train": len(train), "eval": len(evaluation) if evaluation is not None else 0}
-    return train, evaluation, stats
+    return train, evaluation, _per_dataset(stats, rows)
 
 
 def _prompt_rows(batch, template, tokenizer, room, version):
@@ -326,7 +357,8 @@ def build_prompt_dataset(data_cfg, tokenizer, template, seed: int, max_new_token
     """(train, eval or None, stats) of RL prompts: the ``prompt`` conversations of preference data (their answers
     are not used). A prompt whose generation prompt (rendered with the run's template) leaves fewer than
     ``max_new_tokens`` of ``cutoff_len`` for the completion is dropped and counted."""
-    examples, raw_eval = split_examples(load_examples(data_cfg, "preference"), data_cfg, seed)
+    rows: dict = {}
+    examples, raw_eval = split_examples(load_examples(data_cfg, "preference", seed, rows), data_cfg, seed)
     room = data_cfg.cutoff_len - max_new_tokens
 
     def keep(ds):
@@ -344,4 +376,4 @@ def build_prompt_dataset(data_cfg, tokenizer, template, seed: int, max_new_token
                         f"= {room} tokens", field="data.cutoff_len")
     stats = {"examples": read, "encoded": encoded, "dropped_too_long": read - encoded,
              "train": len(train), "eval": len(evaluation) if evaluation is not None else 0}
-    return train, evaluation, stats
+    return train, evaluation, _per_dataset(stats, rows)

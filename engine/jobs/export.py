@@ -72,6 +72,11 @@ def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
         check_adapter_base(ckpt, cfg.model.trust_remote_code)
     except CheckpointError as err:
         return [(err.field, str(err))]
+    from engine.jobs.hub import OFFLINE_HINT, offline
+
+    if cfg.hub.repo_id and offline():
+        problems.append(("hub.repo_id", f"push to {cfg.hub.repo_id} is not possible: {OFFLINE_HINT}; or leave the "
+                         "repository empty to export only"))
     out = output_dir(cfg) if (cfg.output.dir or cfg.output.job_dir) else None
     if out is not None:
         if out.exists() and not out.is_dir():

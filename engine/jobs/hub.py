@@ -14,6 +14,14 @@ class HubError(RuntimeError):
     """The push could not be done; the export itself stays on disk."""
 
 
+def offline() -> bool:
+    """Whether the environment puts the Hugging Face Hub in offline mode (HF_HUB_OFFLINE), as the hub library reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+OFFLINE_HINT = "offline mode is on (HF_HUB_OFFLINE=1 where the web UI or CLI was started; unset it to go online)"
+
+
 def _reachable(endpoint: str, timeout: float) -> str | None:
     url = urlparse(endpoint)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -35,8 +43,8 @@ def push(hub, folder: Path) -> dict:
         raise HubError(f"hub.repo_id must look like user/name, not '{hub.repo_id}'")
     if not token:
         raise HubError(f"push to {hub.repo_id} needs a token: set hub.token or $HF_TOKEN ({where})")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE:
-        raise HubError(f"push to {hub.repo_id} skipped: offline mode is on (HF_HUB_OFFLINE=1); {where}")
+    if offline():
+        raise HubError(f"push to {hub.repo_id} skipped: {OFFLINE_HINT}; {where}")
     problem = _reachable(endpoint, hub.timeout_s)
     if problem:
         raise HubError(f"push to {hub.repo_id} failed: {problem}; this machine looks offline, so it is not retried; {where}")

@@ -92,8 +92,8 @@ def _model_problems(cfg: RunConfig) -> list[Problem]:
     return [("model.path", problem)] if problem else _lora_target_problems(cfg)
 
 
-def _layer_count(model_dir: Path) -> int | None:
-    """Decoder layers of the model in ``model_dir``, read from its config.json (no weights loaded)."""
+def _config_int(model_dir: Path, *keys: str) -> int | None:
+    """The first of ``keys`` found in the model's config.json (or its text_config); no weights loaded."""
     import json
 
     try:
@@ -101,9 +101,28 @@ def _layer_count(model_dir: Path) -> int | None:
     except (OSError, ValueError):
         return None
     for c in (config, config.get("text_config") or {}):
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        for key in keys:
             if isinstance(c.get(key), int):
                 return c[key]
+    return None
+
+
+def _layer_count(model_dir: Path) -> int | None:
+    return _config_int(model_dir, "num_hidden_layers", "n_layer", "num_layers")
+
+
+def context_length(model_dir: str | Path) -> int | None:
+    """The model's trained context length (max_position_embeddings), from its config.json."""
+    return _config_int(Path(model_dir), "max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def rope_warning(cfg: RunConfig) -> str | None:
+    """A sentence when cutoff_len exceeds the model's context length and no rope_scaling stretches it."""
+    ctx = context_length(cfg.model.path)
+    if cfg.model.rope_scaling == "none" and ctx and cfg.data.cutoff_len > ctx:
+        return (f"data.cutoff_len={cfg.data.cutoff_len} is beyond the {ctx}-token context of {Path(cfg.model.path).name} "
+                f"and model.rope_scaling is none: positions past {ctx} are untrained (set rope_scaling linear, dynamic "
+                f"or yarn with rope_factor {-(-cfg.data.cutoff_len // ctx)})")
     return None
 
 
@@ -151,6 +170,82 @@ def _method_problems(cfg: RunConfig) -> list[Problem]:
     if cfg.training.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit") and importlib.util.find_spec("bitsandbytes") is None:
         out.append(("training.optim", f"{cfg.training.optim} needs bitsandbytes, which is not installed"))
     return out
+
+
+# PEFT version from which DoRA layers wrap bitsandbytes 4/8-bit weights (peft/tuners/lora/bnb.py)
+DORA_QUANTIZED_PEFT = (0, 10)
+_WANDB_OFFLINE = ("offline", "dryrun", "disabled")
+
+
+def _peft_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in re.findall(r"\d+", version("peft"))[:2])
+
+
+def _wandb_logged_in() -> bool:
+    import netrc
+    import os
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or None).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _tracker_problems(cfg: RunConfig) -> list[Problem]:
+    import os
+
+    out = []
+    for name in cfg.training.report_to:
+        if importlib.util.find_spec(name) is None:
+            out.append(("training.report_to", f"{name} is selected but not installed: pip install {name} "
+                        "(or `make setup`, which installs the trackers), or untick it"))
+        elif name == "wandb" and os.environ.get("WANDB_MODE", "").lower() not in _WANDB_OFFLINE and not _wandb_logged_in():
+            out.append(("training.report_to", "wandb logs online but this machine has no W&B login: set WANDB_API_KEY "
+                        "(or run `wandb login`), or set WANDB_MODE=offline to keep the run in the run directory"))
+    return out
+
+
+def _lora_variant_problems(cfg: RunConfig) -> list[Problem]:
+    m, q, out = cfg.method, cfg.model.quantization, []
+    lora = m.finetuning_type in ("lora", "qlora")
+    if m.use_dora and q != "none" and _peft_version() < DORA_QUANTIZED_PEFT:
+        out.append(("method.use_dora", f"DoRA on {q}-quantized weights needs peft >= "
+                    f"{'.'.join(map(str, DORA_QUANTIZED_PEFT))} (installed: {'.'.join(map(str, _peft_version()))}): "
+                    "upgrade peft, or train DoRA without quantization"))
+    if m.init_lora_weights == "pissa" and q != "none":
+        out.append(("method.init_lora_weights", "PiSSA starts from an SVD of the full-precision weights, which cannot "
+                    "be taken of quantized weights: use init_lora_weights olora or default with QLoRA, or quantization none"))
+    if m.init_lora_weights in ("pissa", "olora") and m.stage in ("dpo", "kto", "rl") and lora:
+        out.append(("method.init_lora_weights", f"{m.init_lora_weights} moves part of each base weight into the "
+                    f"adapter, and {m.stage} uses the base as its reference model: use init_lora_weights default or gaussian"))
+    if m.loraplus_lr_ratio > 0 and not lora:
+        out.append(("method.loraplus_lr_ratio", "LoRA+ sets the learning rates of LoRA adapters: use finetuning_type "
+                    "lora or qlora, or loraplus_lr_ratio 0"))
+    if cfg.model.rope_scaling != "none" and cfg.model.rope_factor < 1:
+        out.append(("model.rope_factor", f"a rope factor of {cfg.model.rope_factor} would shrink the context: use 1 or more"))
+    return out
+
+
+def _mix_problems(cfg: RunConfig) -> list[Problem]:
+    d = cfg.data
+    p = d.mix_probabilities
+    if not p:
+        return []
+    if d.mix != "interleave":
+        return [("data.mix_probabilities", "probabilities only apply to data.mix interleave: set mix interleave, or "
+                 "leave the probabilities empty")]
+    if len(p) != len(d.datasets):
+        return [("data.mix_probabilities", f"{len(p)} probabilities for {len(d.datasets)} datasets: give one per dataset")]
+    if any(x < 0 for x in p):
+        return [("data.mix_probabilities", "a probability cannot be negative: each is the share of rows drawn from its dataset")]
+    if abs(sum(p) - 1) > 1e-6:
+        return [("data.mix_probabilities", f"the probabilities {', '.join(f'{x:g}' for x in p)} sum to {sum(p):g}, "
+                 "not 1: each is the share of rows drawn from its dataset")]
+    return []
 
 
 def _reward_model_problems(path: str) -> list[Problem]:
@@ -334,7 +429,8 @@ def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
     """Every problem with ``cfg`` as (field, message); empty when the run can start."""
     run_dir = Path(run_dir) if run_dir else (Path(cfg.output.run_dir) if cfg.output.run_dir else None)
     problems = _model_problems(cfg) + _method_problems(cfg) + _stage_problems(cfg) + _template_problems(cfg)
-    problems += _model_shape_problems(cfg) + _vocab_problems(cfg)
+    problems += _model_shape_problems(cfg) + _vocab_problems(cfg) + _lora_variant_problems(cfg)
+    problems += _tracker_problems(cfg) + _mix_problems(cfg)
     where = _run_dir_problems(run_dir)
     problems += _data_problems(cfg) + _distributed_problems(cfg, run_dir) + (where or _resume_problems(cfg, run_dir))
     return problems

@@ -25,6 +25,7 @@ Stage = Literal["sft", "pt", "rm", "dpo", "kto", "orpo", "rl"]
 FinetuningType = Literal["full", "freeze", "lora", "qlora"]
 Quantization = Literal["none", "nf4", "fp4", "int8"]
 # TRL 1.16 DPOConfig.loss_type values that need no further parameter ("sft" is sft_weight; exo_pair and robust need label smoothing)
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 DpoLoss = Literal["sigmoid", "ipo", "hinge", "bco_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired",
                   "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
 
@@ -40,6 +41,8 @@ class ModelConfig(_Section):
     quantization: Quantization = Field("none", description="Load the base weights quantized with bitsandbytes: 4-bit NF4 or FP4, or 8-bit. QLoRA needs nf4/fp4/int8.")
     double_quant: bool = Field(True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight).")
     trust_remote_code: bool = Field(False, description="Allow the model directory to run its own Python code. Off unless you trust the files.")
+    rope_scaling: Literal["none", "linear", "dynamic", "yarn"] = Field("none", description="Stretch the rotary position embedding to train beyond the model's context length (max_position_embeddings): linear, dynamic (NTK) or yarn, by rope_factor.")
+    rope_factor: float = Field(2.0, gt=0.0, le=64.0, description="rope_scaling only: how many times the model's context length the positions are stretched to (at least 1).")
     extend_vocab: str = Field("", json_schema_extra={"path": "path"}, description="Add tokens to the vocabulary: a text file with one token per line, or a tokenizer (directory, tokenizer.json or SentencePiece .model) whose vocabulary is merged in; embed_tokens and lm_head then train too.")
 
 
@@ -52,6 +55,10 @@ class MethodConfig(_Section):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target: str = Field("all-linear", description="Modules that get adapters: 'all-linear' or a comma-separated list such as q_proj,v_proj.")
     modules_to_save: str = Field("", description="Comma-separated modules trained fully next to the adapters, e.g. embed_tokens,lm_head.")
+    use_dora: bool = Field(False, description="DoRA: split each adapted weight into magnitude and direction and train both (often better than LoRA at the same rank, slower).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, which keeps high ranks stable.")
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description="How the adapters start: default (PEFT's: B = 0, A Kaiming-uniform), gaussian, pissa (principal singular vectors of the weight) or olora (QR of the weight).")
+    loraplus_lr_ratio: float = Field(0.0, ge=0.0, le=1000.0, description="LoRA+: the learning rate of the B matrices is this many times that of A (about 16 is usual; 0: off).")
     # Preference stages (dpo, kto, orpo) and online RL (rl); `stages` names the stages that read a field.
     beta: float = Field(0.1, gt=0.0, le=100.0, json_schema_extra={"stages": ["dpo", "kto", "orpo"]},
                         description="dpo, kto: β, how far the model may move from the reference (higher: closer); orpo: λ, the weight of the odds-ratio term.")
@@ -80,6 +87,9 @@ class DataConfig(_Section):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples from each dataset (None: all).")
     val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of samples held out for evaluation (0: no validation).")
     multiturn_loss: Literal["all", "last", "split"] = Field("all", description="Multi-turn loss: every assistant turn, only the last one, or each turn as its own example.")
+    mix: Literal["concat", "interleave"] = Field("concat", description="Several datasets: concat (one after another, every row once) or interleave (rows drawn from each dataset by mix_probabilities).")
+    mix_probabilities: list[float] = Field(default_factory=list, description="interleave only: the share of rows drawn from each dataset, in the order of datasets, summing to 1 (empty: take turns).")
+    mix_stopping: Literal["first_exhausted", "all_exhausted"] = Field("first_exhausted", description="interleave only: stop when the first dataset runs out, or when every one has (smaller ones are then repeated).")
 
 
 class TrainingConfig(_Section):
@@ -94,6 +104,8 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0, description="Clip gradients to this norm (0: no clipping).")
     optim: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = Field("adamw_torch", description="Optimizer; paged AdamW saves memory spikes with QLoRA on GPUs.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Compute precision: auto = bf16 autocast where the hardware supports it, else fp32.")
+    neftune_noise_alpha: float = Field(0.0, ge=0.0, le=100.0, description="NEFTune: add uniform noise of this scale to the input embeddings while training (5 is usual; 0: off).")
+    report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers that also receive the metrics and the run config: tensorboard (logs in the run directory), wandb, mlflow (empty: none).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30% slower.")
     seed: int = Field(42, description="Random seed for data order, dropout and initialisation.")
     logging_steps: int = Field(1, ge=1, description="Write a metrics row every N optimizer steps.")

@@ -10,6 +10,7 @@ Layout of ``<run_dir>``::
     final/           the final weights (same layout as a checkpoint)
     tmp-<name>/      a checkpoint or final/ being written; renamed into place when complete, so one that
                      outlives its run is an incomplete save (reported on resume, left for the user to delete)
+    tensorboard/     TensorBoard event files, when training.report_to has tensorboard (wandb/, mlruns/ likewise)
 
 This module imports no torch.
 """
@@ -38,6 +39,7 @@ LOG = "train.log"
 FINAL = "final"
 STAGING = "tmp-"
 TRAINER_STATE = "trainer_state.json"
+TENSORBOARD = "tensorboard"  # training.report_to tensorboard: the event files
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -54,6 +56,7 @@ class Status(BaseModel):
     total_steps: int = 0
     error: str | None = None
     error_kind: str | None = None
+    warnings: list[str] = []  # problems that did not stop the run (a tracker that failed, an untrained context)
 
 
 def atomic_write(path: str | Path, text: str) -> None:

@@ -62,7 +62,9 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
-        report_to=[],
+        report_to=list(t.report_to),  # engine.train.trackers
+        run_name=run_dir.name,
+        neftune_noise_alpha=t.neftune_noise_alpha or None,
         use_cpu=not cuda,
         ddp_backend=None if cuda else "gloo",
         ddp_find_unused_parameters=False,
@@ -74,6 +76,10 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         disable_tqdm=True,
     )
     return (cls or TrainingArguments)(**{**common, **stage_fields})
+
+
+def trainer_is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _threads() -> None:
@@ -114,6 +120,13 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     if cfg.model.template != "auto":
         tokenizer.chat_template = template.jinja()  # saved with every checkpoint, so chat uses the same format
 
+    from engine.run.checks import rope_warning
+
+    warning = rope_warning(cfg)
+    if warning:
+        log.warning(warning)
+        if trainer_is_main():
+            rundir.update_status(run_dir, warnings=[warning])
     stage = STAGES[cfg.method.stage]
     ctx = StageContext(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template)
     stage.prepare_data(ctx)
@@ -136,7 +149,14 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab),
                              head=stage.head)
+    from engine.train.model_setup import keep_initial_adapter
+
+    initial_adapter = keep_initial_adapter(model, cfg.method, run_dir) if trainer_is_main() else None
     ctx.callbacks = [RunReporter(run_dir), stop]
+    if cfg.training.report_to:
+        from engine.train.trackers import tracker_env
+
+        tracker_env(run_dir)
     resume, earlier = cfg.training.resume_from or None, None
     if resume:
         for path in rundir.incomplete_checkpoints(run_dir):
@@ -148,9 +168,22 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
             earlier = rundir.resumable_checkpoint(run_dir)
         log.info("resuming from %s", resume)
     trainer = atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier)
+    if cfg.training.report_to:
+        from engine.train.trackers import guard_trackers
+
+        guard_trackers(trainer, run_dir, cfg.model_dump(mode="json"), config_text)
+    if cfg.method.loraplus_lr_ratio > 0:
+        from engine.train.model_setup import loraplus_optimizer
+
+        loraplus_optimizer(trainer, cfg.method.loraplus_lr_ratio)
     trainer.train(resume_from_checkpoint=resume)
     if stop.requested:
         return "stopped"
+    if initial_adapter is not None:  # PiSSA/OLoRA: final/ is converted to a plain LoRA that fits the original base
+        import functools
+
+        trainer.model.save_pretrained = functools.partial(
+            trainer.model.save_pretrained, path_initial_model_for_weight_conversion=str(initial_adapter))
     save_final(trainer, tokenizer, run_dir, config_text, int(earlier.name.split("-")[1]) if earlier else None)
     return "completed"
 

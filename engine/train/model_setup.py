@@ -64,6 +64,29 @@ def quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype):
     )
 
 
+def rope_scaled_config(model_cfg: ModelConfig):
+    """The model's config with its rotary embedding stretched by ``rope_factor`` (None when rope_scaling is none).
+
+    Dynamic and YaRN scale from the trained length (original_max_position_embeddings), so the context grows to
+    factor × that length; linear divides every position by the factor."""
+    if model_cfg.rope_scaling == "none":
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    text = config.get_text_config()
+    trained = text.max_position_embeddings
+    params = dict(getattr(text, "rope_parameters", None) or {})
+    params.update(rope_type=model_cfg.rope_scaling, factor=float(model_cfg.rope_factor))
+    if model_cfg.rope_scaling in ("dynamic", "yarn"):
+        params["original_max_position_embeddings"] = trained
+    text.rope_parameters = params
+    text.max_position_embeddings = int(trained * model_cfg.rope_factor)
+    log.info("rope scaling %s x%g: context %d -> %d tokens", model_cfg.rope_scaling, model_cfg.rope_factor, trained,
+             text.max_position_embeddings)
+    return config
+
+
 def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = None, device_map=None, attn: str | None = None,
                     head: str = "lm"):
     """The base model with its language-model head, or with ``head="score"`` a scalar score head (a reward model:
@@ -81,6 +104,9 @@ def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = 
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     if attn:
         kwargs["attn_implementation"] = attn
+    config = rope_scaled_config(model_cfg)
+    if config is not None:
+        kwargs["config"] = config
     qcfg = quantization_config(model_cfg, compute_dtype or dtype)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
@@ -142,6 +168,9 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, 
             modules_to_save=to_save or None,
             ensure_weight_tying=tied and bool(set(to_save) & set(_embedding_names(model))),
             task_type="SEQ_CLS" if heads else "CAUSAL_LM",
+            use_dora=method.use_dora,
+            use_rslora=method.use_rslora,
+            **({} if method.init_lora_weights == "default" else {"init_lora_weights": method.init_lora_weights}),
         )
         model = get_peft_model(model, lcfg)
         if extra:
@@ -161,6 +190,38 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, 
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
+
+
+def keep_initial_adapter(model, method: MethodConfig, run_dir) -> None:
+    """PiSSA and OLoRA move part of each base weight into the adapter, so their adapter only fits that changed base.
+    The starting adapter is kept in ``run_dir/lora_init`` and the final save converts the trained one (PEFT's
+    path_initial_model_for_weight_conversion) into a plain LoRA of rank 2r on the original base, which chat and
+    export load as any adapter. Checkpoints stay unconverted, so a run resumes from them."""
+    if method.init_lora_weights not in ("pissa", "olora") or not hasattr(model, "peft_config"):
+        return None
+    from pathlib import Path
+
+    init_dir = Path(run_dir) / "lora_init"
+    config = model.peft_config["default"]
+    config.init_lora_weights = True  # loading the saved start must not decompose the weights again
+    model.save_pretrained(str(init_dir))
+    config.init_lora_weights = method.init_lora_weights
+    return init_dir
+
+
+def loraplus_optimizer(trainer, ratio: float):
+    """LoRA+ (PEFT's create_loraplus_optimizer): the run's optimizer with the B matrices at ``ratio`` × the learning
+    rate, handed to the trainer before it would make its own."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    trainer.optimizer = create_loraplus_optimizer(trainer.model, cls, lr=trainer.args.learning_rate,
+                                                  loraplus_lr_ratio=ratio,
+                                                  loraplus_weight_decay=trainer.args.weight_decay,
+                                                  **kwargs)
+    log.info("LoRA+: B matrices at %g x the learning rate", ratio)
+    return trainer.optimizer
 
 
 def _embedding_names(model) -> list[str]:

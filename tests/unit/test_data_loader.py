@@ -249,3 +249,25 @@ def test_registry_sample_by_paragraph_and_document(tmp_path):
     texts = {n: load_examples(cfg([n], registry=registry), "pretrain")["text"] for n in ("para", "doc", "line")}
     assert texts == {"para": ["one\nstill one", "two", "three"], "doc": ["one\nstill one\n\ntwo\n\nthree"],
                      "line": ["one", "still one", "two", "three"]}
+
+
+def test_interleave_gives_the_asked_proportions_and_counts_rows_per_dataset(tmp_path):
+    from engine.data.loader import mix
+
+    names = []
+    for n, tag in enumerate("abc"):
+        names.append(write_jsonl(tmp_path / f"{tag}.jsonl", [{"text": f"{tag} {i}"} for i in range(1000)]))
+    asked = [0.6, 0.3, 0.1]
+    rows: dict = {}
+    mixed = load_examples(cfg(names, mix="interleave", mix_probabilities=asked), "pretrain", seed=3, counts=rows)
+    first = [t.split()[0] for t in mixed["text"][:1000]]
+    for tag, p in zip("abc", asked):
+        assert abs(first.count(tag) / 1000 - p) <= 0.05, (tag, first.count(tag))
+    # first_exhausted: the mix ends when the 60% dataset has given all its 1,000 rows
+    assert rows[names[0]] == 1000 and sum(rows.values()) == len(mixed)
+    assert abs(rows[names[1]] / len(mixed) - 0.3) <= 0.05
+    # concat takes every row once; all_exhausted repeats the smaller shares until each dataset has run out
+    assert mix([mixed, mixed], cfg(names[:2]))[1] == [len(mixed)] * 2
+    _, every = mix([load_examples(cfg([n]), "pretrain") for n in names],
+                   cfg(names, mix="interleave", mix_probabilities=asked, mix_stopping="all_exhausted"), seed=3)
+    assert min(every) >= 1000 and every[0] > every[1] > every[2]

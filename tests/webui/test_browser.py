@@ -92,7 +92,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             assert int(card["step"]) > int(first["step"]) >= 1
             width = page.locator("#run-card .wb-bar-fill").evaluate("e => parseFloat(e.style.width)")
             assert width > 0
-            page.locator("#loss-plot img").wait_for()
+            page.locator("#loss-plot svg").first.wait_for()
             shot(page, "training")
 
             # closing the tab does not pause training; a new page opens on the live run
@@ -129,7 +129,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             row.wait_for()
             assert "stopped" in row.inner_text()
             row.locator("[role=gridcell]").first.click()
-            page.locator("#run-plot img").wait_for()
+            page.locator("#run-plot svg").first.wait_for()
             ckpt_row = page.locator("#ckpt-table [role=row]", has_text=f"checkpoint-{stopped_step}").first
             ckpt_row.wait_for()
             name, step, loss = ckpt_row.locator("[role=gridcell]").all_inner_texts()[:3]
@@ -137,7 +137,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             page.locator("#compare-runs input").click()
             page.get_by_role("option", name=run_id).click()
             page.keyboard.press("Escape")
-            page.locator("#overlay-plot img").wait_for()
+            page.locator("#overlay-plot svg").first.wait_for()
             shot(page, "runs-after-restart")
             page.get_by_role("tab", name="Train").click()
             card = _wait_card(page, lambda c: c.get("run") == run_id and int(c["points"] or 0) >= 3, 30,

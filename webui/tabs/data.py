@@ -65,7 +65,28 @@ def dataset_choices(registry: str, stage: str, policy=None) -> tuple[list[tuple[
     return [(name, name) for name, s in specs.items() if need is None or s.kind == need], None
 
 
-def preview_html(lang: str, stage: str, names: list[str], registry: str, policy=None) -> str:
+def mix_html(lang: str, names: list[str], counts: list[int], mix: str, probabilities: str, stopping: str,
+             max_samples, seed) -> str:
+    """The rows a run would take from each dataset (data.mix), or nothing while the mix settings are not valid."""
+    from engine.data.loader import mix_counts
+    from engine.run.config import DataConfig
+
+    try:
+        probs = [float(p) for p in str(probabilities or "").replace(";", ",").split(",") if p.strip()]
+        cfg = DataConfig(datasets=names, mix=mix, mix_probabilities=probs, mix_stopping=stopping)
+        if probs and (len(probs) != len(names) or abs(sum(probs) - 1) > 1e-6 or min(probs) < 0):
+            return ""  # Start names the problem (engine.run.checks)
+        cap = int(max_samples) if max_samples else None
+        taken = mix_counts([min(n, cap) if cap else n for n in counts], cfg, int(seed or 0))
+    except (ValueError, TypeError):
+        return ""
+    parts = ", ".join(f"{name} {n:,}" for name, n in zip(names, taken))
+    return (f'<div class="wb-hint" id="data-mix" data-rows="{",".join(map(str, taken))}">'
+            f'{esc(t(lang, "data.mix_rows", mix=mix, rows=parts, n=f"{sum(taken):,}"))}</div>')
+
+
+def preview_html(lang: str, stage: str, names: list[str], registry: str, mix: str = "concat", probabilities: str = "",
+                 stopping: str = "first_exhausted", max_samples=None, seed=0, policy=None) -> str:
     if not names:
         return message("warn", t(lang, "data.none_selected"))
     refused = confined(policy, registry, names)
@@ -74,6 +95,7 @@ def preview_html(lang: str, stage: str, names: list[str], registry: str, policy=
     need = STAGE_KINDS.get(stage)
     blocks = []
     total = 0
+    counted: list[int] = []
     for name in names:
         try:
             spec = resolve_dataset(name, registry)
@@ -82,6 +104,7 @@ def preview_html(lang: str, stage: str, names: list[str], registry: str, policy=
             blocks.append(message("error", t(lang, "data.cannot_read", name=name), [str(err)]))
             continue
         total += count
+        counted.append(count)
         head = (f'<div class="wb-ds-head"><b>{esc(spec.name)}</b><span class="wb-chip">{esc(spec.kind)}</span>'
                 f'<span class="wb-chip">{esc(spec.format)}</span><span class="wb-chip" data-count="{count}">'
                 f'{esc(t(lang, "data.count", n=f"{count:,}"))}</span></div>'
@@ -96,6 +119,8 @@ def preview_html(lang: str, stage: str, names: list[str], registry: str, policy=
             examples.append(message("error", t(lang, "data.bad_row"), [str(err)]))
         blocks.append(f'<div class="wb-card wb-ds">{head}{"".join(examples)}</div>')
     summary = f'<div class="wb-subtitle" id="data-total" data-total="{total}">{esc(t(lang, "data.total", n=f"{total:,}"))}</div>'
+    if len(names) > 1 and len(counted) == len(names):
+        summary += mix_html(lang, names, counted, mix, probabilities, stopping, max_samples, seed)
     return summary + "".join(blocks)
 
 
@@ -138,11 +163,12 @@ def wire(ctx) -> None:
     for comp in (f["data.registry"], f["method.stage"]):
         comp.change(refresh_choices, [lang, f["data.registry"], f["method.stage"], f["data.datasets"]],
                     [f["data.datasets"], c["registry_msg"]], show_progress="hidden")
-    inputs = [lang, f["method.stage"], f["data.datasets"], f["data.registry"]]
+    mixing = [f["data.mix"], f["data.mix_probabilities"], f["data.mix_stopping"], f["data.max_samples"], f["training.seed"]]
+    inputs = [lang, f["method.stage"], f["data.datasets"], f["data.registry"], *mixing]
 
-    def preview(lg, stage, names, registry):
-        return preview_html(lg, stage, names, registry, ctx.policy)
+    def preview(*args):
+        return preview_html(*args, policy=ctx.policy)
 
-    ctx.on_load.append((preview, inputs, c["data_preview"], [f["data.datasets"].change]))
+    ctx.on_load.append((preview, inputs, c["data_preview"], [f["data.datasets"].change, *(w.change for w in mixing)]))
     ctx.on_lang.append((preview, inputs, c["data_preview"]))
     data_add.wire(ctx, dataset_choices)

@@ -8,10 +8,9 @@ import gradio as gr
 from engine.run import rundir
 
 from ..i18n import t
-from ..plots import loss_figure, overlay_figure
 from ..runs import RunError
-from ..views import message, when
-from .train import plot_words
+from ..views import esc, message, when
+from . import curveview
 
 REFRESH_S = 4.0
 COLUMNS = ("run", "status", "stage", "method", "model", "data", "step", "loss", "started")
@@ -40,10 +39,27 @@ def checkpoint_rows(ctx, run_dir) -> list[list]:
     return out
 
 
-def run_figure(m, run_dir, lang: str):
-    """The run's loss curve with its stage's own metrics under it."""
-    cfg = m.config(run_dir)
-    return loss_figure(m.series(run_dir), plot_words(lang), cfg.method.stage if cfg else "")
+def run_figure(m, run_dir, lang: str, smoothing: float = curveview.curves.DEFAULT_SMOOTHING, x: str = "step"):
+    """The run's loss curve (raw, smoothed, eval)."""
+    return curveview.loss_update(m.series(run_dir), lang, smoothing, x)
+
+
+def tensorboard_command(m, ids: list[str], lang: str) -> str:
+    """The `tensorboard --logdir_spec` line for the chosen runs that logged to TensorBoard (training.report_to)."""
+    logged = []
+    for run_id in ids:
+        try:
+            path = m.run_dir(run_id) / rundir.TENSORBOARD
+        except RunError:
+            continue
+        if path.is_dir():
+            logged.append(f"{run_id}:{path}")
+    if not logged:
+        return ""
+    import shlex
+
+    command = f"tensorboard --logdir_spec {shlex.quote(','.join(logged))}"
+    return f'<div class="wb-hint">{esc(t(lang, "plot.tensorboard"))} <code id="tb-command">{esc(command)}</code></div>'
 
 
 def build(ctx) -> None:
@@ -60,7 +76,9 @@ def build(ctx) -> None:
         with gr.Row():
             c["compare"] = ctx.translate(gr.Dropdown([], value=[], multiselect=True, label=ctx.t("runs.compare"),
                                                      elem_id="compare-runs"), label="runs.compare")
-        c["overlay"] = gr.Plot(show_label=False, elem_id="overlay-plot", format="png", visible=False)
+            c["runs_smoothing"], c["runs_x_axis"] = curveview.controls(ctx, "runs")
+        c["overlay"] = curveview.line_plot("overlay-plot", visible=False)
+        c["tb_command"] = gr.HTML("", elem_id="tb-command-box")
         with gr.Row(equal_height=False, elem_classes="wb-toolbar"):
             c["open"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("runs.open"), elem_id="open-run", scale=4),
                                       label="runs.open")
@@ -78,7 +96,7 @@ def build(ctx) -> None:
             with gr.Row(equal_height=True):
                 c["run_config"] = gr.Code("", language="yaml", label="config.yaml", lines=18, max_lines=18,
                                           interactive=False, elem_id="run-config")
-                c["run_plot"] = gr.Plot(show_label=False, elem_id="run-plot", format="png")
+                c["run_plot"] = curveview.line_plot("run-plot")
             c["ckpt_table"] = ctx.translate(
                 gr.Dataframe(value=[], headers=[t(lang, f"runs.ckpt.{k}") for k in ("name", "step", "loss", "path")],
                              interactive=False, label=ctx.t("runs.checkpoints"), elem_id="ckpt-table"),
@@ -92,21 +110,23 @@ def build(ctx) -> None:
 def wire(ctx) -> None:
     c, m, lang = ctx.shared, ctx.manager, ctx.shared["lang"]
 
-    def on_compare(lg, ids):
+    def on_compare(lg, ids, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
         runs = []
         for run_id in ids or []:
             try:
                 runs.append((run_id, m.series(m.run_dir(run_id))))
             except RunError:
                 continue
-        return gr.update(value=overlay_figure(runs, plot_words(lg)), visible=bool(runs))
+        plot = curveview.overlay_update(runs, lg, smoothing, x)
+        plot["visible"] = bool(runs)
+        return plot, tensorboard_command(m, [name for name, _ in runs], lg)
 
-    def refresh(lg, sig, open_id, compare):
+    def refresh(lg, sig, open_id, compare, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
         """The table, and the open run's curve and checkpoints and the overlay, when anything changed."""
         rows = table(ctx, lg)
         new_sig = (lg, repr(rows))
         if new_sig == sig:
-            return (gr.skip(),) * 3 + (sig,) + (gr.skip(),) * 3
+            return (gr.skip(),) * 3 + (sig,) + (gr.skip(),) * 4
         ids = [r[0] for r in rows]
         keep_open = open_id if open_id in ids else None
         keep_compare = [x for x in (compare or []) if x in ids]
@@ -114,23 +134,32 @@ def wire(ctx) -> None:
         if keep_open:
             try:
                 run_dir = m.run_dir(keep_open)
-                plot, ckpts = run_figure(m, run_dir, lg), checkpoint_rows(ctx, run_dir)
+                plot, ckpts = run_figure(m, run_dir, lg, smoothing, x), checkpoint_rows(ctx, run_dir)
             except RunError:  # deleted between the listing and now
                 keep_open = None
         return (gr.update(value=rows, headers=headers(lg)), gr.update(choices=ids, value=keep_open),
                 gr.update(choices=ids, value=keep_compare), new_sig,
-                on_compare(lg, keep_compare) if keep_compare else gr.skip(), plot, ckpts)
+                *(on_compare(lg, keep_compare, smoothing, x) if keep_compare else (gr.skip(), gr.skip())), plot, ckpts)
 
-    refresh_io = ([lang, c["runs_sig"], c["open"], c["compare"]],
-                  [c["runs_table"], c["open"], c["compare"], c["runs_sig"], c["overlay"], c["run_plot"], c["ckpt_table"]])
+    view = [c["runs_smoothing"], c["runs_x_axis"]]
+    refresh_io = ([lang, c["runs_sig"], c["open"], c["compare"], *view],
+                  [c["runs_table"], c["open"], c["compare"], c["runs_sig"], c["overlay"], c["tb_command"], c["run_plot"],
+                   c["ckpt_table"]])
+    forced = refresh_io[0][:1] + refresh_io[0][2:]
+
+    def refresh_now(lg, o, cm, smoothing, x):
+        return refresh(lg, None, o, cm, smoothing, x)
+
     c["runs_timer"].tick(refresh, *refresh_io, show_progress="hidden", queue=False)
-    c["runs_refresh"].click(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
-    c["runs_tab"].select(lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1])
-    ctx.on_load.append((lambda lg, o, cm: refresh(lg, None, o, cm), refresh_io[0][:1] + refresh_io[0][2:], refresh_io[1]))
+    c["runs_refresh"].click(refresh_now, forced, refresh_io[1])
+    c["runs_tab"].select(refresh_now, forced, refresh_io[1])
+    ctx.on_load.append((refresh_now, forced, refresh_io[1]))
+    for widget in view:
+        widget.input(refresh_now, forced, refresh_io[1], show_progress="hidden")
 
-    c["compare"].change(on_compare, [lang, c["compare"]], c["overlay"], show_progress="hidden")
+    c["compare"].change(on_compare, [lang, c["compare"], *view], [c["overlay"], c["tb_command"]], show_progress="hidden")
 
-    def on_open(lg, run_id):
+    def on_open(lg, run_id, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
         hidden = gr.update(visible=False)
         if not run_id:
             return "", None, [], "", hidden, hidden
@@ -139,22 +168,22 @@ def wire(ctx) -> None:
         except RunError as err:
             return "", None, [], message("error", str(err)), hidden, hidden
         text = (run_dir / rundir.CONFIG).read_text(encoding="utf-8")
-        return (text, run_figure(m, run_dir, lg), checkpoint_rows(ctx, run_dir), "",
+        return (text, run_figure(m, run_dir, lg, smoothing, x), checkpoint_rows(ctx, run_dir), "",
                 hidden, gr.update(visible=True))
 
     open_out = [c["run_config"], c["run_plot"], c["ckpt_table"], c["runs_msg"], c["confirm"], c["run_details"]]
-    c["open"].input(on_open, [lang, c["open"]], open_out, show_progress="hidden")
+    c["open"].input(on_open, [lang, c["open"], *view], open_out, show_progress="hidden")
 
-    def on_select(lg, rows, evt: gr.SelectData):
+    def on_select(lg, rows, smoothing, x, evt: gr.SelectData):
         """A click on a row opens that run."""
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
             run_id = rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
         except (IndexError, KeyError, TypeError):
             return (gr.skip(),) * (len(open_out) + 1)
-        return (run_id, *on_open(lg, run_id))
+        return (run_id, *on_open(lg, run_id, smoothing, x))
 
-    c["runs_table"].select(on_select, [lang, c["runs_table"]], [c["open"], *open_out], show_progress="hidden")
+    c["runs_table"].select(on_select, [lang, c["runs_table"], *view], [c["open"], *open_out], show_progress="hidden")
 
     def on_watch(lg, run_id):
         if not run_id:

@@ -9,21 +9,17 @@ from pathlib import Path
 import gradio as gr
 
 from engine.run import launch, rundir
-from engine.run.checks import check
+from engine.run.checks import check, rope_warning
 from engine.run.config import ConfigError, RunConfig, dump_config
 
 from ..i18n import t
 from ..modelinfo import ModelPathError, resolve_model_path
-from ..plots import has_cjk_font, loss_figure, lr_figure
+from ..plots import plot_words, save_run_plots
 from ..runs import RunError
 from ..views import log_html, message, run_card
+from . import curveview
 
 TICK_S = 1.5
-
-
-def plot_words(lang: str) -> dict[str, str]:
-    lang = lang if has_cjk_font() else "en"
-    return {k: t(lang, f"plot.{k}") for k in ("loss", "step", "raw", "smoothed", "eval", "lr", "waiting", "compare", "pick")}
 
 
 def with_project_paths(cfg: RunConfig) -> RunConfig:
@@ -76,9 +72,18 @@ def build(ctx) -> None:
             c["run"] = ctx.translate(gr.Dropdown([], value=None, label=ctx.t("train.watching"), elem_id="watch-run", scale=3), label="train.watching")
         c["train_msg"] = gr.HTML("", elem_id="train-msg")
         c["card"] = gr.HTML(run_card(ctx.lang, None, None), elem_id="run-card-box")
+        with gr.Row(equal_height=True, elem_classes="wb-toolbar"):
+            c["smoothing"], c["x_axis"] = curveview.controls(ctx, "train")
+            c["series"] = curveview.series_toggle(ctx, "train")
+            c["metric"] = ctx.translate(gr.Dropdown(curveview.metric_choices("", ctx.lang), value="learning_rate",
+                                                    label=ctx.t("plot.metric"), elem_id="train-metric", scale=2),
+                                        label="plot.metric")
+            c["save_plots"] = ctx.translate(gr.Button(ctx.t("plot.save"), size="sm", elem_id="btn-save-plots", scale=1),
+                                            value="plot.save")
+        c["plots_msg"] = gr.HTML("", elem_id="plots-msg")
         with gr.Row(equal_height=True):
-            c["loss_plot"] = gr.Plot(show_label=False, elem_id="loss-plot", scale=3, format="png")
-            c["lr_plot"] = gr.Plot(show_label=False, elem_id="lr-plot", scale=2, format="png")
+            c["loss_plot"] = curveview.line_plot("loss-plot", scale=3)
+            c["lr_plot"] = curveview.line_plot("lr-plot", scale=2)
         with gr.Accordion(ctx.t("train.log"), open=True) as acc:
             ctx.translate(acc, label="train.log")
             c["log"] = gr.HTML(log_html(""), elem_id="train-log-box")
@@ -98,19 +103,22 @@ def wire(ctx) -> None:
     c, m = ctx.shared, ctx.manager
     lang = c["lang"]
     fields = set(ctx.fields.values())
-    outputs = [c["card"], c["loss_plot"], c["lr_plot"], c["log"], c["ckpt"], c["stop"], c["force"], c["resume"], c["view"]]
+    outputs = [c["card"], c["loss_plot"], c["lr_plot"], c["log"], c["ckpt"], c["stop"], c["force"], c["resume"], c["view"],
+               c["metric"]]
 
     def run_choices():
         return [r.path.name for r in m.runs()]
 
-    def tick(run_id, lang_, view):
+    def tick(run_id, lang_, view, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step", metric="learning_rate",
+             show=curveview.curves.LOSS_SERIES):
+        show = tuple(show or ())
         view = dict(view or {})
         out = {k: gr.skip() for k in outputs}
         if not run_id:
             card = run_card(lang_, None, None)
             if view.get("card") != card:
-                out.update({c["card"]: card, c["loss_plot"]: loss_figure(None, plot_words(lang_)),
-                            c["lr_plot"]: lr_figure(None, plot_words(lang_)), c["log"]: log_html(""),
+                out.update({c["card"]: card, c["loss_plot"]: curveview.loss_update(None, lang_, smoothing, x, show),
+                            c["lr_plot"]: curveview.metric_update(None, lang_, metric, x), c["log"]: log_html(""),
                             c["stop"]: gr.update(interactive=False), c["resume"]: gr.update(interactive=False),
                             c["ckpt"]: gr.update(choices=[], value=None)})
                 view = {"card": card}
@@ -127,10 +135,15 @@ def wire(ctx) -> None:
         card = run_card(lang_, info, series)
         if view.get("card") != card:
             out[c["card"]] = card
-        sig = (run_id, series.version, lang_)
+        if view.get("stage") != (info.stage, lang_):
+            choices = curveview.metric_choices(info.stage, lang_)
+            if metric not in [v for _, v in choices]:
+                metric = "learning_rate"
+            out[c["metric"]] = gr.update(choices=choices, value=metric)
+        sig = (run_id, series.version, lang_, smoothing, x, metric, show)
         if view.get("plots") != sig:
-            words = plot_words(lang_)
-            out[c["loss_plot"]], out[c["lr_plot"]] = loss_figure(series, words, info.stage), lr_figure(series, words)
+            out[c["loss_plot"]] = curveview.loss_update(series, lang_, smoothing, x, show)
+            out[c["lr_plot"]] = curveview.metric_update(series, lang_, metric, x)
         log = run_dir / rundir.LOG
         log_sig = (run_id, log.stat().st_size if log.exists() else 0)
         if view.get("log") != log_sig:
@@ -144,10 +157,26 @@ def wire(ctx) -> None:
             out[c["stop"]] = gr.update(interactive=active or info.state == "queued")
             out[c["force"]] = gr.update(visible=info.state == "stopping")
             out[c["resume"]] = gr.update(interactive=bool(ckpts) and not active and info.state != "queued")
-        out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls}
+        out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls, "stage": (info.stage, lang_)}
         return out
 
-    c["timer"].tick(tick, [c["run"], lang, c["view"]], outputs, show_progress="hidden", queue=False)
+    inputs = [c["run"], lang, c["view"], c["smoothing"], c["x_axis"], c["metric"], c["series"]]
+    c["timer"].tick(tick, inputs, outputs, show_progress="hidden", queue=False)
+    for widget in (c["smoothing"], c["x_axis"], c["metric"], c["series"]):  # redraw at once, not at the next tick
+        widget.input(tick, inputs, outputs, show_progress="hidden", queue=False)
+
+    def save_plots(run_id, lang_):
+        if not run_id:
+            return message("warn", t(lang_, "runs.pick_first"))
+        try:
+            run_dir = m.run_dir(run_id)
+        except RunError as err:
+            return message("error", str(err))
+        cfg = m.config(run_dir)
+        written = save_run_plots(m.series(run_dir), run_dir, plot_words(lang_), cfg.method.stage if cfg else "")
+        return message("ok", t(lang_, "plot.saved", n=len(written), path=str(written[0].parent)))
+
+    c["save_plots"].click(save_plots, [c["run"], lang], c["plots_msg"], show_progress="hidden")
     c["run"].input(lambda r, lg: tick(r, lg, {}), [c["run"], lang], outputs, show_progress="hidden")
 
     def read_form(data):
@@ -175,6 +204,9 @@ def wire(ctx) -> None:
             msg = message("info", text)
         else:
             msg = message("ok", t(lg, "train.started", run=result.id))
+        warning = rope_warning(cfg)
+        if warning:  # the run starts; the same sentence goes to train.log and the run card
+            msg += message("warn", t(lg, "train.warnings"), [warning])
         return {c["train_msg"]: msg, c["run"]: gr.update(choices=run_choices(), value=result.id), c["view"]: {}}
 
     c["start"].click(on_start, fields | {lang}, [c["train_msg"], c["run"], c["view"]])
