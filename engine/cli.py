@@ -12,7 +12,11 @@ def _train(args) -> int:
     from engine.run import launch
     from engine.run.config import load_config
 
+    from engine.run.checks import warnings
+
     cfg = load_config(args.config, args.overrides)
+    for field, message in warnings(cfg):
+        print(f"warning: {field}: {message}", file=sys.stderr)
     run_dir = launch.start(cfg, args.workspace)
     print(f"run directory: {run_dir}")
     if not args.foreground:

@@ -124,7 +124,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     from engine.train.attention import register
 
-    model = load_base_model(cfg.model, compute_dtype, attn=register(), head=stage.head)
+    attn = register()
+    log.info("attention for packed batches: %s", attn)
+    model = load_base_model(cfg.model, compute_dtype, attn=attn, head=stage.head)
     log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s", cfg.model.path, cfg.model.quantization,
              getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False), model.dtype)
     if vocab:
@@ -178,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_config(config_path)
-        from engine.run.checks import check
+        from engine.run.checks import check, warnings
 
         problems = check(cfg, run_dir)
         if problems:
             raise ConfigError(problems, str(config_path))
+        if is_main:
+            for field, message in warnings(cfg):
+                log.warning("%s: %s", field, message)
         state = run(cfg, run_dir, config_path.read_text(encoding="utf-8"))
         if is_main:
             rundir.update_status(run_dir, state=state, ended_at=time.time(), error=None, error_kind=None)
