@@ -91,7 +91,8 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
 
     from engine.train.callbacks import GracefulStop, RunReporter
     from engine.data.templates import get_template
-    from engine.train.model_setup import load_base_model, load_tokenizer, resolve_precision, setup_finetuning
+    from engine.train.model_setup import (compute_dtype, load_base_model, load_tokenizer, resolve_precision,
+                                          setup_finetuning)
     from engine.train.stages import STAGES, StageContext
 
     stop = GracefulStop()
@@ -121,14 +122,16 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         return "stopped"
 
     ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None, **stage.arguments(cfg))
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    compute = compute_dtype(precision)
     from engine.train.attention import register
 
     attn = register()
     log.info("attention for packed batches: %s", attn)
-    model = load_base_model(cfg.model, compute_dtype, attn=attn, head=stage.head)
-    log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s", cfg.model.path, cfg.model.quantization,
-             getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False), model.dtype)
+    model = load_base_model(cfg.model, compute, attn=attn, head=stage.head)
+    qcfg = getattr(model.config, "quantization_config", None)
+    log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s, compute dtype=%s", cfg.model.path,
+             cfg.model.quantization, getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False),
+             model.dtype, getattr(qcfg, "bnb_4bit_compute_dtype", compute))
     if vocab:
         from engine.train.vocab import resize_embeddings
 
