@@ -51,7 +51,7 @@ def _api(args) -> int:
     try:
         return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=args.api_key,
                      quantization=args.quantization, template=args.template, model_name=args.name,
-                     default_max_tokens=args.max_new_tokens)
+                     default_max_tokens=args.max_new_tokens, device=args.device)
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
