@@ -44,6 +44,8 @@ BASELINES = {"trl lora": "lora", "trl qlora": "qlora"}
 ASK = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 NEEDED = ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "deepspeed", "bitsandbytes", "pydantic",
           "yaml", "psutil")
+ENGINE = ("engine.train.entry", "engine.train.attention", "engine.train.stages", "engine.train.model_setup",
+          "engine.serve.inference")
 
 
 def first_existing(*paths: Path) -> Path | None:
@@ -87,6 +89,17 @@ def preflight() -> int:
         import torch
 
         print(f"python {sys.version.split()[0]}, cuda {torch.version.cuda}, GPUs {torch.cuda.device_count()}")
+    for name in ENGINE:  # the engine against this machine's transformers / peft / trl
+        try:
+            importlib.import_module(name)
+            print(f"ok       {name}")
+        except Exception as err:  # noqa: BLE001
+            missing.append(name)
+            print(f"FAILS    {name}: {type(err).__name__}: {err}")
+    if not missing:
+        from engine.train.attention import register
+
+        print(f"packed-batch attention here: {register()}")
     return 1 if missing else 0
 
 
@@ -293,6 +306,11 @@ def main(argv=None) -> int:
         if path is None or not path.exists():
             print(f"error: {what}: not found ({path}); see bench/GPU_CHECK.md", file=sys.stderr)
             return 2
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    order = [*WORKBENCH, *BASELINES, "chat worker"]
+    if only - set(order):
+        print(f"error: --only: unknown rows {sorted(only - set(order))} (rows: {', '.join(order)})", file=sys.stderr)
+        return 2
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not (a.model / "gpu_check.json").is_file():
@@ -301,9 +319,9 @@ def main(argv=None) -> int:
             print((a.out / "build.log").read_text()[-3000:], file=sys.stderr)
             return 1
     params = json.loads((a.model / "gpu_check.json").read_text())["params"]
-    only = {x.strip() for x in a.only.split(",") if x.strip()}
-    results: dict[str, dict] = {}
-    for row in [*WORKBENCH, *BASELINES, "chat worker"]:
+    saved = a.out / "results.json"  # rows of an earlier --only call on this machine stay in the table
+    results: dict[str, dict] = json.loads(saved.read_text()) if only and saved.is_file() else {}
+    for row in order:
         if only and row not in only:
             continue
         started = time.time()
@@ -321,6 +339,7 @@ def main(argv=None) -> int:
             results[row] = {"error": f"{type(err).__name__}: {err}"[:300]}
         results[row]["after"] = gpu_used()
         print(f"[gpu_check] {row}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    results = {row: results[row] for row in order if row in results}
     text = table(a, params, results)
     print(text)
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
