@@ -12,7 +12,11 @@ def _train(args) -> int:
     from engine.run import launch
     from engine.run.config import load_config
 
+    from engine.run.checks import warnings
+
     cfg = load_config(args.config, args.overrides)
+    for field, message in warnings(cfg):
+        print(f"warning: {field}: {message}", file=sys.stderr)
     if args.node_rank:  # no_ssh mode: this node runs its own ranks of the run node 0 started
         from engine.run.nodes import join
 
@@ -67,7 +71,7 @@ def _api(args) -> int:
     try:
         return serve(args.model, args.adapter, host=args.host, port=args.port, api_key=args.api_key,
                      quantization=args.quantization, template=args.template, model_name=args.name,
-                     default_max_tokens=args.max_new_tokens)
+                     default_max_tokens=args.max_new_tokens, device=args.device)
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -38,6 +38,18 @@ def memory(mb: float | None) -> str:
     return f"{mb / 1024:.2f} GB" if mb >= 1024 else f"{mb:.0f} MB"
 
 
+def memory_cell(latest: dict, devices: list[str] | tuple[str, ...] = ()) -> str:
+    """The card's memory: per GPU 'peak allocated / reserved' when the run reports GPU memory, else one number (RSS)."""
+    allocated, reserved = latest.get("gpu_allocated_mb"), latest.get("gpu_reserved_mb")
+    if not isinstance(allocated, list) or not allocated:
+        return memory(latest.get("memory_mb"))
+    reserved = reserved if isinstance(reserved, list) and len(reserved) == len(allocated) else [None] * len(allocated)
+    ids = list(devices) if len(devices) == len(allocated) else range(len(allocated))
+    names = [f"GPU {i}" for i in ids]
+    return " · ".join(f"{name}: {memory(a)}" + (f" / {memory(r)}" if r else "")
+                      for name, a, r in zip(names, allocated, reserved))
+
+
 def badge(lang: str, state: str) -> str:
     return f'<span class="wb-badge wb-{BADGE.get(state, "gray")}" data-state="{esc(state)}">{esc(t(lang, "state." + state))}</span>'
 
@@ -69,7 +81,7 @@ def run_card(lang: str, info: RunInfo | None, series: MetricSeries | None, now: 
         ("train.eta", duration(eta) if eta is not None else "–"),
         ("train.loss", f"{loss:.4f}" if loss is not None else "–"),
         ("train.tokens_per_s", f"{latest['tokens_per_s']:,.0f}" if latest.get("tokens_per_s") else "–"),
-        ("train.memory", memory(latest.get("memory_mb"))),
+        ("train.memory", memory_cell(latest, info.devices)),
         ("train.epoch", f"{latest['epoch']:.2f}" if isinstance(latest.get("epoch"), (int, float)) else "–"),
         ("train.points", f"{series.points if series else 0}"),
     ]

@@ -425,6 +425,21 @@ def _run_dir_problems(run_dir: Path | None) -> list[Problem]:
     return []
 
 
+def warnings(cfg: RunConfig) -> list[Problem]:
+    """Settings that run but that the user likely does not want here, as (field, message); the run still starts."""
+    from engine.run.hardware import slow_bf16_on_cpu
+
+    out = []
+    bf16 = [f for f, on in (("training.precision", cfg.training.precision == "bf16"),
+                            ("model.dtype", cfg.model.dtype == "bfloat16")) if on]
+    if bf16 and slow_bf16_on_cpu():
+        out += [(f, "bf16 on this CPU is about 25x slower than fp32: it has no bf16 matrix units (no avx512_bf16 or "
+                    "amx_bf16 in /proc/cpuinfo), so every bf16 matmul is emulated; use "
+                    f"{'auto or fp32' if f == 'training.precision' else 'auto or float32'} here") for f in bf16]
+    rope = rope_warning(cfg)
+    return out + ([("data.cutoff_len", rope)] if rope else [])
+
+
 def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
     """Every problem with ``cfg`` as (field, message); empty when the run can start."""
     run_dir = Path(run_dir) if run_dir else (Path(cfg.output.run_dir) if cfg.output.run_dir else None)

@@ -221,14 +221,14 @@ def _chunks(chat_model, gate, messages, params, n, cid, created, name, include_u
 
 def serve(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, quantization: str = "none", template: str | None = None,
-          model_name: str | None = None, default_max_tokens: int = 512) -> int:
+          model_name: str | None = None, default_max_tokens: int = 512, device: str | None = None) -> int:
     import uvicorn
 
     from engine.serve.inference import ChatModel
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model")
-    chat_model = ChatModel.load(model, adapters=adapters, quantization=quantization, template=template)
+    chat_model = ChatModel.load(model, adapters=adapters, quantization=quantization, template=template, device=device)
     for w in chat_model.warnings:
         print(f"warning: {w}")
     name = model_name or (chat_model.target.adapters[-1] if chat_model.target.adapters else chat_model.target.base)

@@ -84,7 +84,8 @@ def run(args) -> int:
     from engine.serve.inference import ChatModel
 
     try:
-        chat = ChatModel.load(args.model, adapters=args.adapter, quantization=args.quantization, template=args.template)
+        chat = ChatModel.load(args.model, adapters=args.adapter, quantization=args.quantization, template=args.template,
+                              device=args.device)
     except InferenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -130,6 +131,7 @@ def add_arguments(p) -> None:
     p.add_argument("--adapter", action="append", default=[], help="a LoRA checkpoint to put on the model (repeatable)")
     p.add_argument("--quantization", default="none", choices=["none", "nf4", "fp4", "int8"], help="load the base in 4 or 8 bits")
     p.add_argument("--template", default=None, help="override the chat template saved with the checkpoint (warns)")
+    p.add_argument("--device", default="auto", help="where the model runs: auto (the first GPU, else the CPU), cpu, cuda:N")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
 
 

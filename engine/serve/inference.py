@@ -8,7 +8,9 @@ The API server, the terminal chat and the web UI's worker process all call this 
 
 from __future__ import annotations
 
+import gc
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +24,25 @@ from engine.serve.sampling import (InferenceError, Result, SamplingParams, check
                                    resolve_target)
 
 log = logging.getLogger("engine.serve.inference")
+
+
+def resolve_device(device: str | None = None) -> str:
+    """'cpu' or 'cuda:N' for a device option: auto (or nothing) is the first GPU when there is one, else the CPU;
+    cuda means cuda:0, and a bare number N means cuda:N. A GPU this machine does not have is refused."""
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    match = re.fullmatch(r"cuda(?::(\d+))?|(\d+)", name)
+    if not match:
+        raise InferenceError(f"device: '{device}' is not a device; use auto, cpu, cuda or cuda:N")
+    index = int(match.group(1) or match.group(2) or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        have = ", ".join(f"cuda:{i}" for i in range(count)) or "none, only the CPU"
+        raise InferenceError(f"device: {device} is not on this machine (GPUs: {have})")
+    return f"cuda:{index}"
 
 
 class _Penalties(LogitsProcessor):
@@ -75,6 +96,7 @@ class ChatModel:
     def __init__(self):
         self.model = self.tokenizer = self.template = None
         self.target = None
+        self.device = "cpu"
         self.warnings: list[str] = []
         self._lock = threading.Lock()
 
@@ -82,13 +104,15 @@ class ChatModel:
 
     @classmethod
     def load(cls, model_path: str, adapters: list[str] | None = None, quantization: str = "none",
-             template: str | None = None, dtype: str = "auto", device_map=None) -> "ChatModel":
+             template: str | None = None, dtype: str = "auto", device: str | None = None) -> "ChatModel":
+        """Load onto ``device`` (see :func:`resolve_device`; checked before any weights load)."""
         from peft import PeftModel
 
         from engine.run.checkpoint import fit_base
         from engine.train.model_setup import load_base_model, load_tokenizer, resolve_dtype
 
         self = cls()
+        self.device = resolve_device(device)
         target = resolve_target(model_path, adapters)
         self.target = target
         cfg = ModelConfig(path=target.base, quantization=quantization, dtype=dtype)
@@ -106,7 +130,7 @@ class ChatModel:
         base_shape = model_shape(target.base)
         for adapter in target.adapters:
             self._check_adapter(adapter, base_shape)
-        model = load_base_model(cfg, resolve_dtype(cfg), device_map=device_map, attn="sdpa")
+        model = load_base_model(cfg, resolve_dtype(cfg), device_map={"": self.device}, attn="sdpa")
         if target.adapters:
             fit_base(model, self.tokenizer)  # a vocabulary-extended adapter needs the base grown to its tokenizer
             names = []
@@ -129,6 +153,15 @@ class ChatModel:
         for w in self.warnings:
             log.warning(w)
         return self
+
+    def unload(self) -> int:
+        """Drop the model and give its GPU memory back to the driver; returns the bytes still allocated on its GPU."""
+        self.model = None
+        gc.collect()
+        if not self.device.startswith("cuda"):
+            return 0
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated(self.device)
 
     @staticmethod
     def _check_adapter(adapter: str, base_shape: dict) -> None:

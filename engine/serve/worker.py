@@ -5,9 +5,10 @@ loads a model there, ``chat`` streams text pieces back, ``stop`` cancels the cur
 ``unload`` ends the process, so every byte of its memory (and VRAM) goes back to the system.
 
 Messages (tuples over a multiprocessing Pipe):
-  parent -> worker: ("load", {model, adapters, quantization, template}), ("chat", messages, params, use_adapter),
-                    ("stop",), ("exit",)
-  worker -> parent: ("loaded", info) | ("piece", text) | ("done", result) | ("error", message, kind)
+  parent -> worker: ("load", {model, adapters, quantization, template, device}), ("chat", messages, params, use_adapter),
+                    ("stop",), ("unload",), ("exit",)
+  worker -> parent: ("loaded", info) | ("piece", text) | ("done", result) | ("unloaded", info)
+                    | ("error", message, kind)
 """
 
 from __future__ import annotations
@@ -45,16 +46,16 @@ def estimate_bytes(model: str, adapters: list[str], quantization: str, on_gpu: b
     return int(params * per_param) + sum(weights_bytes(a) for a in target.adapters)
 
 
-def check_fits(need: int) -> None:
-    """Refuse a load that would not fit in free GPU (or host) memory, before touching the weights."""
+def check_fits(need: int, device: str = "cpu") -> None:
+    """Refuse a load that would not fit in free memory of ``device`` ('cpu' or 'cuda:N'), before touching the weights."""
     import torch
 
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(device)
         if need * 1.2 > free:
             raise InferenceError(f"not enough free GPU memory to load this model: it needs about {gib(need)} plus room to "
-                                 f"generate, and {gib(free)} is free on GPU {torch.cuda.current_device()} (is a training run "
+                                 f"generate, and {gib(free)} is free on {device} (is a training run "
                                  "using it? wait for it to finish, or load in 4-bit)", "out_of_memory")
     else:
         free = psutil.virtual_memory().available
@@ -63,15 +64,15 @@ def check_fits(need: int) -> None:
                                  f"{gib(free)} is available", "out_of_memory")
 
 
-def memory_info() -> dict:
+def memory_info(device: str = "cpu") -> dict:
     import os
 
     import torch
 
-    info = {"pid": os.getpid(), "rss": rss_bytes(os.getpid())}
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        info.update(gpu_allocated=torch.cuda.memory_allocated(), gpu_free=free, gpu_total=total)
+    info = {"pid": os.getpid(), "rss": rss_bytes(os.getpid()), "device": device}
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(device)
+        info.update(gpu_allocated=torch.cuda.memory_allocated(device), gpu_free=free, gpu_total=total)
     return info
 
 
@@ -90,17 +91,25 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
         try:
             if msg[0] == "exit":
                 return
-            if msg[0] == "load":
-                from engine.serve.inference import ChatModel
-                import torch
+            if msg[0] == "unload":
+                device = chat.device if chat is not None else "cpu"
+                if chat is not None:
+                    chat.unload()
+                chat = None
+                conn.send(("unloaded", memory_info(device)))
+            elif msg[0] == "load":
+                from engine.serve.inference import ChatModel, resolve_device
 
                 spec = msg[1]
+                if chat is not None:
+                    chat.unload()
                 chat = None
+                device = resolve_device(spec.get("device"))
                 check_fits(estimate_bytes(spec["model"], spec.get("adapters") or [], spec.get("quantization", "none"),
-                                          torch.cuda.is_available()))
+                                          device.startswith("cuda")), device)
                 chat = ChatModel.load(spec["model"], adapters=spec.get("adapters"), quantization=spec.get("quantization", "none"),
-                                      template=spec.get("template"), device_map={"": 0} if torch.cuda.is_available() else None)
-                conn.send(("loaded", dict(memory_info(), warnings=chat.warnings, template=chat.template.name,
+                                      template=spec.get("template"), device=device)
+                conn.send(("loaded", dict(memory_info(device), warnings=chat.warnings, template=chat.template.name,
                                           base=chat.target.base, adapters=chat.target.adapters,
                                           context_window=chat.context_window)))
             elif msg[0] == "chat":
@@ -142,6 +151,7 @@ class InferenceWorker:
         self.proc = None
         self.conn = None
         self.info: dict | None = None
+        self.freed: dict | None = None  # the worker's memory_info after its last unload
         self.last: Result | None = None
         self.last_calls: list[dict] = []
         self._busy = threading.Lock()
@@ -175,12 +185,14 @@ class InferenceWorker:
                               "killed") from None
 
     def load(self, model: str, adapters: list[str] | None = None, quantization: str = "none",
-             template: str | None = None) -> dict:
+             template: str | None = None, device: str | None = None) -> dict:
+        """Load in the worker onto ``device`` (auto, cpu, cuda:N; auto is the first GPU, else the CPU)."""
         with self._busy:
             if not self.alive:
                 self._start()
             self.info = None
-            self.conn.send(("load", dict(model=model, adapters=adapters or [], quantization=quantization, template=template)))
+            self.conn.send(("load", dict(model=model, adapters=adapters or [], quantization=quantization, template=template,
+                                         device=device)))
             reply = self._recv()
             if reply[0] == "error":
                 raise WorkerError(reply[1], reply[2])
@@ -224,16 +236,28 @@ class InferenceWorker:
                 self.conn.send(("stop",))
 
     def unload(self, timeout: float = 10.0) -> int:
-        """End the process; returns its RSS just before (bytes). Its memory goes back to the system."""
+        """Drop the model (its GPU memory is emptied: ``self.freed`` holds the worker's memory_info after that, with
+        ``gpu_allocated`` on a GPU), then end the process; returns its RSS just before (bytes). All of its memory
+        goes back to the system."""
         if self.proc is None:
             return 0
         before = self.rss()
         self.stop()
+        self.freed = None
+        idle = self._busy.acquire(timeout=2.0)  # an answer being stopped ends first; its reader drains the pipe
         try:
             with self._send:
+                if idle:
+                    self.conn.send(("unload",))
                 self.conn.send(("exit",))
-        except (OSError, ValueError):
+            if idle and self.conn.poll(timeout):
+                reply = self.conn.recv()
+                self.freed = reply[1] if reply[0] == "unloaded" else None
+        except (OSError, ValueError, EOFError):
             pass
+        finally:
+            if idle:
+                self._busy.release()
         self.proc.join(timeout)
         if self.proc.is_alive():
             self.proc.kill()

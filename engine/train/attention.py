@@ -1,13 +1,23 @@
-"""Varlen SDPA for padding-free training batches.
+"""Varlen attention for padding-free training batches.
 
 Training packs a batch's examples into one row (DataCollatorWithFlattening with sequence
-boundaries). Plain SDPA then needs a block-diagonal mask over the whole row, which costs
-(sum of lengths)^2 attention work and a materialized mask. This attention runs causal SDPA
-on each example's slice instead: (sum of length^2) work, no mask, same numbers.
-Registered with transformers' attention interfaces as ``packed_sdpa``.
+boundaries ``cu_seq_lens``). Plain SDPA then needs a block-diagonal mask over the whole row, which
+costs (sum of lengths)^2 attention work and a materialized mask. The kernels here attend within
+each example only, with the same numbers:
+
+- ``flash_attention_2``: transformers' own varlen path, when the flash_attn package is installed (CUDA);
+- ``packed_flex``: FlexAttention with a document (block-diagonal causal) mask built from cu_seq_lens,
+  compiled once with dynamic shapes (CUDA; one kernel for the whole row, fully masked blocks skipped);
+- ``packed_sdpa``: causal SDPA on each example's slice, one kernel per example (CPU, where nothing
+  else runs: flex is only compiled for GPUs and eager flex materializes the scores).
+
+:func:`choose` picks one from the device and the installed packages; :func:`register` makes them known to
+transformers' attention interfaces and returns the choice.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +26,47 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "packed_sdpa"
+FLEX = "packed_flex"
+FLASH = "flash_attention_2"
+
+
+def choose(device: str, installed: set[str] | frozenset[str]) -> str:
+    """The attention for packed batches on ``device`` ('cuda', 'cpu', ...) given the importable packages / modules."""
+    if device != "cuda":
+        return NAME
+    if "flash_attn" in installed:
+        return FLASH
+    if "torch.nn.attention.flex_attention" in installed:
+        return FLEX
+    return NAME
+
+
+def installed_kernels() -> frozenset[str]:
+    """Which of the packages :func:`choose` looks at can be imported here."""
+    names = ("flash_attn", "torch.nn.attention.flex_attention")
+    found = set()
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                found.add(name)
+        except ImportError:
+            pass
+    return frozenset(found)
+
+
+def _packed(kwargs, query, key, attention_mask) -> list[int] | None:
+    """The example boundaries of a packed single-row batch without a padding mask, else None."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    return bounds.tolist() if torch.is_tensor(bounds) else list(bounds)
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None or attention_mask is not None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    bounds = _packed(kwargs, query, key, attention_mask)
+    if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    bounds = bounds.tolist() if torch.is_tensor(bounds) else list(bounds)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
     dropout = dropout if module.training else 0.0
     parts = [
@@ -36,14 +79,60 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
+def document_mask(bounds: list[int], device):
+    """FlexAttention's BlockMask for a packed row: causal within each example, nothing across examples."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length = bounds[-1]
+    lengths = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+    def mask_mod(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+
+    return create_block_mask(mask_mod, None, None, length, length, device=device)
+
+
+_cache: dict = {}
+
+
+def _flex(device_type: str):
+    """flex_attention, compiled once (dynamic shapes: every packed row has its own length) on GPUs, eager elsewhere."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type != "cuda":
+        return flex_attention
+    if "compiled" not in _cache:
+        _cache["compiled"] = torch.compile(flex_attention, dynamic=True)
+    return _cache["compiled"]
+
+
+def packed_flex_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    bounds = _packed(kwargs, query, key, attention_mask)
+    if bounds is None or (dropout and module.training):  # flex has no dropout
+        return packed_sdpa_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   is_causal=is_causal, **kwargs)
+    # Every layer of one forward sees the same boundaries: build their mask once.
+    sig = (tuple(bounds), str(query.device))
+    if _cache.get("mask_sig") != sig:
+        _cache["mask_sig"], _cache["mask"] = sig, document_mask(bounds, query.device)
+    out = _flex(query.device.type)(query, key, value, block_mask=_cache["mask"], scale=scaling,
+                                   enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
 def packed_sdpa_mask(*args, **kwargs):
-    # No padding mask means a packed or single causal row: the attention above needs no mask.
+    # No padding mask means a packed or single causal row: the attentions above need no mask.
     if kwargs.get("attention_mask") is None:
         return None
     return sdpa_mask(*args, **kwargs)
 
 
-def register() -> str:
+def register(device: str | None = None) -> str:
+    """Register the packed attentions; returns the one to use on ``device`` (default: cuda when available, else cpu)."""
     AttentionInterface.register(NAME, packed_sdpa_forward)
     AttentionMaskInterface.register(NAME, packed_sdpa_mask)
-    return NAME
+    AttentionInterface.register(FLEX, packed_flex_forward)
+    AttentionMaskInterface.register(FLEX, packed_sdpa_mask)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return choose(device, installed_kernels())

@@ -15,10 +15,27 @@ from transformers import TrainerCallback
 from engine.run import rundir
 
 
-def memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return psutil.Process().memory_info().rss / 2**20
+def _gather(values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` in rank order (a collective on GPUs: each rank must call it), or just ours."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [values]
+    mine = torch.tensor(values, dtype=torch.float64, device=torch.device("cuda", torch.cuda.current_device()))
+    out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
+def memory_record(cuda=None, gather=_gather) -> dict:
+    """The memory fields of a metrics row. On GPUs: each rank's peak allocated and reserved memory since the start
+    (``gpu_allocated_mb`` / ``gpu_reserved_mb``, MB in rank order) and ``memory_mb``, the largest peak allocated; every
+    rank must call it then. On CPU: ``memory_mb``, this process's resident memory."""
+    cuda = torch.cuda if cuda is None else cuda
+    if not cuda.is_available():
+        return {"memory_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+    ranks = gather([cuda.max_memory_allocated() / 2**20, cuda.max_memory_reserved() / 2**20])
+    allocated, reserved = [round(r[0], 1) for r in ranks], [round(r[1], 1) for r in ranks]
+    return {"memory_mb": max(allocated), "gpu_allocated_mb": allocated, "gpu_reserved_mb": reserved}
 
 
 class GracefulStop(TrainerCallback):
@@ -68,8 +85,12 @@ class RunReporter(TrainerCallback):
         rundir.update_status(self.run_dir, state="running", step=state.global_step, total_steps=state.max_steps)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "train_loss" in logs:
+        if not logs or "train_loss" in logs:
             return  # the end-of-training summary is not a step
+        progress = "loss" in logs or not any(k.startswith("eval_") for k in logs)
+        memory = memory_record() if progress else {}  # every rank takes part: GPU memory is gathered per rank
+        if not state.is_world_process_zero:
+            return
         now = time.time()
         elapsed = now - self.t0
         done = state.global_step - self.step0
@@ -80,14 +101,14 @@ class RunReporter(TrainerCallback):
                 continue
             if isinstance(value, (int, float)) and math.isfinite(value):
                 row[key] = value
-        if "loss" in logs or not any(k.startswith("eval_") for k in logs):
+        if progress:
             if state.num_input_tokens_seen:  # not counted by every trainer (ORPO)
                 row.update(tokens=state.num_input_tokens_seen,
                            tokens_per_s=round(tokens / elapsed, 2) if elapsed > 0 else None)
             row.update(
                 elapsed_s=round(elapsed, 2),
                 eta_s=round(elapsed / done * (state.max_steps - state.global_step), 1) if done else None,
-                memory_mb=round(memory_mb(), 1),
+                **memory,
             )
         row["time"] = now
         rundir.append_jsonl(self.metrics, row)

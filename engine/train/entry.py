@@ -99,7 +99,8 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
 
     from engine.train.callbacks import GracefulStop, RunReporter
     from engine.data.templates import get_template
-    from engine.train.model_setup import load_base_model, load_tokenizer, resolve_precision, setup_finetuning
+    from engine.train.model_setup import (compute_dtype, load_base_model, load_tokenizer, resolve_precision,
+                                          setup_finetuning)
     from engine.train.saving import atomic_saves, save_final
     from engine.train.stages import STAGES, StageContext
 
@@ -120,13 +121,6 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     if cfg.model.template != "auto":
         tokenizer.chat_template = template.jinja()  # saved with every checkpoint, so chat uses the same format
 
-    from engine.run.checks import rope_warning
-
-    warning = rope_warning(cfg)
-    if warning:
-        log.warning(warning)
-        if trainer_is_main():
-            rundir.update_status(run_dir, warnings=[warning])
     stage = STAGES[cfg.method.stage]
     ctx = StageContext(cfg=cfg, run_dir=run_dir, tokenizer=tokenizer, template=template)
     stage.prepare_data(ctx)
@@ -137,12 +131,16 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         return "stopped"
 
     ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None, **stage.arguments(cfg))
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    compute = compute_dtype(precision)
     from engine.train.attention import register
 
-    model = load_base_model(cfg.model, compute_dtype, attn=register(), head=stage.head)
-    log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s", cfg.model.path, cfg.model.quantization,
-             getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False), model.dtype)
+    attn = register()
+    log.info("attention for packed batches: %s", attn)
+    model = load_base_model(cfg.model, compute, attn=attn, head=stage.head)
+    qcfg = getattr(model.config, "quantization_config", None)
+    log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s, compute dtype=%s", cfg.model.path,
+             cfg.model.quantization, getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False),
+             model.dtype, getattr(qcfg, "bnb_4bit_compute_dtype", compute))
     if vocab:
         from engine.train.vocab import resize_embeddings
 
@@ -222,11 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_config(config_path)
-        from engine.run.checks import check
+        from engine.run.checks import check, warnings
 
         problems = check(cfg, run_dir)
         if problems:
             raise ConfigError(problems, str(config_path))
+        if is_main:  # settings that run but likely not as wanted here: train.log and the run card
+            said = [f"{field}: {message}" for field, message in warnings(cfg)]
+            for line in said:
+                log.warning("%s", line)
+            if said:
+                rundir.update_status(run_dir, warnings=said)
         state = run(cfg, run_dir, config_path.read_text(encoding="utf-8"))
         if is_main:
             rundir.update_status(run_dir, state=state, ended_at=time.time(), error=None, error_kind=None)

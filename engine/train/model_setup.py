@@ -30,6 +30,11 @@ def resolve_precision(training: TrainingConfig) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a run computes in for its resolved precision (QLoRA's bnb_4bit_compute_dtype is this)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
     if model_cfg.dtype != "auto":
         return _DTYPES[model_cfg.dtype]

@@ -84,6 +84,17 @@ def test_qlora_4bit_run(tiny_model, tmp_path):
     assert "quantization=nf4, 4-bit=True" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_qlora_with_paged_adamw_8bit_on_cpu(tiny_model, tmp_path):
+    """bitsandbytes pages nothing on a CPU, but its paged 8-bit AdamW runs there; 4-bit compute follows the precision."""
+    cfg = _cfg(tiny_model, tmp_path / "run", model={"path": str(tiny_model), "quantization": "nf4"},
+               method={"finetuning_type": "qlora"}, training={"max_steps": 3, "save_steps": 3, "optim": "paged_adamw_8bit"})
+    run_dir = _run(cfg)
+    losses = _losses(run_dir)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses.values())
+    assert "4-bit=True, 8-bit=False, dtype=torch.float32, compute dtype=torch.float32" in (run_dir / "train.log").read_text()
+
+
 def _wait_for_step(run_dir, step, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:

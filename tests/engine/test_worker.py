@@ -73,3 +73,16 @@ def test_memory_estimate_and_refusal(default_model, monkeypatch):
     with pytest.raises(InferenceError, match=r"needs about 0\.\d\d GiB, and 0\.\d\d GiB is available") as err:
         w.check_fits(full)
     assert err.value.kind == "out_of_memory"
+
+
+def test_device_option_and_unload_report(tiny_model):
+    worker = InferenceWorker()
+    try:
+        with pytest.raises(WorkerError, match=r"device: cuda:1 is not on this machine \(GPUs: none, only the CPU\)"):
+            worker.load(str(tiny_model), device="cuda:1")  # refused before any weights load
+        info = worker.load(str(tiny_model), device="cpu")
+        assert info["device"] == "cpu" and "gpu_allocated" not in info
+        worker.unload()
+        assert worker.freed["device"] == "cpu" and worker.freed["rss"] > 0 and not worker.alive
+    finally:
+        worker.unload()

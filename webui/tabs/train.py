@@ -9,7 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from engine.run import launch, rundir
-from engine.run.checks import check, rope_warning
+from engine.run.checks import check, warnings
 from engine.run.config import ConfigError, RunConfig, dump_config
 
 from ..i18n import t
@@ -35,6 +35,12 @@ def with_project_paths(cfg: RunConfig) -> RunConfig:
 
 def problem_lines(err: ConfigError) -> list[str]:
     return [f"{field.removeprefix('form: ')}: {msg}" if field else msg for field, msg in err.problems]
+
+
+def warning_html(lang: str, cfg: RunConfig) -> str:
+    """The config's warnings (settings that run, slowly or oddly, on this machine) as a message box, or ''."""
+    lines = [f"{f}: {m}" for f, m in warnings(cfg)]
+    return message("warn", t(lang, "train.warnings"), lines) if lines else ""
 
 
 def preview(ctx, cfg: RunConfig) -> tuple[str, str, list[str]]:
@@ -204,10 +210,7 @@ def wire(ctx) -> None:
             msg = message("info", text)
         else:
             msg = message("ok", t(lg, "train.started", run=result.id))
-        warning = rope_warning(cfg)
-        if warning:  # the run starts; the same sentence goes to train.log and the run card
-            msg += message("warn", t(lg, "train.warnings"), [warning])
-        return {c["train_msg"]: msg, c["run"]: gr.update(choices=run_choices(), value=result.id), c["view"]: {}}
+        return {c["train_msg"]: msg + warning_html(lg, cfg), c["run"]: gr.update(choices=run_choices(), value=result.id), c["view"]: {}}
 
     c["start"].click(on_start, fields | {lang}, [c["train_msg"], c["run"], c["view"]])
     c["run"].focus(lambda r: gr.update(choices=run_choices(), value=r), c["run"], c["run"], show_progress="hidden")
@@ -247,6 +250,7 @@ def wire(ctx) -> None:
             return {c["preview_msg"]: error, c["preview_yaml"]: "", c["preview_cmd"]: ""}
         text, cmd, problems = preview(ctx, cfg)
         msg = message("warn", t(lg, "train.preview_problems"), problems) if problems else ""
+        msg += warning_html(lg, cfg)
         if "--master_port AUTO" in cmd:
             msg += f'<div class="wb-hint">{t(lg, "train.preview_port")}</div>'
 
