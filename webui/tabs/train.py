@@ -40,7 +40,7 @@ def problem_lines(err: ConfigError) -> list[str]:
 def warning_html(lang: str, cfg: RunConfig) -> str:
     """The config's warnings (settings that run, slowly or oddly, on this machine) as a message box, or ''."""
     lines = [f"{f}: {m}" for f, m in warnings(cfg)]
-    return message("warn", t(lang, "train.warnings"), lines) if lines else ""
+    return message("warn", t(lang, "train.start_warnings"), lines) if lines else ""
 
 
 def preview(ctx, cfg: RunConfig) -> tuple[str, str, list[str]]:
