@@ -22,11 +22,13 @@ from typing import Any, Callable
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 
+from engine.run import stages as stage_table
 from engine.run.config import ConfigError, RunConfig, parse_config
 
 from .runs import CPU, Device
 
 LAYOUT = yaml.safe_load(Path(__file__).with_name("layout.yaml").read_text(encoding="utf-8"))
+LAYOUT["tabs"]["hparams"]["groups"]["stage"] = stage_table.stage_fields()  # the stage table's fields, in its order
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 SLIDER_MAX_RANGE = 1024
 
@@ -58,10 +60,7 @@ def _field(key: str):
     return RunConfig.model_fields[section].annotation.model_fields[name]
 
 
-def stages_of(key: str) -> list[str] | None:
-    """The stages that read a field (its schema's ``stages``), or None when every stage does."""
-    extra = _field(key).json_schema_extra
-    return list(extra["stages"]) if isinstance(extra, dict) and "stages" in extra else None
+stages_of = stage_table.stages_of  # the stages that read a field, or None when every stage does
 
 
 def visible_for(key: str, stage: str) -> bool:

@@ -9,16 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from engine.run.config import load_config
+from engine.run.config import DEFAULT_REGISTRY, load_config
+from engine.run.config import Section as _Section
 
 JobKind = Literal["eval", "export"]
 GGUFType = Literal["f16", "q8_0", "q4_0"]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -40,7 +37,7 @@ class EvalTasks(_Section):
 
 class EvalData(_Section):
     datasets: list[str] = Field(default_factory=lambda: ["instruct_demo"], description="Registered SFT dataset names or data files; the last assistant turn is the reference.")
-    registry: str = Field("data/dataset_info.yaml", description="Dataset registry file.")
+    registry: str = Field(DEFAULT_REGISTRY, description="Dataset registry file.")
     max_samples: int | None = Field(64, ge=1, description="Use at most this many samples of each dataset (None: all).")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example for the loss.")
     val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Evaluate only this held-out fraction (the same split as training with the same seed); 0 uses every sample.")

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from engine.data import DataError, load_registry, normalize, read_records, resolve_dataset
-from engine.train.stages import STAGE_KINDS
+from engine.run.stages import STAGE_KINDS
 
 from .. import form
 from ..i18n import t
@@ -31,10 +31,6 @@ def count_records(path: Path) -> int:
         if key not in _counts:
             _counts[key] = sum(1 for _ in islice(read_records(path), COUNT_CAP))
         return _counts[key]
-
-
-def stage_choices(lang: str) -> list[tuple[str, str]]:
-    return [(s if s in STAGE_KINDS else f"{s} — {t(lang, 'data.not_available')}", s) for s in form.spec("method.stage").choices]
 
 
 def dataset_choices(registry: str, stage: str) -> tuple[list[tuple[str, str]], str | None]:
@@ -91,7 +87,7 @@ def build(ctx) -> None:
         ctx.translate(tab, label="tabs.data")
         with gr.Row():
             with gr.Column(scale=2):
-                form.build(ctx, "method.stage", choices=stage_choices)
+                form.build(ctx, "method.stage")
                 choices, problem = dataset_choices(ctx.values["data.registry"], ctx.values["method.stage"])
                 form.build(ctx, "data.datasets", choices=choices)
                 c["registry_msg"] = gr.HTML(message("error", ctx.t("data.bad_registry"), [problem]) if problem else "",

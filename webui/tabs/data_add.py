@@ -20,7 +20,7 @@ from engine.data.formats import FORMAT_FIELDS, FORMATS, KIND_OF_FORMAT, REQUIRED
 from engine.data.inspection import (Source, add_dataset, columns_of, detect_source, encode_example, inspect_source,
                                     open_source, token_lengths)
 from engine.data.registry import CANONICAL_FIELDS, PROJECT_REGISTRY, find_path, workspace_registry
-from engine.train.stages import STAGE_KINDS
+from engine.run.stages import STAGE_KINDS
 
 from .. import chatfmt, plots
 from ..form import DEFAULTS_FILE
