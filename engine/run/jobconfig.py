@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from engine.run.config import DEFAULT_REGISTRY, load_config
 from engine.run.config import Section as _Section
+from engine.serve.sampling import SamplingParams
 
 JobKind = Literal["eval", "export"]
 GGUFType = Literal["f16", "q8_0", "q4_0"]
@@ -48,8 +49,9 @@ class EvalGeneration(_Section):
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated together (left-padded).")
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Longest generated answer, in tokens.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(0.7, gt=0.0, le=10.0, description="Sampling temperature (do_sample only).")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass (do_sample only).")
+    # do_sample only; the chat's sampling controls, so both take the same bounds (0 = greedy)
+    temperature: float = SamplingParams.model_fields["temperature"]
+    top_p: float = SamplingParams.model_fields["top_p"]
     seed: int = Field(42, description="Sampling seed.")
 
 
