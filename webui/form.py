@@ -1,4 +1,6 @@
-"""The run-config form: widgets derived from RunConfig's fields, and values turned back into a RunConfig.
+"""Every form of the page from its schema: the run config's (RunConfig), and through ``build_schema_fields``
+the Evaluate and Export tabs' (EvalConfig, ExportConfig) and the chat settings' (SamplingParams). Widgets are
+derived from the fields, and values are turned back into the config.
 
 Each field's widget comes from its pydantic type (bool -> checkbox, Literal -> radio or
 dropdown, bounded int/float -> slider, other numbers -> number box, str -> textbox), its
