@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.serve.inference import ChatModel
+from engine.run.config import DEFAULT_MODEL
 from engine.serve.sampling import SamplingParams
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a map."}]
@@ -23,7 +24,7 @@ PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse kee
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

@@ -72,7 +72,9 @@ def main() -> int:
     workspace = Path(args.workspace)
     server = Server(workspace, workspace.parent / (workspace.name + "-server.log"))
     server.start()
-    model = str(ROOT / "models" / "SmolLM2-135M-Instruct")
+    from engine.run.config import DEFAULT_MODEL
+
+    model = str(ROOT / DEFAULT_MODEL)
     results, rm_final = [], None
     try:
         with sync_playwright() as pw:

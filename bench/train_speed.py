@@ -25,8 +25,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import launch, rundir  # noqa: E402
-from engine.run.config import RunConfig  # noqa: E402
+from engine.data.registry import PROJECT_REGISTRY  # noqa: E402
+from engine.run import launch, rundir  # noqa: E402
+from engine.run.config import DEFAULT_MODEL, RunConfig  # noqa: E402
 
 
 def dataset_path() -> Path:
@@ -62,7 +63,7 @@ def main() -> int:
     parser.add_argument("--quantization", default="none", choices=["none", "nf4"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--model", default=str(ROOT / DEFAULT_MODEL))
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (LLaMA-Factory's default)")
     parser.add_argument("--mmap-threshold", type=int, default=None,
                         help="glibc MALLOC_MMAP_THRESHOLD_ for the ranks: allocations above it are returned on free")
@@ -75,7 +76,7 @@ def main() -> int:
         "method": {"finetuning_type": "qlora" if args.quantization != "none" else "lora", "lora_rank": 8,
                    "lora_alpha": 16, "lora_target": "all-linear"},
         "data": {"datasets": [str(dataset_path())], "max_samples": 256, "cutoff_len": 512,
-                 "registry": str(ROOT / "data" / "dataset_info.yaml")},
+                 "registry": str(PROJECT_REGISTRY)},
         "training": {"max_steps": args.steps, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                      "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "seed": 42, "logging_steps": 1,
                      "save_steps": 10_000, "precision": args.precision,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.run.config import ConfigError
+from engine.run.config import DEFAULT_MODEL, ConfigError
 
 
 def _train(args) -> int:
@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="en", choices=["en", "zh"])
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a local HF model (idempotent)")
-    p.add_argument("--output", default="models/SmolLM2-135M-Instruct")
+    p = sub.add_parser("prepare-model", help="convert the embedded default model's GGUF to a local HF model (idempotent)")
+    p.add_argument("--output", default=DEFAULT_MODEL)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_prepare_model)
 

@@ -1,8 +1,9 @@
 """Chat-template advice for the Model tab: the suggested template of a model and mismatch warnings.
 
 Needs the model's tokenizer (``apply_chat_template``), the one thing the server process loads
-from a model directory. Tokenizers are cached per directory and modification time; the
-default model's is loaded in the background at startup, so the first page interaction is quick.
+from a model directory, through the loader training uses (``engine.data.encode.load_tokenizer``).
+It is loaded on first use, so the server starts without importing transformers or torch, and
+cached per directory and modification time.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from engine.data.encode import load_tokenizer
 from engine.data.templates import suggest_template, template_mismatch
+from engine.run.config import ModelConfig
 
 _cache: dict[tuple[str, float], object] = {}
 _lock = threading.Lock()
@@ -25,14 +28,8 @@ def tokenizer(path: Path, trust_remote_code: bool = False):
     key = (str(path), _stamp(path))
     with _lock:
         if key not in _cache:
-            from transformers import AutoTokenizer
-
-            _cache[key] = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            _cache[key] = load_tokenizer(ModelConfig(path=str(path), trust_remote_code=trust_remote_code))
         return _cache[key]
-
-
-def preload(path: Path) -> None:
-    threading.Thread(target=lambda: _safe(lambda: tokenizer(path)), name="tokenizer-preload", daemon=True).start()
 
 
 def _safe(fn):

@@ -1,4 +1,6 @@
-"""The run-config form: widgets derived from RunConfig's fields, and values turned back into a RunConfig.
+"""Every form of the page from its schema: the run config's (RunConfig), and through ``build_schema_fields``
+the Evaluate and Export tabs' (EvalConfig, ExportConfig) and the chat settings' (SamplingParams). Widgets are
+derived from the fields, and values are turned back into the config.
 
 Each field's widget comes from its pydantic type (bool -> checkbox, Literal -> radio or
 dropdown, bounded int/float -> slider, other numbers -> number box, str -> textbox), its
@@ -21,12 +23,15 @@ from typing import Any, Callable
 
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel
 
+from engine.run import stages as stage_table
 from engine.run.config import ConfigError, RunConfig, parse_config
 
 from .runs import CPU, Device
 
 LAYOUT = yaml.safe_load(Path(__file__).with_name("layout.yaml").read_text(encoding="utf-8"))
+LAYOUT["tabs"]["hparams"]["groups"]["stage"] = stage_table.stage_fields()  # the stage table's fields, in its order
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 SLIDER_MAX_RANGE = 1024
 
@@ -53,15 +58,18 @@ def form_keys() -> list[str]:
     return [k for k in all_keys() if k not in LAYOUT["not_in_form"]]
 
 
+def schema_field(schema: type[BaseModel], key: str):
+    """The pydantic FieldInfo of ``section.name`` in a two-level config schema (run, eval, export)."""
+    section, name = key.split(".", 1) if "." in key else (None, key)
+    fields = schema.model_fields[section].annotation.model_fields if section else schema.model_fields
+    return fields[name]
+
+
 def _field(key: str):
-    section, name = key.split(".", 1)
-    return RunConfig.model_fields[section].annotation.model_fields[name]
+    return schema_field(RunConfig, key)
 
 
-def stages_of(key: str) -> list[str] | None:
-    """The stages that read a field (its schema's ``stages``), or None when every stage does."""
-    extra = _field(key).json_schema_extra
-    return list(extra["stages"]) if isinstance(extra, dict) and "stages" in extra else None
+stages_of = stage_table.stages_of  # the stages that read a field, or None when every stage does
 
 
 def visible_for(key: str, stage: str) -> bool:
@@ -71,7 +79,15 @@ def visible_for(key: str, stage: str) -> bool:
 
 @lru_cache(maxsize=None)
 def spec(key: str) -> FieldSpec:
-    info = _field(key)
+    return derive(RunConfig, key, LAYOUT["widgets"].get(key, {}))
+
+
+def derive(schema: type[BaseModel], key: str, over: dict | None = None) -> FieldSpec:
+    """The widget of a schema field from its type, bounds and default; ``over`` names a widget the type does not
+    say (``widget``, ``step``, ``custom``, and slider ends narrower than the schema's: ``minimum``, ``maximum``).
+    ``key`` is ``section.name``, or a plain name in a flat schema (SamplingParams)."""
+    over = over or {}
+    info = schema_field(schema, key)
     ann, optional = info.annotation, False
     if typing.get_origin(ann) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(ann) if a is not type(None)]
@@ -88,7 +104,6 @@ def spec(key: str) -> FieldSpec:
             hi = m.le
         elif isinstance(m, Lt):
             hi, hi_open = m.lt, True
-    over = LAYOUT["widgets"].get(key, {})
     if typing.get_origin(ann) is typing.Literal:
         choices = typing.get_args(ann)
         kind = "radio" if len(choices) <= 4 else "dropdown"
@@ -98,20 +113,21 @@ def spec(key: str) -> FieldSpec:
     if ann in (int, float):
         integer = ann is int
         step = over.get("step") or (1 if integer else 0.01)
-        if lo_open and not integer:
+        if lo_open and not integer and over.get("widget") != "slider":
             lo = None  # an exclusive bound is left to the config's own check (the message names the field)
         if hi_open:
             hi = hi - step
+        lo, hi = over.get("minimum", lo), over.get("maximum", hi)
         bounded = lo is not None and hi is not None and (hi - lo) <= SLIDER_MAX_RANGE
         kind = over.get("widget") or ("slider" if bounded and not optional else "number")
         return FieldSpec(key, kind, default, (), lo, hi, step, integer, optional)
     if typing.get_origin(ann) is list:
-        item = typing.get_args(ann)[0]
-        if typing.get_origin(item) is typing.Literal:  # a set of known choices: one checkbox each
+        item = typing.get_args(ann)[0] if typing.get_args(ann) else str
+        if typing.get_origin(item) is typing.Literal:  # a few fixed values: one checkbox each
             return FieldSpec(key, "checkboxes", default, typing.get_args(item))
         if over.get("widget") == "numbers":  # typed as "0.7, 0.3"
             return FieldSpec(key, "numbers", default)
-        return FieldSpec(key, over.get("widget", "multiselect"), default, (), custom=True)
+        return FieldSpec(key, over.get("widget", "multiselect"), default, (), custom=over.get("custom", True))
     return FieldSpec(key, over.get("widget", "text"), default, (), optional=optional, custom=bool(over.get("custom")))
 
 
@@ -175,6 +191,25 @@ def to_values(cfg: RunConfig, visible: list[Device]) -> dict[str, Any]:
     return out
 
 
+def coerce(s: FieldSpec, value: Any) -> Any:
+    """A widget's value as its schema field takes it (devices aside: see ``devices_config``)."""
+    if s.optional and (value is None or (isinstance(value, str) and not value.strip())):
+        return None
+    if s.optional and s.kind == "number" and value == 0 and (s.minimum or 0) > 0:
+        return None  # the browser shows an empty optional number as 0, which is out of range: it means None
+    if s.kind in ("text", "dropdown") and isinstance(value, str) and not s.choices:
+        return value.strip()
+    if s.integer and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if s.kind == "multiselect":
+        return [v.strip() for v in (value or []) if isinstance(v, str) and v.strip()]
+    if s.kind == "checkboxes":
+        return list(value or [])
+    if s.kind == "numbers":  # the config's own check names a part that is no number
+        return [v.strip() for v in str(value or "").replace(";", ",").split(",") if v.strip()]
+    return value
+
+
 def from_values(values: dict[str, Any], visible: list[Device], base: RunConfig | None = None) -> RunConfig:
     """The RunConfig of widget values (fields not in the form come from ``base``); ConfigError lists every problem."""
     data = (base or RunConfig()).model_dump(mode="python")
@@ -182,27 +217,23 @@ def from_values(values: dict[str, Any], visible: list[Device], base: RunConfig |
         if key not in values:
             continue
         section, name = key.split(".", 1)
-        value, s = values[key], spec(key)
+        s = spec(key)
         if s.kind == "devices":
-            value = devices_config(value, visible)
+            data[section][name] = devices_config(values[key], visible)
         elif s.kind == "nodes":
-            value = nodes_config(value or "")
-        elif s.optional and (value is None or (isinstance(value, str) and not value.strip())):
-            value = None
-        elif s.optional and s.kind == "number" and value == 0 and (s.minimum or 0) > 0:
-            value = None  # the browser shows an empty optional number as 0, which is out of range: it means None
-        elif s.kind in ("text", "dropdown") and isinstance(value, str) and not s.choices:
-            value = value.strip()
-        elif s.integer and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        elif s.kind == "multiselect":
-            value = [v.strip() for v in (value or []) if isinstance(v, str) and v.strip()]
-        elif s.kind == "checkboxes":
-            value = list(value or [])
-        elif s.kind == "numbers":  # the config's own check names a part that is no number
-            value = [v.strip() for v in str(value or "").replace(";", ",").split(",") if v.strip()]
-        data[section][name] = value
+            data[section][name] = nodes_config(values[key] or "")
+        else:
+            data[section][name] = coerce(s, values[key])
     return parse_config(data, "form")
+
+
+def config_of(schema: type[BaseModel], specs: dict[str, FieldSpec], values: dict[str, Any], base: dict | None = None):
+    """A job config (eval, export) of widget values {key: value}: each coerced by its spec, every problem at once."""
+    data = dict(base or {})
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        data[section] = {**data.get(section, {}), name: coerce(specs[key], value)}
+    return parse_config(data, "form", schema=schema)
 
 
 def problems_by_field(err: ConfigError) -> list[tuple[str, str]]:
@@ -226,30 +257,14 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
         choices = choices_fn(lang)
     common = dict(label=field_label(lang, key), info=info(lang), elem_id="f-" + key.replace(".", "-"))
     common.update(kwargs)
-    if s.kind == "checkbox":
-        w = gr.Checkbox(value=value, **common)
-    elif s.kind == "checkboxes":
-        opts = [(choice_label(lang, key, c), c) for c in s.choices]
-        w = gr.CheckboxGroup(choices=opts, value=value, **common)
-    elif s.kind in ("radio", "dropdown") and s.choices:
-        opts = [(choice_label(lang, key, c), c) for c in s.choices] if choices is None else choices
-        w = (gr.Radio if s.kind == "radio" else gr.Dropdown)(choices=opts, value=value, **common)
-    elif s.kind in ("dropdown", "multiselect"):
-        w = gr.Dropdown(choices=choices or [], value=value, multiselect=s.kind == "multiselect",
-                        allow_custom_value=s.custom, **common)
-    elif s.kind == "devices":
+    if s.kind in ("radio", "dropdown", "checkboxes") and s.choices and choices is None:
+        choices = [(choice_label(lang, key, c), c) for c in s.choices]
+    if s.kind == "devices":
         gpus = [d for d in ctx.manager.devices if d.id != CPU]
-        opts = [(d.name, d.id) for d in ctx.manager.devices]
-        w = gr.CheckboxGroup(choices=opts, value=value, interactive=bool(gpus), **common)
-    elif s.kind == "nodes":
-        w = gr.Textbox(value=value or "", lines=2, placeholder="node-a slots=2\nnode-b slots=2", **common)
-    elif s.kind == "slider":
-        w = gr.Slider(minimum=s.minimum, maximum=s.maximum, step=s.step, value=value, **common)
-    elif s.kind == "number":
-        w = gr.Number(value=value, minimum=s.minimum, maximum=s.maximum, step=s.step,
-                      precision=0 if s.integer else None, **common)
+        w = gr.CheckboxGroup(choices=[(d.name, d.id) for d in ctx.manager.devices], value=value,
+                             interactive=bool(gpus), **common)
     else:
-        w = gr.Textbox(value=value or "", **common)
+        w = widget(s, value, choices, **common)
     ctx.fields[key] = w
     extra = {}
     if choices_fn is not None:
@@ -258,6 +273,54 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
         extra["choices"] = lambda lang, k=key: [(choice_label(lang, k, c), c) for c in spec(k).choices]
     ctx.translate(w, label=lambda lang, k=key: field_label(lang, k), info=info, **extra)
     return w
+
+
+def widget(s: FieldSpec, value: Any, choices: list | None = None, **common) -> Any:
+    """The gradio component of a field spec (any schema): label, info and elem_id come in ``common``."""
+    import gradio as gr
+
+    if s.kind == "checkbox":
+        return gr.Checkbox(value=value, **common)
+    if s.kind in ("radio", "dropdown") and s.choices:
+        opts = list(s.choices) if choices is None else choices
+        return (gr.Radio if s.kind == "radio" else gr.Dropdown)(choices=opts, value=value, **common)
+    if s.kind in ("dropdown", "multiselect"):
+        return gr.Dropdown(choices=choices or [], value=value, multiselect=s.kind == "multiselect",
+                           allow_custom_value=s.custom, **common)
+    if s.kind == "checkboxes":
+        return gr.CheckboxGroup(choices=list(s.choices) if choices is None else choices, value=value, **common)
+    if s.kind == "nodes":
+        return gr.Textbox(value=value or "", lines=2, placeholder="node-a slots=2\nnode-b slots=2", **common)
+    if s.kind == "slider":
+        return gr.Slider(minimum=s.minimum, maximum=s.maximum, step=s.step, value=value, **common)
+    if s.kind == "number":
+        return gr.Number(value=value, minimum=s.minimum, maximum=s.maximum, step=s.step,
+                         precision=0 if s.integer else None, **common)
+    return gr.Textbox(value=value or "", **common)
+
+
+def build_schema_fields(ctx, schema: type[BaseModel], fields: dict[str, tuple[str, dict]], prefix: str,
+                        values: dict[str, Any] | None = None, choices: dict[str, list] | None = None) -> dict[str, FieldSpec]:
+    """The widgets of a job form (eval, export, chat settings) from its schema: ``fields`` maps each key to
+    (locale key of its label, overrides: a widget the type does not say, ``elem_id``, gradio keyword arguments).
+    Each widget goes into ``ctx.shared[prefix + key]``; bounds, defaults and help come from the schema."""
+    defaults = schema()
+    specs = {}
+    for key, (label, over) in fields.items():
+        over = dict(over)
+        kwargs = {k: over.pop(k) for k in list(over) if k not in ("widget", "step", "custom", "minimum", "maximum")}
+        s = specs[key] = derive(schema, key, over)
+        value = (values or {}).get(key, _value_of(defaults, key))
+        help_ = schema_field(schema, key).description or ""
+        w = widget(s, value, (choices or {}).get(key), **{"label": ctx.t(label), "info": help_, **kwargs})
+        ctx.shared[prefix + key] = ctx.translate(w, label=label)
+    return specs
+
+
+def _value_of(cfg: BaseModel, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def build_advanced(ctx, group: str) -> None:

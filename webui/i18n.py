@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from engine.run.config import RunConfig
+from engine.run.stages import STAGE_NAMES
 
 LOCALES = Path(__file__).with_name("locales")
 LANGUAGES = {"en": "English", "zh": "简体中文"}
@@ -70,6 +71,11 @@ def field_label(lang: str, key: str) -> str:
 
 
 def field_info(lang: str, key: str) -> str:
+    if key == "method.stage":  # every row of the stage table, each named in the page's language
+        lang = lang if lang in LANGUAGES else DEFAULT
+        text = table(lang)["fields"][key]["info"]
+        return text.format(stages=t(lang, "stages.sep").join(t(lang, "stages.item", name=s, text=t(lang, f"stages.{s}"))
+                                                   for s in STAGE_NAMES))
     if lang != DEFAULT:
         info = (table(lang).get("fields", {}).get(key) or {}).get("info")
         if info:

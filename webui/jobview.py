@@ -1,4 +1,5 @@
-"""What the Evaluate and Export tabs share: checkpoint choices, job status cards, field help from the job schemas.
+"""What the Evaluate and Export tabs share: checkpoint choices and job status cards (their fields come from the
+job schemas through ``form.build_schema_fields``).
 
 Imports no gradio and no torch.
 """
@@ -10,16 +11,9 @@ from pathlib import Path
 from engine.run import jobs, rundir
 from engine.run.checkpoint import is_reward_model
 from engine.run.config import ConfigError
-from engine.run.jobconfig import SCHEMAS
 
 from .i18n import t
 from .views import badge, esc, message
-
-
-def info(kind: str, key: str) -> str:
-    """The schema's description of ``section.name``: the field help, declared once."""
-    section, name = key.split(".", 1)
-    return SCHEMAS[kind].model_fields[section].annotation.model_fields[name].description or ""
 
 
 def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:

@@ -11,7 +11,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .form import LAYOUT  # noqa: E402
+from engine.run.stages import STAGES  # noqa: E402
+
 from .metrics import MetricSeries, smooth  # noqa: E402
 
 INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
@@ -63,8 +64,9 @@ def _style(ax) -> None:
 
 
 def stage_panels(stage: str) -> list[list[str]]:
-    """The metric panels drawn under the loss for a stage (webui/layout.yaml ``stage_metrics``)."""
-    return LAYOUT.get("stage_metrics", {}).get(stage or "", [])
+    """The metric panels drawn under the loss for a stage (its row of the stage table)."""
+    row = STAGES.get(stage or "")
+    return [list(panel) for panel in row.metrics] if row else []
 
 
 def loss_figure(series: MetricSeries | None, words: dict[str, str], stage: str = "") -> Figure:

@@ -75,14 +75,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
     from engine.run.launch import workspace_dir
 
     from .app import create, launch_kwargs
-    from .chatfmt import preload
-    from .modelinfo import ModelPathError, resolve_model_path
 
-    demo, ctx = create(workspace_dir(workspace), lang=lang, data_roots=data_roots)
-    try:
-        preload(resolve_model_path(ctx.defaults.model.path))
-    except ModelPathError:
-        pass
+    demo, ctx = create(workspace_dir(workspace), lang=lang, data_roots=data_roots)  # imports no torch: tokenizers load on first use
     print(f"Workbench web UI: http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}  "
           f"(workspace {ctx.workspace}; runs keep going when this server stops)", flush=True)
     extra = {}

@@ -39,14 +39,14 @@ def parse_columns(text: str | None) -> dict[str, str]:
 
 
 def _tokenizer_and_template(model: str, template: str):
-    from transformers import AutoTokenizer
-
+    from engine.data.encode import load_tokenizer
     from engine.data.templates import TemplateError, get_template
+    from engine.run.config import ModelConfig
 
     path = Path(model).expanduser()
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
         raise UsageError(f"--model {model}: no tokenizer here (a local Hugging Face model directory is needed)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(ModelConfig(path=str(path)))
     try:
         return tokenizer, get_template(template, tokenizer)
     except TemplateError as err:

@@ -7,12 +7,27 @@ user sees is exactly what the trainer gets.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .errors import DataError
 
+if TYPE_CHECKING:
+    from engine.run.config import ModelConfig
+
 IGNORE_INDEX = -100
 MultiturnLoss = Literal["all", "last", "split"]
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The tokenizer of ``model_cfg.path`` as training uses it (pad = EOS when it has none, right padding). The
+    web UI's previews and token counts load it here too, on first use: transformers is imported only then."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
 
 
 def _fit(pairs: list[tuple[list[int], list[int]]], cutoff_len: int) -> list[tuple[list[int], list[int]]]:

@@ -31,13 +31,14 @@ from pathlib import Path
 import yaml
 
 from engine.run import paths
+from engine.run.config import DEFAULT_REGISTRY
 
 from .errors import DataError
 from .formats import FORMAT_FIELDS, FORMATS, KIND_OF_FORMAT, KINDS, detect_format
 from .readers import SAMPLE_BY, SUFFIXES, is_data_path, read_records
 
 ROOT = Path(__file__).resolve().parents[2]
-PROJECT_REGISTRY = ROOT / "data" / "dataset_info.yaml"
+PROJECT_REGISTRY = ROOT / DEFAULT_REGISTRY
 INCLUDE = "include"
 ENTRY_KEYS = ("file", "format", "columns", "kind", "sample_by", "description")
 CANONICAL_FIELDS = tuple(dict.fromkeys(f for fields in FORMAT_FIELDS.values() for f in fields))

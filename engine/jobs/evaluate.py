@@ -131,7 +131,7 @@ def generate(model, tokenizer, template, prompts: list[list[dict]], gen, tick) -
     for batch in _batches(prompts, gen.batch_size):
         texts = [template.render_generation_prompt(m) for m in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        kw = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p) if gen.do_sample else dict(do_sample=False)
+        kw = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p) if gen.do_sample and gen.temperature > 0 else dict(do_sample=False)
         with torch.no_grad():
             seqs = model.generate(**enc, max_new_tokens=gen.max_new_tokens, eos_token_id=stop,
                                   pad_token_id=tokenizer.pad_token_id, **kw)

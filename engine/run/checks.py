@@ -9,8 +9,8 @@ import importlib.util
 import re
 from pathlib import Path
 
-from engine.run.config import RunConfig
-from engine.train.stages import STAGE_KINDS
+from engine.run.config import DEFAULT_MODEL, RunConfig
+from engine.run.stages import STAGE_KINDS, stage_problems
 
 Problem = tuple[str, str]
 
@@ -25,7 +25,7 @@ def model_dir_problem(path: str | Path, tokenizer_dir: str | Path | None = None)
 
     path = Path(path)
     if not path.exists():
-        hint = " (run `workbench prepare-model` to create the default model)" if path.name == "SmolLM2-135M-Instruct" else ""
+        hint = " (run `workbench prepare-model` to create the default model)" if path.name == Path(DEFAULT_MODEL).name else ""
         return f"model directory not found: {path}{hint}"
     if not (path / "config.json").is_file():
         return f"{path} is not a Hugging Face model directory (no config.json)"
@@ -154,8 +154,6 @@ def _vocab_problems(cfg: RunConfig) -> list[Problem]:
 
 def _method_problems(cfg: RunConfig) -> list[Problem]:
     m, q, out = cfg.method, cfg.model.quantization, []
-    if m.stage not in STAGE_KINDS:
-        out.append(("method.stage", f"stage '{m.stage}' is not available in this version (available: {', '.join(STAGE_KINDS)})"))
     if m.finetuning_type == "qlora" and q == "none":
         out.append(("model.quantization", "qlora trains adapters on a quantized base: set model.quantization to nf4, fp4 or int8"))
     if m.finetuning_type in ("full", "freeze") and q != "none":
@@ -248,57 +246,13 @@ def _mix_problems(cfg: RunConfig) -> list[Problem]:
     return []
 
 
-def _reward_model_problems(path: str) -> list[Problem]:
-    field = "method.reward_model"
-    if not path.strip():
-        return [(field, "rl optimises the model against a reward model: set method.reward_model to the final/ or "
-                        "checkpoint-N directory of an rm run")]
-    from engine.run.checkpoint import CheckpointError, inspect, is_reward_model
-
-    try:
-        ckpt = inspect(path, field=field, generative=False)
-    except CheckpointError as err:
-        return [(field, str(err))]
-    if is_reward_model(ckpt.path):
-        return []
-    if ckpt.run_config is not None:
-        stage = (ckpt.run_config.get("method") or {}).get("stage", "sft")
-        return [(field, f"{ckpt.path} is a checkpoint of a {stage} run; the reward model must come from an rm run")]
-    return [(field, f"{ckpt.path} is not a reward model (no sequence-classification score head)")]
-
-
-def _stage_problems(cfg: RunConfig) -> list[Problem]:
-    """Stage settings that cannot train, each with the reason."""
-    m, t, out = cfg.method, cfg.training, []
-    if m.stage == "rl":
-        out += _reward_model_problems(m.reward_model)
-        group = t.per_device_train_batch_size * t.gradient_accumulation_steps * cfg.distributed.num_processes
-        if group % m.num_generations:
-            out.append(("method.num_generations", f"rl compares {m.num_generations} completions per prompt, so batch size "
-                        f"× accumulation × processes ({group}) must be a multiple of {m.num_generations}"))
-        elif cfg.data.val_size > 0 and (t.per_device_train_batch_size * cfg.distributed.num_processes) % m.num_generations:
-            out.append(("training.per_device_train_batch_size", f"rl evaluates whole groups of {m.num_generations} "
-                        "completions: with val_size > 0, batch size × processes must be a multiple of num_generations"))
-        if m.max_new_tokens >= cfg.data.cutoff_len:
-            out.append(("method.max_new_tokens", f"{m.max_new_tokens} new tokens leave no room for a prompt within "
-                        f"cutoff_len={cfg.data.cutoff_len}"))
-    if m.stage == "kto" and t.per_device_train_batch_size < 2:
-        out.append(("training.per_device_train_batch_size", "kto estimates its KL term from the other examples of a "
-                    "batch: use a batch size of at least 2"))
-    targets = {x.strip() for x in m.lora_target.split(",")}
-    if m.stage in ("dpo", "kto") and m.finetuning_type in ("lora", "qlora") and "lm_head" in targets:
-        out.append(("method.lora_target", f"{m.stage} reads log-probabilities from lm_head's weight directly, so an "
-                    "adapter on lm_head would never train: leave lm_head out"))
-    return out
-
-
 def _data_problems(cfg: RunConfig) -> list[Problem]:
     from engine.data.errors import DataError
     from engine.data.registry import resolve_dataset
 
     if not cfg.data.datasets:
         return [("data.datasets", "choose at least one dataset")]
-    need = STAGE_KINDS.get(cfg.method.stage)
+    need = STAGE_KINDS[cfg.method.stage]
     out = []
     for i, name in enumerate(cfg.data.datasets):
         try:
@@ -306,7 +260,7 @@ def _data_problems(cfg: RunConfig) -> list[Problem]:
         except DataError as err:
             out.append((f"data.datasets[{i}]", str(err)))
             continue
-        if need and spec.kind != need:
+        if spec.kind != need:
             out.append((f"data.datasets[{i}]", f"dataset '{name}' is {spec.kind} data, but stage {cfg.method.stage} needs {need} data"))
             continue
         problem = _records_problem(spec, cfg.data.max_samples)
@@ -443,7 +397,7 @@ def warnings(cfg: RunConfig) -> list[Problem]:
 def check(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Problem]:
     """Every problem with ``cfg`` as (field, message); empty when the run can start."""
     run_dir = Path(run_dir) if run_dir else (Path(cfg.output.run_dir) if cfg.output.run_dir else None)
-    problems = _model_problems(cfg) + _method_problems(cfg) + _stage_problems(cfg) + _template_problems(cfg)
+    problems = _model_problems(cfg) + _method_problems(cfg) + stage_problems(cfg) + _template_problems(cfg)
     problems += _model_shape_problems(cfg) + _vocab_problems(cfg) + _lora_variant_problems(cfg)
     problems += _tracker_problems(cfg) + _mix_problems(cfg)
     where = _run_dir_problems(run_dir)

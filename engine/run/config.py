@@ -15,13 +15,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine.run.stages import ROWS, STAGE_NAMES
+
 # The project's own defaults are absolute, so the CLI and the UI find them from any folder; every other relative
 # path resolves against the current directory (README, "Paths").
 PROJECT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = str(PROJECT / "models" / "SmolLM2-135M-Instruct")
-DEFAULT_REGISTRY = str(PROJECT / "data" / "dataset_info.yaml")
+DEFAULT_MODEL = str(PROJECT / "models" / "SmolLM2-135M-Instruct")  # `workbench prepare-model` writes it
+DEFAULT_REGISTRY = str(PROJECT / "data" / "dataset_info.yaml")  # the project's dataset registry
 
-Stage = Literal["sft", "pt", "rm", "dpo", "kto", "orpo", "rl"]
+
+Stage = Literal[STAGE_NAMES]  # the rows of the stage table (engine/run/stages.py)
 FinetuningType = Literal["full", "freeze", "lora", "qlora"]
 Quantization = Literal["none", "nf4", "fp4", "int8"]
 # TRL 1.16 DPOConfig.loss_type values that need no further parameter ("sft" is sft_weight; exo_pair and robust need label smoothing)
@@ -30,11 +33,13 @@ DpoLoss = Literal["sigmoid", "ipo", "hinge", "bco_pair", "nca_pair", "sppo_hard"
                   "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """The base of every config schema (run, eval, export): unknown fields are refused, assignments validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: str = Field(DEFAULT_MODEL, json_schema_extra={"path": "path"}, description="Local Hugging Face model directory (config.json + weights + tokenizer).")
     template: str = Field("auto", description="Chat template: 'auto' uses the tokenizer's own chat template, or a registry name such as chatml, llama3, alpaca.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype the weights are loaded in; 'auto' = float32 on CPU, bfloat16 on GPUs that support it.")
@@ -46,8 +51,8 @@ class ModelConfig(_Section):
     extend_vocab: str = Field("", json_schema_extra={"path": "path"}, description="Add tokens to the vocabulary: a text file with one token per line, or a tokenizer (directory, tokenizer.json or SentencePiece .model) whose vocabulary is merged in; embed_tokens and lm_head then train too.")
 
 
-class MethodConfig(_Section):
-    stage: Stage = Field("sft", description="Training stage: sft (supervised), pt (continued pretraining), rm, dpo, kto, orpo, rl.")
+class MethodConfig(Section):
+    stage: Stage = Field("sft", description="Training stage: " + ", ".join(f"{r.name} ({r.description})" for r in ROWS) + ".")
     finetuning_type: FinetuningType = Field("lora", description="full: all weights; freeze: only the last N layers; lora: low-rank adapters; qlora: adapters on a quantized base.")
     freeze_trainable_layers: int = Field(2, ge=1, le=1024, description="freeze only: how many of the last decoder layers are trained.")
     lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
@@ -59,28 +64,19 @@ class MethodConfig(_Section):
     use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank, which keeps high ranks stable.")
     init_lora_weights: Literal["default", "gaussian", "pissa", "olora"] = Field("default", description="How the adapters start: default (PEFT's: B = 0, A Kaiming-uniform), gaussian, pissa (principal singular vectors of the weight) or olora (QR of the weight).")
     loraplus_lr_ratio: float = Field(0.0, ge=0.0, le=1000.0, description="LoRA+: the learning rate of the B matrices is this many times that of A (about 16 is usual; 0: off).")
-    # Preference stages (dpo, kto, orpo) and online RL (rl); `stages` names the stages that read a field.
-    beta: float = Field(0.1, gt=0.0, le=100.0, json_schema_extra={"stages": ["dpo", "kto", "orpo"]},
-                        description="dpo, kto: β, how far the model may move from the reference (higher: closer); orpo: λ, the weight of the odds-ratio term.")
-    dpo_loss: DpoLoss = Field("sigmoid", json_schema_extra={"stages": ["dpo"]},
-                              description="dpo: preference loss: sigmoid (DPO), ipo, hinge (SLiC), bco_pair, nca_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm.")
-    sft_weight: float = Field(0.0, ge=0.0, le=100.0, json_schema_extra={"stages": ["dpo"]},
-                              description="dpo: weight of an SFT loss on the chosen answers added to the preference loss (0: none).")
-    desirable_weight: float = Field(1.0, gt=0.0, le=100.0, json_schema_extra={"stages": ["kto"]},
-                                    description="kto: weight of the loss on desirable (label true) answers; raise it when they are the rarer kind.")
-    undesirable_weight: float = Field(1.0, gt=0.0, le=100.0, json_schema_extra={"stages": ["kto"]},
-                                      description="kto: weight of the loss on undesirable (label false) answers; raise it when they are the rarer kind.")
-    reward_model: str = Field("", json_schema_extra={"stages": ["rl"], "path": "path"},
-                              description="rl: the reward model, the final/ or checkpoint-N directory of an rm run.")
-    num_generations: int = Field(4, ge=2, le=256, json_schema_extra={"stages": ["rl"]},
-                                 description="rl: completions sampled per prompt and compared with each other; batch size × accumulation × processes must be a multiple of it.")
-    max_new_tokens: int = Field(64, ge=1, le=32_768, json_schema_extra={"stages": ["rl"]},
-                                description="rl: most tokens generated per completion; prompts longer than cutoff_len minus this are skipped.")
-    kl_beta: float = Field(0.04, ge=0.0, le=100.0, json_schema_extra={"stages": ["rl"]},
-                           description="rl: weight of the KL penalty that keeps the policy near the starting model (0: no penalty, no KL logged).")
+    # Fields of some stages only: the stage table (engine/run/stages.py) names the stages that read each.
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="dpo, kto: β, how far the model may move from the reference (higher: closer); orpo: λ, the weight of the odds-ratio term.")
+    dpo_loss: DpoLoss = Field("sigmoid", description="dpo: preference loss: sigmoid (DPO), ipo, hinge (SLiC), bco_pair, nca_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm.")
+    sft_weight: float = Field(0.0, ge=0.0, le=100.0, description="dpo: weight of an SFT loss on the chosen answers added to the preference loss (0: none).")
+    desirable_weight: float = Field(1.0, gt=0.0, le=100.0, description="kto: weight of the loss on desirable (label true) answers; raise it when they are the rarer kind.")
+    undesirable_weight: float = Field(1.0, gt=0.0, le=100.0, description="kto: weight of the loss on undesirable (label false) answers; raise it when they are the rarer kind.")
+    reward_model: str = Field("", json_schema_extra={"path": "path"}, description="rl: the reward model, the final/ or checkpoint-N directory of an rm run.")
+    num_generations: int = Field(4, ge=2, le=256, description="rl: completions sampled per prompt and compared with each other; batch size × accumulation × processes must be a multiple of it.")
+    max_new_tokens: int = Field(64, ge=1, le=32_768, description="rl: most tokens generated per completion; prompts longer than cutoff_len minus this are skipped.")
+    kl_beta: float = Field(0.04, ge=0.0, le=100.0, description="rl: weight of the KL penalty that keeps the policy near the starting model (0: no penalty, no KL logged).")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     datasets: list[str] = Field(default_factory=lambda: ["identity"], json_schema_extra={"path": "dataset"}, description="Registered dataset names or paths to data files (json, jsonl, csv, parquet, txt).")
     registry: str = Field(DEFAULT_REGISTRY, json_schema_extra={"path": "path"}, description="Dataset registry file that maps names to files, formats and columns.")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example; longer examples are truncated.")
@@ -92,7 +88,7 @@ class DataConfig(_Section):
     mix_stopping: Literal["first_exhausted", "all_exhausted"] = Field("first_exhausted", description="interleave only: stop when the first dataset runs out, or when every one has (smaller ones are then repeated).")
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(Section):
     num_train_epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 uses num_train_epochs.")
     per_device_train_batch_size: int = Field(2, ge=1, le=4096, description="Examples per device per forward pass.")
@@ -115,12 +111,12 @@ class TrainingConfig(_Section):
     resume_from: str | None = Field(None, json_schema_extra={"path": "checkpoint"}, description="Checkpoint to resume from: a checkpoint directory, or 'latest' for the run's newest one.")
 
 
-class Node(_Section):
+class Node(Section):
     host: str = Field(description="Host name as ssh reaches it (a name in ~/.ssh/config works).")
     slots: int = Field(1, ge=1, le=1024, description="Ranks this node can run: its GPUs, or processes on a CPU node.")
 
 
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     devices: str = Field("", description="GPU ids to use, e.g. '0,1'; empty uses every visible GPU (or the CPU when there is none).")
     num_processes: int = Field(1, ge=1, le=1024, description="Processes (ranks) on this machine; on GPUs one per device.")
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 off, 2 shards optimizer state and gradients, 3 also shards weights.")
@@ -134,11 +130,11 @@ class DistributedConfig(_Section):
     timeout: int = Field(600, ge=10, le=86_400, description="Seconds a rank waits for the others in a collective; a rank lost on another node fails the run after at most this.")
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     run_dir: str = Field("", json_schema_extra={"path": "path"}, description="Run directory; empty creates workspace/runs/<time>-<stage>.")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)

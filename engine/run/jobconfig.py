@@ -9,16 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from engine.run.config import DEFAULT_REGISTRY, load_config
+from engine.run.config import Section as _Section
+from engine.serve.sampling import SamplingParams
 
 JobKind = Literal["eval", "export"]
 GGUFType = Literal["f16", "q8_0", "q4_0"]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -40,8 +38,8 @@ class EvalTasks(_Section):
 
 
 class EvalData(_Section):
-    datasets: list[str] = Field(default_factory=lambda: ["instruct_demo"], json_schema_extra={"path": "dataset"}, description="Registered SFT dataset names or data files; the last assistant turn is the reference.")
-    registry: str = Field(DEFAULT_REGISTRY, json_schema_extra={"path": "path"}, description="Dataset registry file.")
+    datasets: list[str] = Field(default_factory=lambda: ["instruct_demo"], description="Registered SFT dataset names or data files; the last assistant turn is the reference.")
+    registry: str = Field(DEFAULT_REGISTRY, description="Dataset registry file.")
     max_samples: int | None = Field(64, ge=1, description="Use at most this many samples of each dataset (None: all).")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example for the loss.")
     val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Evaluate only this held-out fraction (the same split as training with the same seed); 0 uses every sample.")
@@ -52,8 +50,9 @@ class EvalGeneration(_Section):
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated together (left-padded).")
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Longest generated answer, in tokens.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
-    temperature: float = Field(0.7, gt=0.0, le=10.0, description="Sampling temperature (do_sample only).")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass (do_sample only).")
+    # do_sample only; the chat's sampling controls, so both take the same bounds (0 = greedy)
+    temperature: float = SamplingParams.model_fields["temperature"]
+    top_p: float = SamplingParams.model_fields["top_p"]
     seed: int = Field(42, description="Sampling seed.")
 
 

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from engine.data.encode import load_tokenizer  # noqa: F401 - the one tokenizer loader, torch-free for the web UI
 from engine.run.config import MethodConfig, ModelConfig, TrainingConfig
 
 log = logging.getLogger("engine.train.model_setup")
@@ -41,16 +42,6 @@ def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def load_tokenizer(model_cfg: ModelConfig):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
 
 
 def quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype):

@@ -1,6 +1,6 @@
-"""Training stages as a table: stage name -> the data it needs, how its trainer is built, and its arguments.
-
-``STAGE_KINDS`` is import-light (checks and the UI use it); the builders import torch and TRL lazily.
+"""The trainer builders, one per row of the stage table (engine/run/stages.py, which holds each stage's data
+kind, fields, metrics and checks): stage name -> how its data is prepared, its trainer built, and its arguments.
+The builders import torch and TRL lazily.
 
 Every stage tokenizes with the run's template through ``engine.data.encode`` (the preference stages with
 ``encode_answers``, which gives a prompt and an answer exactly the tokens SFT gives them), so a checkpoint of
@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-# stage -> kind of dataset it consumes (see data/dataset_info.yaml `kind`); rl reads the prompts of preference data
-STAGE_KINDS: dict[str, str] = {"sft": "sft", "pt": "pretrain", "rm": "preference", "dpo": "preference", "kto": "kto",
-                               "orpo": "preference", "rl": "preference"}
+from engine.run.stages import STAGE_KINDS
+
 REWARD_NAME = "reward_model"  # GRPO logs the reward model's mean as rewards/<REWARD_NAME>/mean
 
 
@@ -72,16 +71,17 @@ def pt_data(ctx: StageContext) -> None:
     ctx.data = (train, evaluation)
 
 
-def _answers(ctx: StageContext, kind: str):
+def _answers(ctx: StageContext):
     from engine.data.loader import build_answer_dataset
 
     train, evaluation, ctx.stats = build_answer_dataset(ctx.cfg.data, ctx.tokenizer, ctx.template,
-                                                        seed=ctx.cfg.training.seed, kind=kind)
+                                                        seed=ctx.cfg.training.seed,
+                                                        kind=STAGE_KINDS[ctx.cfg.method.stage])
     return train, evaluation
 
 
 def pair_data(ctx: StageContext) -> None:
-    ctx.data = _answers(ctx, "preference")
+    ctx.data = _answers(ctx)
 
 
 def _whole(row: dict) -> dict:
@@ -91,11 +91,11 @@ def _whole(row: dict) -> dict:
 def rm_data(ctx: StageContext) -> None:
     """The reward model scores whole sequences: prompt + chosen against prompt + rejected."""
     ctx.data = tuple(None if d is None else d.map(_whole, remove_columns=["prompt_ids"], desc="Joining")
-                     for d in _answers(ctx, "preference"))
+                     for d in _answers(ctx))
 
 
 def kto_data(ctx: StageContext) -> None:
-    train, evaluation = _answers(ctx, "kto")
+    train, evaluation = _answers(ctx)
     # KTO reads its data in order (each example's KL term uses its batch neighbour's answer), so shuffle once here.
     ctx.data = (train.shuffle(seed=ctx.cfg.training.seed).flatten_indices(), evaluation)
 
@@ -114,7 +114,7 @@ def _orpo_row(row: dict) -> dict:
 def orpo_data(ctx: StageContext) -> None:
     """Pairs in the columns ORPOTrainer's collator pads (its own tokenize_row would add a second end-of-turn)."""
     ctx.data = tuple(None if d is None else d.map(_orpo_row, remove_columns=d.column_names, desc="ORPO columns")
-                     for d in _answers(ctx, "preference"))
+                     for d in _answers(ctx))
 
 
 def rl_data(ctx: StageContext) -> None:

@@ -138,9 +138,11 @@ def extend_tokenizer(tokenizer, source: str | Path, sample: str = "") -> dict:
 
 def preview(model_path: str | Path, source: str | Path, text: str, trust_remote_code: bool = False) -> dict:
     """What extending the tokenizer of ``model_path`` with ``source`` does to ``text`` (for the web UI)."""
-    from transformers import AutoTokenizer
+    from engine.data.encode import load_tokenizer
+    from engine.run.config import ModelConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    # a fresh tokenizer (extending changes it), loaded as training loads it
+    tokenizer = load_tokenizer(ModelConfig(path=str(model_path), trust_remote_code=trust_remote_code))
     return extend_tokenizer(tokenizer, source, text)
 
 

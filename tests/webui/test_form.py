@@ -168,3 +168,71 @@ def test_an_empty_optional_number_shown_as_zero_means_none():
             cfg.data.max_samples) == (None, None, None, None)
     values["training.max_steps"] = 0  # not optional: 0 is passed on as is (and -1 means 'use epochs')
     assert form.from_values(values, CPU).training.max_steps == 0
+
+
+def _job_ctx(workspace):
+    from webui.context import Context
+    from webui.runs import RunManager
+
+    class _Manager(RunManager):
+        def __init__(self):
+            self.devices = CPU
+            self.workspace = workspace
+
+    return Context(manager=_Manager(), defaults=RunConfig())
+
+
+def test_job_forms_come_from_their_schemas(tmp_path):
+    """Evaluate, Export and the chat settings take widgets, bounds, defaults and help from their schemas, and
+    their values become a job config through the same coercion as the run form."""
+    import gradio as gr
+
+    from engine.run.jobconfig import EvalConfig, ExportConfig
+    from engine.serve.sampling import SamplingParams
+    from webui.tabs import chat, evaluate, export
+
+    ctx = _job_ctx(tmp_path)
+    with gr.Blocks():
+        specs = {}
+        for row in evaluate.ROWS:
+            specs |= form.build_schema_fields(ctx, EvalConfig, row, "ev:")
+        ex_specs = {}
+        for row in (*export.ROWS, export.HUB):
+            ex_specs |= form.build_schema_fields(ctx, ExportConfig, row, "ex:")
+    new = ctx.shared["ev:generation.max_new_tokens"]
+    assert (new.minimum, new.maximum, new.value) == (1, 8192, 64)  # ge, le and default of EvalGeneration
+    assert new.info == form.schema_field(EvalConfig, "generation.max_new_tokens").description
+    assert ctx.shared["ex:output.dtype"].value == ExportConfig().output.dtype
+    assert type(ctx.shared["ex:output.gguf"]).__name__ == "CheckboxGroup"
+    assert ctx.shared["ex:hub.token"].type == "password"
+
+    values = {k: ctx.shared["ev:" + k].value for k in evaluate.KEYS}
+    values |= {"data.max_samples": 0, "generation.batch_size": 4.0, "benchmark.file": " b.jsonl "}
+    cfg = form.config_of(EvalConfig, specs, values, {"tasks": {"choice": True}})
+    assert (cfg.data.max_samples, cfg.generation.batch_size, cfg.benchmark.file, cfg.tasks.choice) == (None, 4, "b.jsonl", True)
+    with pytest.raises(ConfigError) as err:
+        form.config_of(EvalConfig, specs, values | {"generation.max_new_tokens": 0})
+    assert [f for f, _ in err.value.problems] == ["generation.max_new_tokens"]
+    ex = form.config_of(ExportConfig, ex_specs, {k: ctx.shared["ex:" + k].value for k in export.KEYS}
+                        | {"output.gguf": ["f16"], "model.checkpoint": "/c"})
+    assert ex.output.gguf == ["f16"] and ex.model.checkpoint == "/c"
+
+    # chat and eval sample with the same bounds, declared once in SamplingParams
+    for name in ("temperature", "top_p"):
+        assert form.schema_field(EvalConfig, f"generation.{name}").metadata == SamplingParams.model_fields[name].metadata
+    temp = form.derive(SamplingParams, "temperature", chat.SLIDERS["temperature"])
+    assert (temp.kind, temp.minimum, temp.maximum, temp.default) == ("slider", 0.0, 2.0, 0.7)
+
+
+def test_evaluate_lists_the_workspace_datasets(tmp_path):
+    from engine.data.registry import append_entry, workspace_registry
+    from webui.tabs import evaluate
+
+    assert "instruct_demo" in evaluate.datasets(tmp_path)  # no workspace registry yet: the project's
+    data = tmp_path / "datasets" / "mine.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"instruction": "hi", "output": "hello"}\n')
+    append_entry(workspace_registry(tmp_path), "my_qa", data, "alpaca", "sft")
+    names = evaluate.datasets(tmp_path)
+    assert "my_qa" in names and "instruct_demo" in names
+    assert evaluate.registry(tmp_path) == workspace_registry(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,25 @@ def test_a_real_server_with_auth_locks_an_address_out_after_five_wrong_passwords
     finally:
         server.stop()
     assert "Traceback" not in server.log.read_text()
+
+
+def test_the_page_is_served_without_torch(tmp_path):
+    """The real server answers the page without loading torch (so neither trl, peft, transformers' models nor
+    deepspeed, which all import it): tokenizers and models load only where a page action needs them."""
+    import time
+    import urllib.request
+
+    from webui_server import Server
+
+    server = Server(tmp_path / "ws", tmp_path / "server.log")
+    try:
+        server.start()
+        page = urllib.request.urlopen(server.url, timeout=30).read().decode("utf-8", "replace")
+        assert "Workbench" in page
+        time.sleep(2)  # anything started in the background at start-up has had time to import
+        maps = (Path("/proc") / str(server.proc.pid) / "maps").read_text()
+        libs = sorted({line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/torch/" in line or "libtorch" in line})
+        assert libs == [], f"the web UI server loaded torch: {libs[:5]}"
+        assert "gradio" in maps or "pydantic_core" in maps  # the maps are the server's own (sanity)
+    finally:
+        server.stop()

@@ -18,25 +18,24 @@ from engine.run.paths import PathRefused
 from engine.serve.sampling import SamplingParams, parse_tool_calls
 from engine.serve.worker import InferenceWorker, WorkerError
 
+from .. import form
 from ..i18n import t
 from ..runs import RunError
 from ..views import esc, message
 
-SLIDERS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty")
-_STEPS = {"temperature": 0.05, "top_p": 0.01, "top_k": 1, "max_new_tokens": 1, "repetition_penalty": 0.01}
-_MAX = {"top_k": 200, "max_new_tokens": 4096}  # slider ends; the schema's own limits are higher
+# The sampling sliders from SamplingParams (bounds, defaults and help); here only what its types do not say:
+# the slider steps, and ends narrower than the schema's limits for top_k and max_new_tokens.
+SLIDERS = {
+    "temperature": {"widget": "slider", "step": 0.05},
+    "top_p": {"widget": "slider", "step": 0.01},
+    "top_k": {"widget": "slider", "maximum": 200},
+    "max_new_tokens": {"widget": "slider", "maximum": 4096},
+    "repetition_penalty": {"widget": "slider", "step": 0.01},
+}
 
 
 def _mb(n: int) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
-
-
-def _bound(name: str, kind: str):
-    for meta in SamplingParams.model_fields[name].metadata:
-        for attr in (kind, kind[0] + "t"):
-            if getattr(meta, attr, None) is not None:
-                return getattr(meta, attr)
-    return None
 
 
 def checkpoint_choices(ctx, run_id: str | None) -> list[tuple[str, str]]:
@@ -86,7 +85,7 @@ def conversation_message(h: dict, tools: bool) -> dict:
 
 
 def build(ctx) -> None:
-    c, defaults = ctx.shared, SamplingParams()
+    c = ctx.shared
     c["chat_worker"] = InferenceWorker()
     with gr.Tab(ctx.t("chat.tab"), id="chat") as tab:
         ctx.translate(tab, label="chat.tab")
@@ -98,7 +97,7 @@ def build(ctx) -> None:
             c["chat_model"] = ctx.translate(gr.Textbox(ctx.defaults.model.path, label=ctx.t("chat.model"), scale=3,
                                                        elem_id="chat-model"), label="chat.model")
         with gr.Row(equal_height=True):
-            c["chat_quant"] = ctx.translate(gr.Dropdown(["none", "nf4", "fp4", "int8"], value="none", elem_id="chat-quant", scale=1,
+            c["chat_quant"] = ctx.translate(gr.Dropdown(list(form.spec("model.quantization").choices), value="none", elem_id="chat-quant", scale=1,
                                                         label=ctx.t("chat.quantization"),
                                                         info=field_info("model", "quantization").description),
                                             label="chat.quantization")
@@ -113,11 +112,10 @@ def build(ctx) -> None:
             c["chat_system"] = ctx.translate(gr.Textbox("", label=ctx.t("chat.system"), lines=2, elem_id="chat-system"),
                                              label="chat.system")
             with gr.Row():
-                for name in SLIDERS:
-                    info = SamplingParams.model_fields[name]
-                    c[f"chat_{name}"] = gr.Slider(_bound(name, "ge") or 0, min(_bound(name, "le"), _MAX.get(name, 1e9)),
-                                                  value=getattr(defaults, name), step=_STEPS[name], label=name,
-                                                  info=info.description, elem_id=f"chat-{name.replace('_', '-')}")
+                for name, over in SLIDERS.items():
+                    s = form.derive(SamplingParams, name, over)
+                    c[f"chat_{name}"] = form.widget(s, s.default, label=name, info=form.schema_field(SamplingParams, name).description,
+                                                    elem_id=f"chat-{name.replace('_', '-')}")
             c["chat_side"] = ctx.translate(gr.Checkbox(False, label=ctx.t("chat.side_by_side"), elem_id="chat-side"),
                                            label="chat.side_by_side")
             c["chat_tools"] = ctx.translate(gr.Code("", language="json", label=ctx.t("chat.tools"), lines=4,

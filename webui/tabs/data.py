@@ -11,7 +11,7 @@ import gradio as gr
 
 from engine.data import DataError, load_registry, normalize, read_records, resolve_dataset
 from engine.run.paths import PathRefused, is_path_value
-from engine.train.stages import STAGE_KINDS
+from engine.run.stages import STAGE_KINDS
 
 from .. import form
 from ..i18n import t
@@ -32,10 +32,6 @@ def count_records(path: Path, sample_by: str = "line") -> int:
         if key not in _counts:
             _counts[key] = sum(1 for _ in islice(read_records(path, sample_by=sample_by), COUNT_CAP))
         return _counts[key]
-
-
-def stage_choices(lang: str) -> list[tuple[str, str]]:
-    return [(s if s in STAGE_KINDS else f"{s} — {t(lang, 'data.not_available')}", s) for s in form.spec("method.stage").choices]
 
 
 def confined(policy, registry: str, names: list[str] = ()) -> str | None:
@@ -137,7 +133,7 @@ def build(ctx) -> None:
         ctx.translate(tab, label="tabs.data")
         with gr.Row():
             with gr.Column(scale=2):
-                form.build(ctx, "method.stage", choices=stage_choices)
+                form.build(ctx, "method.stage")
                 choices, problem = dataset_choices(ctx.values["data.registry"], ctx.values["method.stage"], ctx.policy)
                 form.build(ctx, "data.datasets", choices=choices)
                 c["registry_msg"] = gr.HTML(message("error", ctx.t("data.bad_registry"), [problem]) if problem else "",

@@ -22,7 +22,7 @@ from engine.data.inspection import (Source, add_dataset, columns_of, detect_sour
 from engine.data.registry import CANONICAL_FIELDS, PROJECT_REGISTRY, find_path, workspace_registry
 from engine.run.paths import PathPolicy, PathRefused
 from engine.data.readers import SAMPLE_BY
-from engine.train.stages import STAGE_KINDS
+from engine.run.stages import STAGE_KINDS
 
 from .. import chatfmt, plots
 from ..i18n import t

@@ -10,27 +10,48 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from engine.data.registry import PROJECT_REGISTRY, ROOT, load_registry, workspace_registry
 from engine.run import jobs
 from engine.run.jobconfig import EvalConfig
 
-from ..i18n import t
-from ..jobview import checkpoint_choices, info, job_choices, job_dir, problems_html, status_html
+from .. import form
+from ..jobview import checkpoint_choices, job_choices, job_dir, problems_html, status_html
 
-ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy")
-LABELS = {"ev_base": "base", "ev_ckpts": "checkpoints", "ev_include_base": "include_base", "ev_tasks": "tasks",
-          "ev_data": "datasets", "ev_max": "max_samples", "ev_batch": "batch_size", "ev_new": "max_new_tokens",
-          "ev_sample": "do_sample", "ev_bench": "benchmark", "ev_job": "job", "ev_table": "comparison", "ev_chart": "chart",
-          "ev_pred_model": "pred_model", "ev_preds": "predictions", "ev_harness": "harness_tasks",
-          "ev_fewshot": "num_fewshot", "ev_limit": "limit"}
+LABELS = {"ev_tasks": "tasks", "ev_job": "job", "ev_table": "comparison", "ev_chart": "chart",
+          "ev_pred_model": "pred_model", "ev_preds": "predictions"}
 PRED_COLS = ("index", "bleu-4", "rouge-l", "prompt", "reference", "prediction")
+# The form's rows: field -> (locale key of its label, what the schema's type does not say). Bounds, defaults and
+# help come from EvalConfig.
+ROWS = (
+    {"model.base": ("evaluate.base", {"elem_id": "ev-base", "scale": 2}),
+     "model.checkpoints": ("evaluate.checkpoints", {"custom": False, "elem_id": "ev-ckpts", "scale": 3}),
+     "model.include_base": ("evaluate.include_base", {"elem_id": "ev-include-base"})},
+    {"data.datasets": ("evaluate.datasets", {"custom": False, "elem_id": "ev-data"}),
+     "data.max_samples": ("evaluate.max_samples", {"elem_id": "ev-max"})},
+    {"generation.batch_size": ("evaluate.batch_size", {"widget": "number"}),
+     "generation.max_new_tokens": ("evaluate.max_new_tokens", {"elem_id": "ev-new"}),
+     "generation.do_sample": ("evaluate.do_sample", {}),
+     "benchmark.file": ("evaluate.benchmark", {"elem_id": "ev-bench"})},
+    {"harness.tasks": ("evaluate.harness_tasks", {"elem_id": "ev-harness", "scale": 3}),
+     "harness.num_fewshot": ("evaluate.num_fewshot", {}),
+     "harness.limit": ("evaluate.limit", {})},
+)
+KEYS = [k for row in ROWS for k in row]
+TASKS = ("loss", "generation", "choice", "harness")
 
 
-def _datasets() -> list[str]:
-    from engine.data.registry import load_registry
+def registry(workspace: Path) -> Path:
+    """The registry the Evaluate tab lists: the workspace's (the Data tab's additions, which include the
+    project's datasets) once it exists, else the project's."""
+    ws = workspace_registry(workspace)
+    return ws if ws.is_file() else PROJECT_REGISTRY
 
+
+def datasets(workspace: Path) -> list[str]:
+    """The SFT datasets of the registry: the last assistant turn is the reference."""
     try:
-        return [n for n, s in load_registry(ROOT / "data" / "dataset_info.yaml").items() if s.kind == "sft"]
+        return [n for n, s in load_registry(registry(workspace)).items() if s.kind == "sft"]
     except Exception:  # noqa: BLE001 - the Data tab reports registry errors
         return []
 
@@ -68,38 +89,22 @@ def predictions(path: Path | None, result: dict | None, model: str | None) -> pd
 
 def build(ctx) -> None:
     c = ctx.shared
-    d = EvalConfig()
+    values = {"model.base": str(Path(ctx.defaults.model.path).resolve()),
+              "benchmark.file": str(ROOT / EvalConfig().benchmark.file)}
     with gr.Tab(ctx.t("evaluate.tab"), id="evaluate") as tab:
         ctx.translate(tab, label="evaluate.tab")
-        with gr.Row():
-            c["ev_base"] = gr.Textbox(str(ROOT / d.model.base) if d.model.base else str(Path(ctx.defaults.model.path).resolve()),
-                                      label=ctx.t("evaluate.base"), info=info("eval", "model.base"), elem_id="ev-base", scale=2)
-            c["ev_ckpts"] = gr.Dropdown([], value=[], multiselect=True, label=ctx.t("evaluate.checkpoints"),
-                                        info=info("eval", "model.checkpoints"), elem_id="ev-ckpts", scale=3)
-            c["ev_include_base"] = gr.Checkbox(d.model.include_base, label=ctx.t("evaluate.include_base"), elem_id="ev-include-base")
-        with gr.Row():
-            c["ev_tasks"] = gr.CheckboxGroup([("loss / perplexity", "loss"), ("BLEU / ROUGE", "generation"), ("multiple choice", "choice"),
-                                              ("lm-evaluation-harness", "harness")],
-                                             value=["loss", "generation"], label=ctx.t("evaluate.tasks"), elem_id="ev-tasks")
-            c["ev_data"] = gr.Dropdown(_datasets(), value=d.data.datasets, multiselect=True, label=ctx.t("evaluate.datasets"),
-                                       info=info("eval", "data.datasets"), elem_id="ev-data")
-            c["ev_max"] = gr.Number(d.data.max_samples, precision=0, minimum=1, label=ctx.t("evaluate.max_samples"),
-                                    info=info("eval", "data.max_samples"), elem_id="ev-max")
-        with gr.Row():
-            c["ev_batch"] = gr.Number(d.generation.batch_size, precision=0, minimum=1, label=ctx.t("evaluate.batch_size"),
-                                      info=info("eval", "generation.batch_size"))
-            c["ev_new"] = gr.Number(d.generation.max_new_tokens, precision=0, minimum=1, label=ctx.t("evaluate.max_new_tokens"),
-                                    info=info("eval", "generation.max_new_tokens"), elem_id="ev-new")
-            c["ev_sample"] = gr.Checkbox(d.generation.do_sample, label=ctx.t("evaluate.do_sample"), info=info("eval", "generation.do_sample"))
-            c["ev_bench"] = gr.Textbox(str(ROOT / d.benchmark.file), label=ctx.t("evaluate.benchmark"), info=info("eval", "benchmark.file"),
-                                       elem_id="ev-bench")
-        with gr.Row():
-            c["ev_harness"] = gr.Textbox(", ".join(d.harness.tasks), label=ctx.t("evaluate.harness_tasks"),
-                                         info=info("eval", "harness.tasks"), elem_id="ev-harness", scale=3)
-            c["ev_fewshot"] = gr.Number(d.harness.num_fewshot, precision=0, minimum=0, maximum=25,
-                                        label=ctx.t("evaluate.num_fewshot"), info=info("eval", "harness.num_fewshot"))
-            c["ev_limit"] = gr.Number(d.harness.limit, precision=0, minimum=1, label=ctx.t("evaluate.limit"),
-                                      info=info("eval", "harness.limit"))
+        specs = {}
+        for i, row in enumerate(ROWS):
+            with gr.Row():
+                if i == 1:
+                    tasks = EvalConfig().tasks
+                    c["ev_tasks"] = gr.CheckboxGroup([("loss / perplexity", "loss"), ("BLEU / ROUGE", "generation"),
+                                                      ("multiple choice", "choice"), ("lm-evaluation-harness", "harness")],
+                                                     value=[k for k in TASKS if getattr(tasks, k)],
+                                                     label=ctx.t("evaluate.tasks"), elem_id="ev-tasks")
+                specs |= form.build_schema_fields(ctx, EvalConfig, row, "ev:", values,
+                                                  {"data.datasets": [(n, n) for n in datasets(ctx.workspace)]})
+        c["ev_specs"] = specs
         with gr.Row(equal_height=True):
             c["ev_start"] = gr.Button(ctx.t("evaluate.start"), variant="primary", elem_id="btn-eval", scale=0, min_width=160)
             c["ev_job"] = gr.Dropdown([], value=None, label=ctx.t("evaluate.job"), elem_id="ev-job", scale=3)
@@ -119,19 +124,10 @@ def build(ctx) -> None:
 def wire(ctx) -> None:
     c, lang, ws = ctx.shared, ctx.shared["lang"], ctx.workspace
 
-    def start(lg, base, ckpts, include_base, tasks, data, max_samples, batch, new, sample, bench, harness, fewshot,
-              limit):
+    def start(lg, tasks, *values):
         try:
-            cfg = EvalConfig.model_validate({
-                "model": {"base": base, "checkpoints": ckpts or [], "include_base": include_base},
-                "tasks": {k: k in (tasks or []) for k in ("loss", "generation", "choice", "harness")},
-                "data": {"datasets": data or [], "registry": str(ROOT / "data" / "dataset_info.yaml"),
-                         "max_samples": int(max_samples) if max_samples else None},
-                "generation": {"batch_size": int(batch), "max_new_tokens": int(new), "do_sample": bool(sample)},
-                "benchmark": {"file": bench},
-                "harness": {"tasks": [n.strip() for n in (harness or "").split(",") if n.strip()],
-                            "num_fewshot": int(fewshot or 0), "limit": int(limit) if limit else None},
-            })
+            base = {"tasks": {k: k in (tasks or []) for k in TASKS}, "data": {"registry": str(registry(ws))}}
+            cfg = form.config_of(EvalConfig, c["ev_specs"], dict(zip(KEYS, values)), base)
             ctx.confine(cfg)
             from engine.jobs.evaluate import check_eval
 
@@ -140,9 +136,7 @@ def wire(ctx) -> None:
             return problems_html(lg, err), gr.skip()
         return status_html(lg, path), gr.update(choices=job_choices("eval", ws), value=path.name)
 
-    c["ev_start"].click(start, [lang, c["ev_base"], c["ev_ckpts"], c["ev_include_base"], c["ev_tasks"], c["ev_data"], c["ev_max"],
-                                c["ev_batch"], c["ev_new"], c["ev_sample"], c["ev_bench"], c["ev_harness"], c["ev_fewshot"],
-                                c["ev_limit"]], [c["ev_status"], c["ev_job"]])
+    c["ev_start"].click(start, [lang, c["ev_tasks"]] + [c["ev:" + k] for k in KEYS], [c["ev_status"], c["ev_job"]])
 
     def show(lg, name, model):
         path = job_dir("eval", ws, name)
@@ -167,7 +161,9 @@ def wire(ctx) -> None:
     c["ev_timer"].tick(poll, [lang, c["ev_job"], c["ev_pred_model"], c["ev_sig"]], outs + [c["ev_sig"]], show_progress="hidden")
 
     def refresh():
-        return (gr.update(choices=checkpoint_choices(ws)), gr.update(choices=job_choices("eval", ws)))
+        return (gr.update(choices=checkpoint_choices(ws)), gr.update(choices=job_choices("eval", ws)),
+                gr.update(choices=[(n, n) for n in datasets(ws)]))
 
-    c["ev_tab"].select(refresh, None, [c["ev_ckpts"], c["ev_job"]])
-    ctx.on_load.append((refresh, None, [c["ev_ckpts"], c["ev_job"]]))
+    outs = [c["ev:model.checkpoints"], c["ev_job"], c["ev:data.datasets"]]
+    c["ev_tab"].select(refresh, None, outs)
+    ctx.on_load.append((refresh, None, outs))

@@ -5,20 +5,30 @@ difference, top-1 agreement and answer), sizes and time."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
 
 import gradio as gr
 
 from engine.run import jobs
-from engine.run.jobconfig import ExportConfig, GGUFType
+from engine.run.jobconfig import ExportConfig
 
+from .. import form
 from ..i18n import t
-from ..jobview import checkpoint_choices, info, job_choices, job_dir, problems_html, status_html
+from ..jobview import checkpoint_choices, job_choices, job_dir, problems_html, status_html
 from ..views import esc
 
-LABELS = {"ex_ckpt": "checkpoint", "ex_dir": "output_dir", "ex_overwrite": "overwrite", "ex_dtype": "dtype",
-          "ex_shard": "max_shard_size", "ex_gguf": "gguf", "ex_prompt": "prompt", "ex_repo": "repo_id",
-          "ex_token": "token", "ex_job": "job"}
+# The form's rows: field -> (locale key of its label, what the schema's type does not say). Bounds, defaults and
+# help come from ExportConfig.
+ROWS = (
+    {"model.checkpoint": ("export.checkpoint", {"widget": "dropdown", "elem_id": "ex-ckpt", "scale": 3}),
+     "output.dir": ("export.output_dir", {"elem_id": "ex-dir", "scale": 3}),
+     "output.overwrite": ("export.overwrite", {"elem_id": "ex-overwrite"})},
+    {"output.dtype": ("export.dtype", {"widget": "dropdown", "elem_id": "ex-dtype"}),
+     "output.max_shard_size": ("export.max_shard_size", {"elem_id": "ex-shard"}),
+     "output.gguf": ("export.gguf", {"elem_id": "ex-gguf"}),
+     "verify.prompt": ("export.prompt", {})},
+)
+HUB = {"hub.repo_id": ("export.repo_id", {"elem_id": "ex-repo"}), "hub.token": ("export.token", {"type": "password"})}
+KEYS = [k for row in (*ROWS, HUB) for k in row]
 
 
 def result_html(lang: str, result: dict | None) -> str:
@@ -45,28 +55,18 @@ def result_html(lang: str, result: dict | None) -> str:
 
 def build(ctx) -> None:
     c = ctx.shared
-    d = ExportConfig()
     with gr.Tab(ctx.t("export.tab"), id="export") as tab:
         ctx.translate(tab, label="export.tab")
-        with gr.Row():
-            c["ex_ckpt"] = gr.Dropdown([], value=None, label=ctx.t("export.checkpoint"), info=info("export", "model.checkpoint"),
-                                       elem_id="ex-ckpt", scale=3)
-            c["ex_dir"] = gr.Textbox("", label=ctx.t("export.output_dir"), info=info("export", "output.dir"), elem_id="ex-dir", scale=3)
-            c["ex_overwrite"] = gr.Checkbox(d.output.overwrite, label=ctx.t("export.overwrite"), info=info("export", "output.overwrite"),
-                                            elem_id="ex-overwrite")
-        with gr.Row():
-            c["ex_dtype"] = gr.Dropdown(["bfloat16", "float16", "float32"], value=d.output.dtype, label=ctx.t("export.dtype"),
-                                        info=info("export", "output.dtype"), elem_id="ex-dtype")
-            c["ex_shard"] = gr.Textbox(d.output.max_shard_size, label=ctx.t("export.max_shard_size"),
-                                       info=info("export", "output.max_shard_size"), elem_id="ex-shard")
-            c["ex_gguf"] = gr.CheckboxGroup(list(get_args(GGUFType)), value=d.output.gguf, label=ctx.t("export.gguf"),
-                                            info=info("export", "output.gguf"), elem_id="ex-gguf")
-            c["ex_prompt"] = gr.Textbox(d.verify.prompt, label=ctx.t("export.prompt"), info=info("export", "verify.prompt"))
+        specs = {}
+        for row in ROWS:
+            with gr.Row():
+                specs |= form.build_schema_fields(ctx, ExportConfig, row, "ex:", {"model.checkpoint": None},
+                                                  {"model.checkpoint": []})
         with gr.Accordion(ctx.t("export.hub"), open=False) as hub:
             with gr.Row():
-                c["ex_repo"] = gr.Textbox("", label=ctx.t("export.repo_id"), info=info("export", "hub.repo_id"), elem_id="ex-repo")
-                c["ex_token"] = gr.Textbox("", type="password", label=ctx.t("export.token"), info=info("export", "hub.token"))
+                specs |= form.build_schema_fields(ctx, ExportConfig, HUB, "ex:")
         ctx.translate(hub, label="export.hub")
+        c["ex_specs"] = specs
         with gr.Row(equal_height=True):
             c["ex_start"] = gr.Button(ctx.t("export.start"), variant="primary", elem_id="btn-export", scale=0, min_width=160)
             c["ex_job"] = gr.Dropdown([], value=None, label=ctx.t("export.job"), elem_id="ex-job", scale=3)
@@ -74,22 +74,20 @@ def build(ctx) -> None:
         c["ex_result"] = gr.HTML("", elem_id="ex-result-box")
         c["ex_timer"] = gr.Timer(2.0)
         c["ex_tab"] = tab
-    for key, loc in LABELS.items():
-        ctx.translate(c[key], label=f"export.{loc}")
+    ctx.translate(c["ex_job"], label="export.job")
     ctx.translate(c["ex_start"], value="export.start")
 
 
 def wire(ctx) -> None:
     c, lang, ws = ctx.shared, ctx.shared["lang"], ctx.workspace
 
-    def start(lg, ckpt, out, overwrite, dtype, shard, gguf, prompt, repo, token):
+    def start(lg, *values):
         try:
-            cfg = ExportConfig.model_validate({
-                "model": {"checkpoint": ckpt or ""},
-                "output": {"dir": str(Path(out).expanduser().resolve()) if out else "", "overwrite": overwrite, "dtype": dtype,
-                           "max_shard_size": shard, "gguf": gguf or []},
-                "verify": {"prompt": prompt}, "hub": {"repo_id": repo, "token": token},
-            })
+            values = dict(zip(KEYS, values))
+            values["model.checkpoint"] = values["model.checkpoint"] or ""
+            out = (values["output.dir"] or "").strip()
+            values["output.dir"] = str(Path(out).expanduser().resolve()) if out else ""
+            cfg = form.config_of(ExportConfig, c["ex_specs"], values)
             ctx.confine(cfg)
             from engine.jobs.export import check_export
 
@@ -98,8 +96,7 @@ def wire(ctx) -> None:
             return problems_html(lg, err), gr.skip()
         return status_html(lg, path), gr.update(choices=job_choices("export", ws), value=path.name)
 
-    c["ex_start"].click(start, [lang, c["ex_ckpt"], c["ex_dir"], c["ex_overwrite"], c["ex_dtype"], c["ex_shard"], c["ex_gguf"],
-                                c["ex_prompt"], c["ex_repo"], c["ex_token"]], [c["ex_status"], c["ex_job"]])
+    c["ex_start"].click(start, [lang] + [c["ex:" + k] for k in KEYS], [c["ex_status"], c["ex_job"]])
 
     def show(lg, name):
         path = job_dir("export", ws, name)
@@ -120,5 +117,5 @@ def wire(ctx) -> None:
     def refresh():
         return gr.update(choices=checkpoint_choices(ws)), gr.update(choices=job_choices("export", ws))
 
-    c["ex_tab"].select(refresh, None, [c["ex_ckpt"], c["ex_job"]])
-    ctx.on_load.append((refresh, None, [c["ex_ckpt"], c["ex_job"]]))
+    c["ex_tab"].select(refresh, None, [c["ex:model.checkpoint"], c["ex_job"]])
+    ctx.on_load.append((refresh, None, [c["ex:model.checkpoint"], c["ex_job"]]))
