@@ -38,8 +38,8 @@ class EvalTasks(_Section):
 
 
 class EvalData(_Section):
-    datasets: list[str] = Field(default_factory=lambda: ["instruct_demo"], description="Registered SFT dataset names or data files; the last assistant turn is the reference.")
-    registry: str = Field(DEFAULT_REGISTRY, description="Dataset registry file.")
+    datasets: list[str] = Field(default_factory=lambda: ["instruct_demo"], json_schema_extra={"path": "dataset"}, description="Registered SFT dataset names or data files; the last assistant turn is the reference.")
+    registry: str = Field(DEFAULT_REGISTRY, json_schema_extra={"path": "path"}, description="Dataset registry file.")
     max_samples: int | None = Field(64, ge=1, description="Use at most this many samples of each dataset (None: all).")
     cutoff_len: int = Field(1024, ge=8, le=1_048_576, description="Maximum tokens per example for the loss.")
     val_size: float = Field(0.0, ge=0.0, lt=1.0, description="Evaluate only this held-out fraction (the same split as training with the same seed); 0 uses every sample.")

@@ -121,8 +121,11 @@ def test_widgets_follow_types_bounds_and_defaults():
 
 
 def test_ui_defaults_are_a_valid_config_with_cpu_friendly_values():
+    from engine.run.config import DEFAULT_MODEL
+
     cfg = form.load_defaults()
-    assert cfg.model.path == "models/SmolLM2-135M-Instruct" and cfg.data.datasets == ["identity"]
+    assert cfg.model.path == DEFAULT_MODEL and DEFAULT_MODEL.endswith("models/SmolLM2-135M-Instruct")
+    assert cfg.data.datasets == ["identity"]
     assert cfg.method.finetuning_type == "lora"
     assert (cfg.data.cutoff_len, cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps,
             cfg.training.logging_steps) == (512, 4, 1, 1)
