@@ -8,24 +8,16 @@ import sys
 from engine.run.config import ConfigError
 
 
-def _train(args) -> int:
-    from engine.run import launch
-    from engine.run.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    run_dir = launch.start(cfg, args.workspace)
-    print(f"run directory: {run_dir}")
-    if not args.foreground:
-        print(f"started in the background; follow it with: tail -f {run_dir}/train.log")
-        return 0
-    status = launch.follow(run_dir)
-    print(f"[workbench] {status.state}" + (f": {status.error}" if status.error else ""))
-    return 0 if status.state in ("completed", "stopped") else 1
-
-
 def _stop(args) -> int:
-    from engine.run import launch
+    from pathlib import Path
 
+    from engine.run import launch
+    from engine.run.queue import DeviceQueue
+
+    job_dir = Path(args.run_dir).resolve()
+    if DeviceQueue(job_dir.parent.parent, devices=[]).cancel(job_dir):  # waiting in the queue: taken off it
+        print("cancelled while queued")
+        return 0
     if not launch.stop(args.run_dir, force=args.force):
         print(f"{args.run_dir} is not running", file=sys.stderr)
         return 1
@@ -71,13 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Fine-tune open LLMs: one run config, one engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="validate a run config and start it under the DeepSpeed launcher")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. training.max_steps=30")
-    p.add_argument("--workspace", default=None, help="where runs live when output.run_dir is empty (default ./workspace)")
-    p.add_argument("--foreground", "-f", action="store_true", help="wait for the run and stream its log; Ctrl-C stops it gracefully")
-    p.set_defaults(func=_train)
-
     p = sub.add_parser("stop", help="stop a run gracefully (finish the step, save a checkpoint)")
     p.add_argument("run_dir")
     p.add_argument("--force", action="store_true", help="SIGKILL instead of a graceful stop")
@@ -114,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the checkpoint path)")
     p.set_defaults(func=_api)
 
-    from engine.jobs.cli import add_parsers as add_job_parsers  # eval, export
+    from engine.jobs.cli import add_parsers as add_job_parsers  # train, eval, export
 
     add_job_parsers(sub)
 

@@ -139,6 +139,28 @@ def read_status(run_dir: str | Path) -> Status | None:
     )
 
 
+def classify(err: BaseException) -> tuple[str, str]:
+    """(kind, one-line message) for status.json, for every job kind."""
+    from engine.data.errors import DataError
+    from engine.run.checkpoint import CheckpointError
+    from engine.run.config import ConfigError
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, ConfigError):
+        return "config", str(err)
+    if isinstance(err, CheckpointError):
+        return "config", f"{err.field}: {err}" if err.field else str(err)
+    if isinstance(err, DataError):
+        return "data", text
+    if type(err).__name__ == "TemplateError":
+        return "config", text
+    if type(err).__name__ in ("ExportError", "BenchmarkError", "HubError"):
+        return type(err).__name__.removesuffix("Error").lower(), str(err)
+    if "out of memory" in str(err).lower() or type(err).__name__ in ("OutOfMemoryError", "MemoryError"):
+        return "out_of_memory", f"out of memory: {text} (lower the batch size or cutoff_len, or use QLoRA / gradient checkpointing)"
+    return "runtime", f"{type(err).__name__}: {text}"
+
+
 def signal_run(run_dir: str | Path, sig: int = signal.SIGTERM) -> bool:
     status = read_status_raw(run_dir)
     if status is None or not group_alive(status.pgid):

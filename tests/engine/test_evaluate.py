@@ -97,7 +97,7 @@ def _cfg(tiny_model, adapter, tmp_path, **tasks) -> EvalConfig:
         "data": {"datasets": ["instruct_demo"], "registry": str(ROOT / "data/dataset_info.yaml"), "max_samples": 6},
         "generation": {"batch_size": 4, "max_new_tokens": 6},
         "benchmark": {"file": str(ROOT / "data/benchmarks/mcq_demo.jsonl"), "max_samples": 4},
-        "output": {"dir": str(tmp_path / "job")},
+        "output": {"job_dir": str(tmp_path / "job")},
     })
 
 
@@ -156,7 +156,7 @@ def test_bad_inputs_are_reported_before_work(tiny_model, default_model, adapter,
 
 def test_eval_job_through_the_launcher(tiny_model, adapter, tmp_path):
     cfg = _cfg(tiny_model, adapter, tmp_path, generation=False, choice=False)
-    job_dir = jobs.start_job("eval", cfg, checks=check_eval)
+    job_dir = launch.start(cfg)
     status = launch.wait(job_dir, timeout=240)
     assert status.state == "completed", (status, rundir.log_tail(job_dir))
     rows = jobs.read_result(job_dir)["rows"]

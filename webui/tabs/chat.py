@@ -68,7 +68,7 @@ def status_html(lang: str, worker: InferenceWorker, note: str = "") -> str:
 
 def build(ctx) -> None:
     c, defaults = ctx.shared, SamplingParams()
-    c["chat_worker"] = InferenceWorker()
+    c["chat_worker"] = InferenceWorker(ctx.workspace)
     with gr.Tab(ctx.t("chat.tab"), id="chat") as tab:
         ctx.translate(tab, label="chat.tab")
         with gr.Row(equal_height=True):
@@ -142,7 +142,7 @@ def wire(ctx) -> None:
             info = worker.load(path, quantization=quant, template=(template or "").strip() or None)
         except WorkerError as err:
             lines = [str(err)]
-            busy = m.busy()
+            busy = m.devices_queue.busy(jobs_only=True)
             if err.kind == "out_of_memory" and busy:
                 lines.append(t(lg, "chat.training_busy", runs=", ".join(sorted(set(busy.values())))))
             return status_html(lg, worker, message("error", t(lg, "chat.load_failed"), lines))
