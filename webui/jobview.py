@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.run import jobs, rundir
-from engine.run.checkpoint import is_reward_model
+from engine.run.checkpoint import workspace_checkpoints
 from engine.run.config import ConfigError
-from engine.run.jobconfig import SCHEMAS
 
 from .i18n import t
 from .views import badge, esc, message
@@ -19,20 +18,13 @@ from .views import badge, esc, message
 def info(kind: str, key: str) -> str:
     """The schema's description of ``section.name``: the field help, declared once."""
     section, name = key.split(".", 1)
-    return SCHEMAS[kind].model_fields[section].annotation.model_fields[name].description or ""
+    return jobs.KINDS[kind].schema.model_fields[section].annotation.model_fields[name].description or ""
 
 
 def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
     """(label, path) of every final/ and checkpoint-N/ of the workspace's language-model runs (not reward models),
-    and of its exports, newest run first."""
-    out = []
-    for run in rundir.list_runs(workspace):
-        if is_reward_model(run):
-            continue
-        if (run / rundir.FINAL).is_dir():
-            out.append((f"{run.name}/{rundir.FINAL}", str(run / rundir.FINAL)))
-        for _, path in reversed(rundir.checkpoints(run)):
-            out.append((f"{run.name}/{path.name}", str(path)))
+    newest run first, and of its exports."""
+    out = workspace_checkpoints(workspace)
     for job in jobs.list_jobs("export", workspace):
         result = jobs.read_result(job) or {}
         if result.get("output_dir") and Path(result["output_dir"]).is_dir():

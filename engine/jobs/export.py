@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from engine.run import jobs
-from engine.run.checkpoint import inspect, load_for_eval
+from engine.run.checkpoint import load_for_eval, resolve
 from engine.run.jobchecks import ExportError, check_export, output_dir
 from engine.run.jobconfig import ExportConfig
 
@@ -133,7 +133,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     problems = check_export(cfg)
     if problems:
         raise ExportError("; ".join(f"{f}: {m}" for f, m in problems))
-    ckpt = inspect(cfg.model.checkpoint, cfg.model.base or None)
+    ckpt = resolve(cfg.model.checkpoint, cfg.model.base or None)
     out = output_dir(cfg)
     if out.exists():
         shutil.rmtree(out)  # overwrite was allowed by check_export

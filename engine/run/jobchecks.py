@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.run.checkpoint import CheckpointError, check_adapter_base, inspect
+from engine.run.checkpoint import CheckpointError, check_adapter_base, resolve
 from engine.run.jobconfig import EvalConfig, ExportConfig
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -25,7 +25,7 @@ class ExportError(RuntimeError):
 
 def targets(cfg: EvalConfig) -> tuple[Path, list]:
     """(base model dir, [None for the base, then Checkpoint per checkpoint]); raises CheckpointError."""
-    ckpts = [inspect(p, cfg.model.base or None, field=f"model.checkpoints[{i}]") for i, p in enumerate(cfg.model.checkpoints)]
+    ckpts = [resolve(p, cfg.model.base or None, field=f"model.checkpoints[{i}]") for i, p in enumerate(cfg.model.checkpoints)]
     if cfg.model.base:
         base = Path(cfg.model.base).expanduser().resolve()
     else:
@@ -124,7 +124,7 @@ def check_export(cfg: ExportConfig, job_dir: Path | None = None) -> list[tuple[s
     if not cfg.model.checkpoint:
         return [("model.checkpoint", "choose a checkpoint to export")]
     try:
-        ckpt = inspect(cfg.model.checkpoint, cfg.model.base or None)
+        ckpt = resolve(cfg.model.checkpoint, cfg.model.base or None)
         check_adapter_base(ckpt, cfg.model.trust_remote_code)
     except CheckpointError as err:
         return [(err.field, str(err))]

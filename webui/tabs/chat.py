@@ -9,8 +9,7 @@ from __future__ import annotations
 import gradio as gr
 import psutil
 
-from engine.run import rundir
-from engine.run.checkpoint import is_reward_model
+from engine.run.checkpoint import is_reward_model, weights_dirs
 from engine.run.config import field_info
 from engine.serve.sampling import SamplingParams
 from engine.serve.worker import InferenceWorker, WorkerError
@@ -46,12 +45,14 @@ def checkpoint_choices(ctx, run_id: str | None) -> list[tuple[str, str]]:
         return []
     series = ctx.manager.series(run_dir)
     out = []
-    if (run_dir / rundir.FINAL).is_dir():
-        out.append((f"final · {series.last_loss():.4f}" if series.last_loss() is not None else "final",
-                    str(run_dir / rundir.FINAL)))
-    for step, path in reversed(rundir.checkpoints(run_dir)):
-        loss = series.loss_at(step)
-        out.append((f"{path.name} · step {step}" + (f" · loss {loss:.4f}" if loss is not None else ""), str(path)))
+    for step, path in weights_dirs(run_dir):
+        if step is None:  # final/
+            loss = series.last_loss()
+            label = f"{path.name} · {loss:.4f}" if loss is not None else path.name
+        else:
+            loss = series.loss_at(step)
+            label = f"{path.name} · step {step}" + (f" · loss {loss:.4f}" if loss is not None else "")
+        out.append((label, str(path)))
     return out
 
 
