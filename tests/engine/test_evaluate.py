@@ -11,7 +11,8 @@ import torch
 
 from engine.run import jobs, launch, rundir
 from engine.jobs.choice_eval import BenchmarkError, read_benchmark, score
-from engine.jobs.evaluate import check_eval, evaluate
+from engine.jobs.evaluate import evaluate
+from engine.run.jobchecks import check_eval
 from engine.run.jobconfig import EvalConfig
 from engine.jobs.textmetrics import sample_scores
 from test_export import _Progress, make_adapter

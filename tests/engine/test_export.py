@@ -13,8 +13,9 @@ import yaml
 
 from engine.run import jobs, launch, rundir
 from engine.run.config import ConfigError
-from engine.jobs.export import ExportError, check_export, export, greedy
+from engine.jobs.export import export, greedy
 from engine.jobs.hub import HubError
+from engine.run.jobchecks import ExportError, check_export
 from engine.run.jobconfig import ExportConfig
 
 
