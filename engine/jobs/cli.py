@@ -34,7 +34,12 @@ def run(args) -> int:
                 start_waiter(workspace, job_dir)
                 print(f"a waiter process starts it then; cancel with: workbench stop {job_dir}")
                 return 0
-            status = queue.wait_turn(job_dir)
+            try:
+                status = queue.wait_turn(job_dir)
+            except KeyboardInterrupt:
+                queue.cancel(job_dir)
+                print("\n[workbench] cancelled while queued")
+                return 1
             if status is None or status.state == "stopped":
                 print("[workbench] cancelled while queued")
                 return 1
