@@ -25,6 +25,7 @@ from engine.run import jobs, rundir
 from engine.run.config import ConfigError, RunConfig, dump_config
 from engine.run.jobs import workspace_dir  # noqa: F401 - launch.workspace_dir, as the CLI and the server call it
 
+
 def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else path
 
