@@ -8,42 +8,21 @@ import sys
 from engine.run.config import DEFAULT_MODEL, ConfigError
 
 
-def _train(args) -> int:
-    from engine.run import launch
-    from engine.run.config import load_config
-
-    from engine.run.checks import warnings
-
-    cfg = load_config(args.config, args.overrides)
-    for field, message in warnings(cfg):
-        print(f"warning: {field}: {message}", file=sys.stderr)
-    if args.node_rank:  # no_ssh mode: this node runs its own ranks of the run node 0 started
-        from engine.run.nodes import join
-
-        return 0 if join(cfg, args.node_rank) == 0 else 1
-    run_dir = launch.start(cfg, args.workspace)
-    print(f"run directory: {run_dir}")
-    if cfg.training.resume_from:
-        from engine.run import rundir
-
-        for path in rundir.incomplete_checkpoints(run_dir):
-            print(f"note: {path} is an incomplete save: not resumed from, left for you to delete")
-    if not args.foreground:
-        print(f"started in the background; follow it with: tail -f {run_dir}/train.log")
-        return 0
-    status = launch.follow(run_dir)
-    print(f"[workbench] {status.state}" + (f": {status.error}" if status.error else ""))
-    return 0 if status.state in ("completed", "stopped") else 1
-
-
 def _stop(args) -> int:
     from pathlib import Path
 
-    from engine.run import launch, rundir
+    from engine.run import launch
+    from engine.run.queue import DeviceQueue
 
-    if not (Path(args.run_dir) / rundir.STATUS).is_file():
+    from engine.run import rundir
+
+    job_dir = Path(args.run_dir).resolve()
+    if not (job_dir / rundir.STATUS).is_file():
         print(f"error: {args.run_dir} is not a run directory (it has no {rundir.STATUS})", file=sys.stderr)
         return 2
+    if DeviceQueue(job_dir.parent.parent, devices=[]).cancel(job_dir):  # waiting in the queue: taken off it
+        print("cancelled while queued")
+        return 0
     if not launch.stop(args.run_dir, force=args.force):
         print(f"{args.run_dir} is not running", file=sys.stderr)
         return 1
@@ -120,14 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Fine-tune open LLMs: one run config, one engine.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="validate a run config and start it under the DeepSpeed launcher")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. training.max_steps=30")
-    p.add_argument("--workspace", default=None, help="where runs live when output.run_dir is empty (default ./workspace)")
-    p.add_argument("--foreground", "-f", action="store_true", help="wait for the run and stream its log; Ctrl-C stops it gracefully")
-    p.add_argument("--node-rank", type=int, default=0, help="several machines, distributed.launcher=no_ssh: this node's rank (0 starts the run, 1.. join it)")
-    p.set_defaults(func=_train)
-
     p = sub.add_parser("stop", help="stop a run gracefully (finish the step, save a checkpoint)")
     p.add_argument("run_dir")
     p.add_argument("--force", action="store_true", help="SIGKILL instead of a graceful stop")
@@ -173,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the checkpoint path)")
     p.set_defaults(func=_api)
 
-    from engine.jobs.cli import add_parsers as add_job_parsers  # eval, export
+    from engine.jobs.cli import add_parsers as add_job_parsers  # train, eval, export
 
     add_job_parsers(sub)
 

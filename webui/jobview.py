@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.run import jobs, rundir
-from engine.run.checkpoint import is_reward_model
+from engine.run.checkpoint import workspace_checkpoints
 from engine.run.config import ConfigError
 
 from .i18n import t
@@ -18,15 +18,8 @@ from .views import badge, esc, message
 
 def checkpoint_choices(workspace: Path) -> list[tuple[str, str]]:
     """(label, path) of every final/ and checkpoint-N/ of the workspace's language-model runs (not reward models),
-    and of its exports, newest run first."""
-    out = []
-    for run in rundir.list_runs(workspace):
-        if is_reward_model(run):
-            continue
-        if (run / rundir.FINAL).is_dir():
-            out.append((f"{run.name}/{rundir.FINAL}", str(run / rundir.FINAL)))
-        for _, path in reversed(rundir.checkpoints(run)):
-            out.append((f"{run.name}/{path.name}", str(path)))
+    newest run first, and of its exports."""
+    out = workspace_checkpoints(workspace)
     for job in jobs.list_jobs("export", workspace):
         result = jobs.read_result(job) or {}
         if result.get("output_dir") and Path(result["output_dir"]).is_dir():

@@ -1,58 +1,25 @@
-"""RunManager: start, stop, queue, re-attach and poll the runs of a workspace. Imports no gradio.
+"""RunManager: the web UI's view of a workspace's jobs (runs, evaluations, exports). Imports no gradio.
 
-Everything it knows lives in the run directories, so a restarted server knows it too:
-
-* a run is *active* while ``status.json`` says starting/running/stopping and its process
-  group is alive (``engine.run.rundir.read_status`` turns a dead one into ``failed``);
-* a run is *queued* by the web UI when its devices are busy: ``launch.prepare_run`` writes
-  the directory with status ``queued`` and the manager adds a ``queue.json`` marker. A
-  background thread (``tick``) spawns queued runs, oldest first, when their devices free up.
-  Claiming a run deletes its marker, so two servers on one workspace never spawn it twice;
-  runs started by the CLI carry no marker and are never touched.
-
-A run's devices are its ``distributed.devices`` GPU ids, every visible GPU when that is empty,
-or ``cpu`` on a machine without GPUs (the CPU counts as one device).
+Everything it knows lives in the job directories, so a restarted server knows it too. Starting,
+queueing and the device bookkeeping are the workspace's device queue (``engine.run.queue``): a
+Start while the devices are busy writes the job with status ``queued`` and a ``queue.json`` marker,
+and the server's background thread (``tick``) starts it when its devices free up. Every run the
+page starts lives in the workspace (``runs/``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engine.run import launch, rundir
+from engine.run import jobs, launch, rundir
 from engine.run.config import ConfigError, RunConfig, load_config
+from engine.run.queue import CPU, QUEUE, Device, DeviceQueue, visible_devices  # noqa: F401 - the UI's names for them
 
 from .metrics import MetricSeries
-
-QUEUE = "queue.json"
-CPU = "cpu"
-
-
-@dataclass
-class Device:
-    id: str  # "0", "1", ... or "cpu"
-    name: str
-
-
-def visible_devices() -> list[Device]:
-    """The GPUs this machine shows (nvidia-smi, which creates no CUDA context here), or the CPU."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-        gpus = [Device(i.strip(), f"GPU {i.strip()}: {n.strip()} ({m.strip()})")
-                for i, n, m in (line.split(",", 2) for line in out.strip().splitlines() if line.count(",") >= 2)]
-        if gpus:
-            return gpus
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return [Device(CPU, "CPU")]
 
 
 @dataclass
@@ -60,6 +27,7 @@ class RunInfo:
     id: str
     path: Path
     state: str
+    kind: str = "train"
     stage: str = ""
     method: str = ""
     model: str = ""
@@ -105,29 +73,20 @@ class StartResult:
         return self.run_dir.name
 
 
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass  # already collected (subprocess does it too)
-
-
 class RunError(ValueError):
     """An action on a run that cannot be done (the message is for the page)."""
 
 
 class RunManager:
     def __init__(self, workspace: str | Path, devices: list[Device] | None = None,
-                 spawn: Callable[[Path], int] = launch.spawn):
+                 spawn: Callable[[Path], int] | None = None):
         self.workspace = Path(workspace).resolve()
         self.runs_root = self.workspace / "runs"
         self.runs_root.mkdir(parents=True, exist_ok=True)
-        self.devices = devices if devices is not None else visible_devices()
-        self._spawn = spawn
-        self._lock = threading.RLock()  # spawn-or-queue decisions
+        self.devices_queue = DeviceQueue(self.workspace, devices, spawn)
+        self.devices = self.devices_queue.devices
         self._series_lock = threading.Lock()
         self._series: dict[Path, MetricSeries] = {}
-        self._configs: dict[Path, tuple[float, RunConfig | None]] = {}
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
 
@@ -135,40 +94,24 @@ class RunManager:
 
     @property
     def gpus(self) -> list[Device]:
-        return [d for d in self.devices if d.id != CPU]
+        return self.devices_queue.gpus
 
     def run_dir(self, run_id: str) -> Path:
-        """The directory of a run id, refusing anything that is not a run of this workspace."""
+        """The directory of a job id (a run, evaluation or export), refusing anything that is not a job of this workspace."""
         if not run_id or "/" in run_id or "\\" in run_id or run_id in (".", ".."):
             raise RunError(f"'{run_id}' is not a run of this workspace")
-        path = self.runs_root / run_id
-        if not (path / rundir.CONFIG).is_file():
-            raise RunError(f"run '{run_id}' not found in {self.runs_root}")
-        return path
+        for kind in jobs.KINDS:
+            path = jobs.job_root(kind, self.workspace) / run_id
+            if (path / rundir.CONFIG).is_file():
+                return path
+        raise RunError(f"run '{run_id}' not found in {self.runs_root}")
 
-    def config(self, run_dir: Path) -> RunConfig | None:
-        """The run's config.yaml, parsed once per modification."""
-        path = run_dir / rundir.CONFIG
-        try:
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        cached = self._configs.get(run_dir)
-        if cached and cached[0] == mtime:
-            return cached[1]
-        try:
-            cfg = load_config(path)
-        except ConfigError:
-            cfg = None
-        self._configs[run_dir] = (mtime, cfg)
-        return cfg
+    def config(self, run_dir: Path):
+        """The job's config.yaml, parsed once per modification."""
+        return self.devices_queue.config(run_dir)
 
-    def run_devices(self, cfg: RunConfig | None) -> set[str]:
-        if not self.gpus:
-            return {CPU}
-        if cfg is not None and cfg.distributed.devices.strip():
-            return {d.strip() for d in cfg.distributed.devices.split(",") if d.strip()}
-        return {d.id for d in self.gpus}
+    def run_devices(self, cfg) -> set[str]:
+        return self.devices_queue.needs(cfg)
 
     def series(self, run_dir: Path) -> MetricSeries:
         """The run's metrics, read incrementally (shared by every open page)."""
@@ -180,16 +123,25 @@ class RunManager:
             return s
 
     def info(self, run_dir: Path, queue: list[Path] | None = None, series: MetricSeries | None = None) -> RunInfo:
-        """A run's summary; pass the ``series`` a page is drawing so the numbers and the curve agree."""
+        """A job's summary; pass the ``series`` a page is drawing so the numbers and the curve agree."""
         status = rundir.read_status(run_dir) or rundir.Status(state="failed", error="status.json is missing or unreadable")
         cfg = self.config(run_dir)
+        kind = jobs.kind_of(run_dir)
         series = series or self.series(run_dir)
         queue = self.queue() if queue is None else queue
+        stage = method = model = ""
+        datasets: list[str] = []
+        if isinstance(cfg, RunConfig):
+            stage, method, model = cfg.method.stage, cfg.method.finetuning_type, Path(cfg.model.path).name
+            datasets = [Path(d).name for d in cfg.data.datasets]
+        elif kind == "eval" and cfg is not None:
+            model = ", ".join(Path(c).parent.name + "/" + Path(c).name for c in cfg.model.checkpoints) or Path(cfg.model.base).name
+            datasets = [Path(d).name for d in cfg.data.datasets]
+        elif kind == "export" and cfg is not None:
+            model = Path(cfg.model.checkpoint).parent.name + "/" + Path(cfg.model.checkpoint).name
         return RunInfo(
-            id=run_dir.name, path=run_dir, state=status.state,
-            stage=cfg.method.stage if cfg else "", method=cfg.method.finetuning_type if cfg else "",
-            model=Path(cfg.model.path).name if cfg else "", datasets=[Path(d).name for d in cfg.data.datasets] if cfg else [],
-            step=max(status.step, series.latest.get("step", 0) or 0),
+            id=run_dir.name, path=run_dir, state=status.state, kind=kind, stage=stage, method=method, model=model,
+            datasets=datasets, step=max(status.step, series.latest.get("step", 0) or 0),
             total_steps=status.total_steps or series.latest.get("total_steps", 0) or 0,
             last_loss=series.last_loss(), started_at=status.started_at, ended_at=status.ended_at,
             created_at=(run_dir / rundir.CONFIG).stat().st_ctime if (run_dir / rundir.CONFIG).exists() else 0.0,
@@ -198,10 +150,10 @@ class RunManager:
             **_node_info(cfg),
         )
 
-    def runs(self) -> list[RunInfo]:
-        """Every run of the workspace, newest first."""
+    def runs(self, kind: str | None = "train") -> list[RunInfo]:
+        """Every job of one kind (training runs by default; every kind with None) of the workspace, newest first."""
         queue, out = self.queue(), []
-        for p in rundir.list_runs(self.workspace):
+        for p in jobs.list_jobs(kind, self.workspace):
             try:
                 out.append(self.info(p, queue))
             except (OSError, ValueError) as err:  # one broken run directory is one broken row
@@ -210,42 +162,33 @@ class RunManager:
         return out
 
     def active(self) -> list[Path]:
-        out = []
-        for p in rundir.list_runs(self.workspace):
-            status = rundir.read_status(p)
-            if status is not None and status.state in rundir.ACTIVE:
-                out.append(p)
-        return out
+        return self.devices_queue.active()
 
     def busy(self) -> dict[str, str]:
-        """device id -> id of the active run that holds it."""
-        held = {}
-        for p in self.active():
-            for d in self.run_devices(self.config(p)):
-                held.setdefault(d, p.name)
-        return held
+        """device id -> name of the job (or the chat worker's reservation) that holds it."""
+        return self.devices_queue.busy()
 
     def queue(self) -> list[Path]:
-        """Runs waiting for devices, oldest first."""
-        items = []
-        for p in rundir.list_runs(self.workspace):
-            marker = p / QUEUE
-            try:
-                queued_at = json.loads(marker.read_text(encoding="utf-8")).get("queued_at", 0.0)
-            except (OSError, ValueError):
-                continue
-            status = rundir.read_status_raw(p)
-            if status is not None and status.state == "queued":
-                items.append((queued_at, p))
-        return [p for _, p in sorted(items)]
+        """Jobs waiting for devices, oldest first."""
+        return self.devices_queue.waiting()
 
     # ------------------------------------------------------------ actions
 
     def start(self, cfg: RunConfig) -> StartResult:
-        """Prepare the run directory; spawn now if its devices are free, else queue it."""
-        _, run_dir = launch.prepare_run(cfg, self.workspace)  # status 'queued', no marker: no tick touches it
-        with self._lock:
-            return self._launch_or_queue(run_dir)
+        """Prepare the run directory (always in the workspace); spawn now if its devices are free, else queue it."""
+        if cfg.output.run_dir:
+            inside = Path(cfg.output.run_dir).expanduser().resolve()
+            if not inside.is_relative_to(self.workspace):
+                raise ConfigError([("output.run_dir", f"{inside} is outside the workspace {self.workspace}; every run "
+                                                      "started here lives in the workspace, so leave the run directory "
+                                                      "empty or choose one inside it")])
+        return self.submit(cfg)
+
+    def submit(self, cfg) -> StartResult:
+        """Prepare a job of any kind in this workspace and start or queue it on the device queue."""
+        _, run_dir = launch.prepare(cfg, self.workspace)  # status 'queued', no marker yet: no tick touches it
+        done = self.devices_queue.submit(run_dir)
+        return StartResult(done.job_dir, done.queued, done.waiting_for)
 
     def resume(self, run_id: str, checkpoint: str = "latest") -> StartResult:
         """Continue a stopped or failed run from one of its checkpoints, in the same directory."""
@@ -253,6 +196,8 @@ class RunManager:
         status = rundir.read_status(run_dir)
         if status is not None and (status.state in rundir.ACTIVE or status.state == "queued"):
             raise RunError(f"run {run_id} is {status.state}; stop it before resuming")
+        if jobs.kind_of(run_dir) != "train":
+            raise RunError(f"{run_id} is not a training run; only runs resume")
         cfg = load_config(run_dir / rundir.CONFIG)
         if checkpoint != "latest":
             ckpt = run_dir / checkpoint
@@ -265,79 +210,36 @@ class RunManager:
                            + (f" ({broken}: incomplete saves, delete them)" if broken else ""))
         cfg.training.resume_from = checkpoint
         cfg.output.run_dir = str(run_dir)
-        _, run_dir = launch.prepare_run(cfg, self.workspace)  # may wait for the stopped run's processes to exit
-        with self._lock:
-            return self._launch_or_queue(run_dir)
-
-    def _launch_or_queue(self, run_dir: Path) -> StartResult:
-        need = self.run_devices(self.config(run_dir))
-        busy = self.busy()
-        waiting = self.queue()
-        holders = sorted({busy[d] for d in need if d in busy})
-        ahead = [q.name for q in waiting if self.run_devices(self.config(q)) & need]
-        if holders or ahead:
-            (run_dir / QUEUE).write_text(json.dumps({"queued_at": time.time(), "devices": sorted(need)}), encoding="utf-8")
-            return StartResult(run_dir, queued=True, waiting_for=holders + ahead)
-        self._started(self._spawn(run_dir))
-        return StartResult(run_dir, queued=False)
-
-    def _started(self, pid) -> None:
-        """Reap the new supervisor the moment it exits: as an unreaped zombie child of this server it would
-        keep its process group 'alive' to os.killpg(pgid, 0), and the run would look active for ever."""
-        if isinstance(pid, int):
-            threading.Thread(target=_reap, args=(pid,), name=f"reap-{pid}", daemon=True).start()
+        return self.submit(cfg)  # prepare may wait for the stopped run's processes to exit
 
     def stop(self, run_id: str, force: bool = False) -> str:
         """'stopping' (signal sent), 'cancelled' (removed from the queue) or the state it already had."""
         run_dir = self.run_dir(run_id)
-        with self._lock:
-            status = rundir.read_status(run_dir)
-            if status is None:
-                raise RunError(f"run {run_id} has no readable status.json")
-            if status.state == "queued":
-                (run_dir / QUEUE).unlink(missing_ok=True)
-                rundir.update_status(run_dir, state="stopped", ended_at=time.time(), note="cancelled while queued")
-                return "cancelled"
-            if status.state not in rundir.ACTIVE:
-                return status.state
-            launch.stop(run_dir, force=force)
-            return "stopping"
+        status = rundir.read_status(run_dir)
+        if status is None:
+            raise RunError(f"run {run_id} has no readable status.json")
+        if status.state == "queued" and self.devices_queue.cancel(run_dir):
+            return "cancelled"
+        status = rundir.read_status(run_dir)
+        if status.state not in rundir.ACTIVE:
+            return status.state
+        launch.stop(run_dir, force=force)
+        return "stopping"
 
     def delete(self, run_id: str) -> None:
         run_dir = self.run_dir(run_id)
-        with self._lock:
+        with self.devices_queue.locked():
             status = rundir.read_status(run_dir)
             if status is not None and status.state in rundir.ACTIVE:
                 raise RunError(f"run {run_id} is {status.state}; stop it before deleting")
-            if run_dir.resolve().parent != self.runs_root.resolve():
-                raise RunError(f"refusing to delete {run_dir}: not inside {self.runs_root}")
+            if not run_dir.resolve().is_relative_to(self.workspace):
+                raise RunError(f"refusing to delete {run_dir}: not inside {self.workspace}")
             shutil.rmtree(run_dir)
             self._series.pop(run_dir, None)
-            self._configs.pop(run_dir, None)
 
     def tick(self) -> list[Path]:
-        """Spawn the queued runs whose devices are free (oldest first, never jumping the queue)."""
-        started = []
-        with self._lock:
-            reserved = set(self.busy())
-            for run_dir in self.queue():
-                need = self.run_devices(self.config(run_dir))
-                if need & reserved:
-                    reserved |= need  # later runs that need these devices wait behind this one
-                    continue
-                try:
-                    (run_dir / QUEUE).unlink()  # the claim: only one process gets to delete it
-                except FileNotFoundError:
-                    continue
-                reserved |= need
-                try:
-                    self._started(self._spawn(run_dir))
-                except Exception as err:  # noqa: BLE001 - the run shows why it could not start
-                    rundir.update_status(run_dir, state="failed", ended_at=time.time(),
-                                         error=f"could not start: {err}", error_kind="launcher")
-                    continue
-                started.append(run_dir)
-        return started
+        """Spawn the queued jobs whose devices are free (oldest first, never jumping the queue)."""
+        return self.devices_queue.tick()
 
     # ------------------------------------------------------------ the background queue
 

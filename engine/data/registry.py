@@ -267,14 +267,17 @@ def check_name(name: str, registry: Path) -> None:
     if not NAME.fullmatch(name or "") or name == INCLUDE:
         raise DataError(f"'{name}' cannot name a dataset: use 1-64 letters, digits, '_', '-' or '.', starting with a "
                         f"letter or digit (and not '{INCLUDE}')", field="name")
-    if not registry.is_file():
-        return
+    # A registry not written yet will include the project's (append_entry creates it so): names are unique
+    # across every registry that one path reads, checked in every case.
+    source = registry if registry.is_file() else PROJECT_REGISTRY
     try:
-        specs = load_registry(registry)
+        specs = load_registry(source)
     except RegistryError as err:
         specs = err.specs
+    except DataError:
+        specs = {}
     if name in specs:
-        where = specs[name].registry or registry
+        where = specs[name].registry or source
         raise DataError(f"a dataset named '{name}' is already registered in {where}; choose another name",
                         field="name")
 

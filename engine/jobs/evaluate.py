@@ -17,77 +17,9 @@ import sys
 from pathlib import Path
 
 from engine.run import jobs, rundir
-from engine.run.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval, load_tokenizer_for
+from engine.run.checkpoint import load_for_eval, load_tokenizer_for
+from engine.run.jobchecks import check_eval, load_eval_examples, targets
 from engine.run.jobconfig import EvalConfig
-
-
-def targets(cfg: EvalConfig) -> tuple[Path, list]:
-    """(base model dir, [None for the base, then Checkpoint per checkpoint]); raises CheckpointError."""
-    ckpts = [inspect(p, cfg.model.base or None, field=f"model.checkpoints[{i}]") for i, p in enumerate(cfg.model.checkpoints)]
-    if cfg.model.base:
-        base = Path(cfg.model.base).expanduser().resolve()
-    else:
-        base = next((c.base or c.path for c in ckpts), None)
-        if base is None:
-            raise CheckpointError("choose a base model or at least one checkpoint", "model.base")
-    if not (base / "config.json").is_file():
-        raise CheckpointError(f"base model not found: {base}", "model.base")
-    for c in ckpts:
-        if c.kind == "adapter":
-            check_adapter_base(c, cfg.model.trust_remote_code)
-    return base, ([None] if cfg.model.include_base or not ckpts else []) + ckpts
-
-
-def load_eval_examples(cfg: EvalConfig) -> list[list[dict]]:
-    """The conversations evaluated (the held-out split when data.val_size > 0); each must end with an answer."""
-    from engine.data.errors import DataError
-    from engine.data.loader import example_messages, load_examples
-    from engine.data.registry import resolve_dataset
-
-    for name in cfg.data.datasets:
-        spec = resolve_dataset(name, cfg.data.registry)
-        if spec.kind != "sft":
-            raise DataError(f"dataset '{spec.name}' holds {spec.kind} data without reference answers; loss and BLEU/ROUGE need "
-                            "an SFT dataset whose last assistant turn is the reference", field="data.datasets")
-    examples = load_examples(cfg.data, "sft")
-    if cfg.data.val_size > 0:
-        n_eval = max(1, round(len(examples) * cfg.data.val_size))
-        examples = examples.train_test_split(test_size=n_eval, seed=cfg.data.seed, shuffle=True)["test"]
-    convs = [example_messages(row) for row in examples]
-    empty = [i for i, m in enumerate(convs) if not m or m[-1]["role"] != "assistant" or not m[-1]["content"].strip()]
-    if empty:
-        raise DataError(f"{len(empty)} samples (first: #{empty[0] + 1}) have no reference answer (an empty last assistant "
-                        "turn); BLEU/ROUGE need references", field="data.datasets")
-    return convs
-
-
-def check_eval(cfg: EvalConfig) -> list[tuple[str, str]]:
-    """Problems found before work starts: checkpoints, base match, datasets with references, benchmark format."""
-    from engine.jobs.choice_eval import BenchmarkError, read_benchmark
-    from engine.data.errors import DataError
-
-    problems = []
-    if not any((cfg.tasks.loss, cfg.tasks.generation, cfg.tasks.choice, cfg.tasks.harness)):
-        problems.append(("tasks", "choose at least one task: loss, generation, choice or harness"))
-    try:
-        targets(cfg)
-    except CheckpointError as err:
-        problems.append((err.field, str(err)))
-    if cfg.tasks.loss or cfg.tasks.generation:
-        try:
-            load_eval_examples(cfg)
-        except DataError as err:
-            problems.append((err.field or "data.datasets", str(err)))
-    if cfg.tasks.choice:
-        try:
-            read_benchmark(cfg.benchmark.file, cfg.benchmark.max_samples)
-        except BenchmarkError as err:
-            problems.append(("benchmark.file", str(err)))
-    if cfg.tasks.harness:
-        from engine.jobs.harness import check_tasks
-
-        problems += [("harness.tasks", p) for p in check_tasks(cfg.harness.tasks)]
-    return problems
 
 
 def _batches(items: list, size: int):
@@ -190,6 +122,9 @@ def evaluate(cfg: EvalConfig, job_dir: Path, progress) -> dict:
                 samples.append({"index": i, "prompt": prompt, "reference": m[-1]["content"], "prediction": pred,
                                 **sample_scores(pred, m[-1]["content"])})
             name = f"predictions-{k}.jsonl" if len(models) > 1 else "predictions.jsonl"
+            if cfg.output.dir:  # elsewhere than the job directory: the result names the file in full
+                Path(cfg.output.dir).expanduser().mkdir(parents=True, exist_ok=True)
+                name = str(Path(cfg.output.dir).expanduser().resolve() / name)
             with open(job_dir / name, "w", encoding="utf-8") as f:
                 for s in samples:
                     f.write(json.dumps(s, ensure_ascii=False) + "\n")

@@ -15,91 +15,18 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from engine.run import jobs, rundir
-from engine.run.checkpoint import CheckpointError, check_adapter_base, inspect, load_for_eval
+from engine.run.checkpoint import load_for_eval, resolve
+from engine.run.jobchecks import ExportError, check_export, output_dir
 from engine.run.jobconfig import ExportConfig
 
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # Allowed max logit difference, relative to the largest reference logit (bf16 keeps ~3 significant digits).
 _TOLERANCE = {"float32": 1e-4, "float16": 0.01, "bfloat16": 0.05}
-
-
-class ExportError(RuntimeError):
-    """An export that cannot proceed or failed its verification."""
-
-
-def output_dir(cfg: ExportConfig) -> Path:
-    return Path(cfg.output.dir or Path(cfg.output.job_dir) / "model").expanduser().resolve()
-
-
-def _writable_parent(path: Path) -> Path:
-    p = path
-    while not p.exists():
-        p = p.parent
-    return p
-
-
-def count_parameters(model_dir: Path, trust_remote_code: bool = False) -> int:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
-
-
-def estimate_bytes(cfg: ExportConfig, n_params: int) -> int:
-    from engine.jobs.gguf import BYTES_PER_PARAM
-
-    per_param = _BYTES[cfg.output.dtype] + sum(BYTES_PER_PARAM[q] for q in cfg.output.gguf)
-    return int(n_params * per_param * 1.05) + 50_000_000
-
-
-def check_export(cfg: ExportConfig) -> list[tuple[str, str]]:
-    """Every problem found before work starts: checkpoint, base match, output dir, disk space."""
-    problems: list[tuple[str, str]] = []
-    if not cfg.model.checkpoint:
-        return [("model.checkpoint", "choose a checkpoint to export")]
-    try:
-        ckpt = inspect(cfg.model.checkpoint, cfg.model.base or None)
-        check_adapter_base(ckpt, cfg.model.trust_remote_code)
-    except CheckpointError as err:
-        return [(err.field, str(err))]
-    from engine.jobs.hub import OFFLINE_HINT, offline
-
-    if cfg.hub.repo_id and offline():
-        problems.append(("hub.repo_id", f"push to {cfg.hub.repo_id} is not possible: {OFFLINE_HINT}; or leave the "
-                         "repository empty to export only"))
-    out = output_dir(cfg) if (cfg.output.dir or cfg.output.job_dir) else None
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            problems.append(("output.dir", f"{out} is a file, not a directory"))
-        elif out.is_dir() and any(out.iterdir()) and not cfg.output.overwrite:
-            problems.append(("output.dir", f"{out} exists and is not empty; choose another directory or set output.overwrite=true"))
-        if out in (ckpt.path, ckpt.base) or ckpt.path.is_relative_to(out):
-            problems.append(("output.dir", f"{out} would overwrite the checkpoint or base model being exported"))
-        parent = _writable_parent(out)
-        if not os.access(parent, os.W_OK | os.X_OK):
-            problems.append(("output.dir", f"{parent} is not writable"))
-        else:
-            need = estimate_bytes(cfg, count_parameters(ckpt.base or ckpt.path, cfg.model.trust_remote_code))
-            free = shutil.disk_usage(parent).free
-            if free < need:
-                problems.append(("output.dir", f"not enough disk space at {parent}: the export needs about "
-                                               f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"))
-    if cfg.output.gguf:
-        from engine.jobs.gguf import gguf_problems
-
-        tok_dir = ckpt.path if (ckpt.path / "tokenizer.json").is_file() else ckpt.base
-        problems += [("output.gguf", m) for m in gguf_problems(ckpt.base or ckpt.path, tok_dir)]
-    return problems
 
 
 # ---------------------------------------------------------------- the job
@@ -206,7 +133,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     problems = check_export(cfg)
     if problems:
         raise ExportError("; ".join(f"{f}: {m}" for f, m in problems))
-    ckpt = inspect(cfg.model.checkpoint, cfg.model.base or None)
+    ckpt = resolve(cfg.model.checkpoint, cfg.model.base or None)
     final_out = output_dir(cfg)
     out = final_out.with_name(f"{rundir.STAGING}{final_out.name}")  # renamed to final_out once verified
     if out.exists():

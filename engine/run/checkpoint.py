@@ -1,8 +1,11 @@
-"""What a checkpoint directory holds, which base it needs, and loading it for evaluation or export.
+"""The one checkpoint resolver: what a directory holds, which base it needs, and loading it for evaluation or export.
 
 A checkpoint is an adapter directory (adapter_config.json + adapter_model.safetensors, from a LoRA
-or QLoRA run) or a full model directory (config.json + weights). The base of an adapter comes
-from the run's config.yaml next to it (model.path), else adapter_config.json. ``check_adapter_base``
+or QLoRA run) or a full model directory (config.json + weights). ``resolve`` describes one (adapter
+or full weights, its base model, tokenizer and template, reward model or not, stage, step) for chat,
+the API, eval and export; ``workspace_checkpoints`` and ``weights_dirs`` are every checkpoint list of
+the UI. The base of an adapter comes from the run's config.yaml next to it (model.path), else
+adapter_config.json. The resolver imports no torch. ``check_adapter_base``
 compares every adapter matrix with the shape of the base module it attaches to, so a mismatched
 base is reported before any weights load.
 """
@@ -17,6 +20,7 @@ import yaml
 
 from engine.run import rundir
 
+ADAPTER_CONFIG = "adapter_config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint or base model that cannot be used; ``field`` names the config field."""
@@ -28,11 +32,18 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
+    """What a weights directory holds: everything chat, the API, eval, export and the UI lists need to know."""
+
     path: Path
     kind: str                 # "adapter" or "full"
     base: Path | None         # base model directory (adapters)
     quantization: str = "none"
     run_config: dict | None = None
+    tokenizer_dir: Path | None = None   # where its tokenizer (and saved chat template) lives
+    template: str | None = None         # the chat template it was trained with (its run's model.template)
+    stage: str | None = None            # its run's method.stage
+    step: int | None = None             # N of checkpoint-N (None for final/ and plain models)
+    reward_model: bool = False
 
     @property
     def label(self) -> str:
@@ -40,7 +51,8 @@ class Checkpoint:
         return f"{parent}/{self.path.name}" if parent else self.path.name
 
 
-def _run_config(path: Path) -> dict | None:
+def run_config_of(path: Path) -> tuple[dict | None, Path | None]:
+    """The run config saved with a checkpoint (in it, or in its run directory) and its file: the one reader of it."""
     for candidate in (path / rundir.CONFIG, path.parent / rundir.CONFIG):
         if candidate.is_file():
             try:
@@ -48,21 +60,38 @@ def _run_config(path: Path) -> dict | None:
             except yaml.YAMLError:
                 continue
             if isinstance(data, dict) and isinstance(data.get("model"), dict):
-                return data
-    return None
+                return data, candidate
+    return None, None
 
 
 def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
 
 
+def is_run_dir(path: Path) -> bool:
+    """A run directory (config.yaml, no weights of its own) rather than a checkpoint or model."""
+    return (path / rundir.CONFIG).is_file() and not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file()
+
+
+def weights_dirs(run_dir: Path) -> list[tuple[int | None, Path]]:
+    """(step, path) of a run's weights: final/ first (step None), then checkpoint-N/, newest first."""
+    final = [(None, run_dir / rundir.FINAL)] if (run_dir / rundir.FINAL).is_dir() else []
+    return final + list(reversed(rundir.checkpoints(run_dir)))
+
+
+def pick_in_run(run_dir: Path) -> Path | None:
+    """The weights a run directory stands for: final/ when it exists, else its newest checkpoint."""
+    found = weights_dirs(run_dir)
+    return found[0][1] if found else None
+
+
 def is_reward_model(path: str | Path) -> bool:
     """A checkpoint of an rm run, or a model or adapter with a sequence-classification score head."""
     path = Path(path)
-    run_cfg = _run_config(path)
+    run_cfg, _ = run_config_of(path)
     if run_cfg is not None:
         return (run_cfg.get("method") or {}).get("stage") == "rm"
-    meta = path / ("adapter_config.json" if (path / "adapter_config.json").is_file() else "config.json")
+    meta = path / (ADAPTER_CONFIG if (path / ADAPTER_CONFIG).is_file() else "config.json")
     try:
         data = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -76,38 +105,69 @@ def reward_model_refusal(path: str | Path) -> str:
             "cannot be chatted with, evaluated or exported as a language model; use it as method.reward_model of an rl run")
 
 
-def inspect(path: str | Path, base: str | Path | None = None, field: str = "model.checkpoint",
-            generative: bool = True) -> Checkpoint:
-    """Describe a checkpoint; raises CheckpointError for a missing or unusable directory, and for a reward model
-    where a language model is needed (``generative``)."""
+def declared_base(path: Path, run_cfg: dict | None = None) -> Path | None:
+    """The base an adapter was trained on: its run's model.path, else adapter_config.json's base_model_name_or_path."""
+    if run_cfg is None:
+        run_cfg, _ = run_config_of(path)
+    name = (run_cfg or {}).get("model", {}).get("path")
+    if not name:
+        try:
+            name = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            name = None
+    return Path(name).expanduser().resolve() if name else None
+
+
+def resolve(path: str | Path, base: str | Path | None = None, field: str = "model.checkpoint",
+            generative: bool = True, run_means_latest: bool = False) -> Checkpoint:
+    """Describe a checkpoint, a merged export or a plain model directory: the one resolver.
+
+    Raises CheckpointError for a missing or unusable directory, for a reward model where a language model is
+    needed (``generative``), and for an adapter whose base is not on this machine. A run directory stands for
+    its final/ or newest checkpoint with ``run_means_latest`` (chat, API); otherwise it is refused."""
     path = Path(path).expanduser().resolve()
     if not str(path) or not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}", field)
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; choose a checkpoint directory (checkpoint-N or final)", field)
-    if generative and is_reward_model(path):
+    if run_means_latest and is_run_dir(path):
+        picked = pick_in_run(path)
+        if picked is None:
+            raise CheckpointError(f"run {path.name} has no checkpoint or final weights yet", field)
+        path = picked
+    reward = is_reward_model(path)
+    if generative and reward:
         raise CheckpointError(reward_model_refusal(path), field)
-    run_cfg = _run_config(path)
-    if (path / "adapter_config.json").is_file():
+    run_cfg, _ = run_config_of(path)
+    model = (run_cfg or {}).get("model", {})
+    step = rundir._CKPT.match(path.name)
+    facts = dict(run_config=run_cfg, template=model.get("template"), stage=(run_cfg or {}).get("method", {}).get("stage"),
+                 step=int(step.group(1)) if step else None, reward_model=reward,
+                 tokenizer_dir=path if (path / "tokenizer_config.json").is_file() else None)
+    if (path / ADAPTER_CONFIG).is_file():
         if not (path / "adapter_model.safetensors").is_file() and not (path / "adapter_model.bin").is_file():
             raise CheckpointError(f"{path} has adapter_config.json but no adapter_model.safetensors (an unfinished save?)", field)
-        adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        if base:
-            base_path = Path(base).expanduser().resolve()
-        elif run_cfg:
-            base_path = Path(run_cfg["model"].get("path", "")).expanduser().resolve()
-        else:
-            base_path = Path(adapter.get("base_model_name_or_path") or "").expanduser().resolve()
-        if not is_model_dir(base_path):
+        base_path = Path(base).expanduser().resolve() if base else declared_base(path, run_cfg)
+        if base_path is None or not is_model_dir(base_path):
             raise CheckpointError(f"base model of {path.name} not found at {base_path}; set the base model directory explicitly",
                                   "model.base")
-        quant = (run_cfg or {}).get("model", {}).get("quantization", "none") or "none"
-        return Checkpoint(path, "adapter", base_path, quant, run_cfg)
+        return Checkpoint(path, "adapter", base_path, model.get("quantization", "none") or "none", **facts)
     if is_model_dir(path):
-        return Checkpoint(path, "full", None, "none", run_cfg)
+        facts["tokenizer_dir"] = facts["tokenizer_dir"] or path
+        return Checkpoint(path, "full", None, "none", **facts)
     if path.name != rundir.FINAL and (rundir.latest_checkpoint(path) or (path / rundir.FINAL).is_dir()):
         raise CheckpointError(f"{path} is a run directory; choose one of its checkpoints (final or checkpoint-N)", field)
     raise CheckpointError(f"{path} holds neither an adapter (adapter_config.json) nor model weights (config.json + *.safetensors)", field)
+
+
+def workspace_checkpoints(workspace: Path, reward: bool = False) -> list[tuple[str, str]]:
+    """(label, path) of the final/ and checkpoint-N/ of the workspace's language-model runs (or, with ``reward``,
+    of its rm runs), newest run first: every checkpoint list of the UI."""
+    out = []
+    for run in rundir.list_runs(workspace):
+        if is_reward_model(run) == reward:
+            out += [(f"{run.name}/{d.name}", str(d)) for _, d in weights_dirs(run)]
+    return out
 
 
 def _adapter_shapes(path: Path) -> dict[str, list[int]]:

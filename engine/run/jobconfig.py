@@ -1,5 +1,8 @@
 """Typed configs of the evaluation and export jobs (one schema each), loaded like the run config.
 
+For every job kind ``output.job_dir`` (a run's ``output.run_dir``) is the job's own directory and
+``output.dir`` is where its product goes (eval: the predictions; export: the merged model).
+
 ``workbench eval CONFIG`` / ``workbench export CONFIG`` and the web UI's tabs both build these;
 the job process reads them back from ``<job_dir>/config.yaml``. Imports no torch.
 """
@@ -70,7 +73,8 @@ class EvalHarness(_Section):
 
 
 class EvalOutput(_Section):
-    dir: str = Field("", json_schema_extra={"path": "path"}, description="Job directory for status, results and predictions; empty creates workspace/evals/<time>.")
+    dir: str = Field("", json_schema_extra={"path": "path"}, description="Directory the predictions files (predictions*.jsonl) are written to; empty: the job directory.")
+    job_dir: str = Field("", json_schema_extra={"path": "path"}, description="Job directory for status, logs and result.json; empty creates workspace/evals/<time>.")
     overwrite: bool = Field(False, description="Allow a non-empty job directory to be replaced.")
 
 

@@ -1,9 +1,10 @@
-"""The one launcher: the CLI and the web UI both start runs through ``start()``.
+"""The one launcher of every job kind (train, eval, export; see ``jobs.KINDS``).
 
-``start`` validates the config, creates the run directory and spawns, in a new process
-session, ``python -m engine.run.launch RUN_DIR`` (the supervisor). The supervisor runs the
-DeepSpeed launcher on ``engine.train`` with stdout/stderr going to ``train.log`` (never a
-pipe), waits for the whole process group, and records the exit code in ``status.json``.
+``prepare`` validates the config and creates the job directory (status ``queued``); ``spawn``
+starts, in a new process session, ``python -m engine.run.launch JOB_DIR`` (the supervisor),
+directly or through the device queue (``engine.run.queue``). The supervisor runs the kind's
+module (a training run under the DeepSpeed launcher) with stdout/stderr going to ``train.log``
+(never a pipe), waits for the whole process group, and records the exit code in ``status.json``.
 Imports no torch.
 """
 
@@ -17,34 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import psutil
 
-from engine.run import nodes, rundir
-from engine.run.checks import check
+from engine.run import jobs, nodes, rundir
 from engine.run.config import ConfigError, RunConfig, dump_config
-
-DEFAULT_WORKSPACE = "workspace"
-
-
-def workspace_dir(workspace: str | Path | None = None) -> Path:
-    return Path(workspace or os.environ.get("WORKBENCH_WORKSPACE") or DEFAULT_WORKSPACE).resolve()
-
-
-def unique_dir(root: Path, suffix: str) -> Path:
-    """``root/<time>-<suffix>``, numbered when that name is taken."""
-    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{suffix}"
-    path, n = root / stem, 1
-    while path.exists():
-        n += 1
-        path = root / f"{stem}-{n}"
-    return path
-
-
-def new_run_dir(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
-    return unique_dir(workspace_dir(workspace) / "runs", f"{cfg.method.stage}-{cfg.method.finetuning_type}")
+from engine.run.jobs import workspace_dir  # noqa: F401 - launch.workspace_dir, as the CLI and the server call it
 
 
 def _absolute(path: str) -> str:
@@ -70,38 +50,47 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def prepare_run(cfg: RunConfig, workspace: str | Path | None = None) -> tuple[RunConfig, Path]:
-    """Check the config, choose and create the run directory, write config.yaml and a queued status."""
-    cfg = resolve_paths(cfg)
-    run_dir = Path(cfg.output.run_dir).expanduser().resolve() if cfg.output.run_dir else new_run_dir(cfg, workspace)
-    cfg.output.run_dir = str(run_dir)
-    problems = check(cfg, run_dir)
-    if any(field == "output.run_dir" for field, _ in problems):  # a directory that cannot exist: nothing to look at
+def prepare(cfg, workspace: str | Path | None = None) -> tuple[object, Path]:
+    """The one prepare of every job kind: check the config (every problem at once), choose and create the job
+    directory, write config.yaml and a queued status that names the kind. Nothing is created for a bad config."""
+    kind = jobs.kind_of_config(cfg)
+    cfg = resolve_paths(cfg) if kind.name == "train" else kind.schema.model_validate(cfg.model_dump())
+    given = kind.job_dir(cfg)
+    job_dir = Path(given).expanduser().resolve() if given else jobs.new_job_dir(cfg, workspace)
+    kind.set_job_dir(cfg, job_dir)
+    problems = kind.check(cfg, job_dir)
+    if any(field == kind.dir_field for field, _ in problems):  # a directory that cannot exist: nothing to look at
         raise ConfigError(problems)
-    resuming = bool(cfg.training.resume_from)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        status = rundir.read_status(run_dir)
-        if resuming and status is not None and status.state not in rundir.ACTIVE:
-            _wait_group_exit(status.pgid, timeout=60)  # a stopped run's launcher may still be exiting
-        if not resuming:
-            problems.append(("output.run_dir", f"{run_dir} already exists and is not empty; choose another run directory, or resume it with training.resume_from=latest"))
-        elif status is not None and status.state in rundir.ACTIVE:
-            problems.append(("output.run_dir", f"{run_dir} is still {status.state} (pid {status.pid}); stop it before resuming"))
+    reusing = bool(cfg.training.resume_from) if kind.name == "train" else cfg.output.overwrite
+    if job_dir.exists() and any(job_dir.iterdir()):
+        status = rundir.read_status(job_dir)
+        if reusing and status is not None and status.state not in rundir.ACTIVE:
+            _wait_group_exit(status.pgid, timeout=60)  # a stopped job's launcher may still be exiting
+        if status is not None and status.state in rundir.ACTIVE:
+            problems.append((kind.dir_field, f"{job_dir} is still {status.state} (pid {status.pid}); stop it first"))
+        elif not reusing:
+            how = ("choose another run directory, or resume it with training.resume_from=latest" if kind.name == "train"
+                   else "choose another directory or set output.overwrite=true")
+            problems.append((kind.dir_field, f"{job_dir} already exists and is not empty; {how}"))
     if problems:
         raise ConfigError(problems)
-    fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    problems = nodes.preflight(cfg, run_dir)  # several machines: ask every node before any compute
-    if problems:
-        if fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise ConfigError(problems)
-    nodes.write_run_files(cfg, run_dir)
-    dump_config(cfg, run_dir / rundir.CONFIG)
-    earlier = rundir.read_status_raw(run_dir) if resuming else None  # a resume keeps the progress it resumes
-    rundir.write_status(run_dir, rundir.Status(state="queued", step=earlier.step if earlier else 0,
+    fresh = not job_dir.exists()
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if kind.name == "train":
+        problems = nodes.preflight(cfg, job_dir)  # several machines: ask every node before any compute
+        if problems:
+            if fresh:
+                shutil.rmtree(job_dir, ignore_errors=True)
+            raise ConfigError(problems)
+        nodes.write_run_files(cfg, job_dir)
+    if kind.name != "train":  # a replaced job starts clean (a resumed run keeps its log and metrics)
+        for name in (rundir.METRICS, jobs.RESULT, rundir.LOG):
+            (job_dir / name).unlink(missing_ok=True)
+    dump_config(cfg, job_dir / rundir.CONFIG)
+    earlier = rundir.read_status_raw(job_dir) if kind.name == "train" and reusing else None  # a resume keeps its progress
+    rundir.write_status(job_dir, rundir.Status(state="queued", kind=kind.name, step=earlier.step if earlier else 0,
                                                total_steps=earlier.total_steps if earlier else 0))
-    return cfg, run_dir
+    return cfg, job_dir
 
 
 def _wait_group_exit(pgid: int | None, timeout: float) -> None:
@@ -144,28 +133,22 @@ def build_command(cfg: RunConfig, run_dir: str | Path, node_rank: int = 0) -> li
     return cmd
 
 
-def start(cfg: RunConfig, workspace: str | Path | None = None) -> Path:
-    """Validate, create the run directory and start the run in its own process session. Returns the run dir."""
-    _, run_dir = prepare_run(cfg, workspace)
-    spawn(run_dir)
-    return run_dir
+def start(cfg, workspace: str | Path | None = None) -> Path:
+    """Prepare a job of any kind and start it now, in its own process session (no queue). Returns its directory."""
+    _, job_dir = prepare(cfg, workspace)
+    spawn(job_dir)
+    return job_dir
 
 
-# Job kinds other than training run one plain process under the same supervisor: python -m MODULE CONFIG.
-JOB_MODULES = {"eval": "engine.jobs.evaluate", "export": "engine.jobs.export"}
-
-
-def spawn(run_dir: str | Path, kind: str = "train") -> int:
-    """Start the supervisor of a prepared run or job (config.yaml written) in a new process session; returns its pid."""
-    run_dir = Path(run_dir)
-    if kind != "train" and kind not in JOB_MODULES:
-        raise ValueError(f"unknown job kind {kind!r}")
-    log = open(run_dir / rundir.LOG, "ab")
+def spawn(job_dir: str | Path) -> int:
+    """Start the supervisor of a prepared job (config.yaml written) in a new process session; returns its pid."""
+    job_dir = Path(job_dir)
+    log = open(job_dir / rundir.LOG, "ab")
     try:
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.run.launch", str(run_dir)] + ([kind] if kind != "train" else []),
+            [sys.executable, "-m", "engine.run.launch", str(job_dir)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, env=env, cwd=os.getcwd(),
         )
@@ -173,7 +156,7 @@ def spawn(run_dir: str | Path, kind: str = "train") -> int:
         log.close()
     # Reap the supervisor when it ends, or a killed one stays a zombie that still counts as alive.
     threading.Thread(target=proc.wait, daemon=True).start()
-    rundir.update_status(run_dir, state="starting", pid=proc.pid, pgid=proc.pid, started_at=time.time(),
+    rundir.update_status(job_dir, state="starting", pid=proc.pid, pgid=proc.pid, started_at=time.time(),
                          ended_at=None, exit_code=None, error=None, error_kind=None)
     return proc.pid
 
@@ -218,8 +201,8 @@ def _run_config(run_dir: str | Path) -> RunConfig | None:
 
 
 def _workers(pgid: int | None) -> list[psutil.Process]:
-    """The run's rank / job processes (python -m engine.train|evaluate|export) in its process group."""
-    modules = ("engine.train", *JOB_MODULES.values())
+    """The run's rank / job processes (python -m <a kind's module>) in its process group."""
+    modules = tuple(k.module for k in jobs.KINDS.values())
     out = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -280,17 +263,16 @@ def _group_members() -> list[psutil.Process]:
     return out
 
 
-def supervise(run_dir: Path, kind: str = "train") -> int:
-    from engine.run.config import load_config
-
+def supervise(run_dir: Path) -> int:
     # The stop signal goes to the whole group: the supervisor itself keeps waiting for the workers.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    cfg = load_config(run_dir / rundir.CONFIG) if kind == "train" else None
+    kind = jobs.KINDS[jobs.kind_of(run_dir)]
+    cfg = jobs.load_config(run_dir, kind.name) if kind.deepspeed else None
     if cfg is not None:
         cmd = build_command(cfg, run_dir)
     else:
-        cmd = [sys.executable, "-m", JOB_MODULES[kind], str(run_dir / rundir.CONFIG)]
+        cmd = [sys.executable, "-m", kind.module, str(run_dir / rundir.CONFIG)]
     print(f"[workbench] {' '.join(cmd)}", flush=True)
     env = dict(os.environ, **nodes.launcher_env(cfg, run_dir)) if cfg is not None else None
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
@@ -322,4 +304,4 @@ def supervise(run_dir: Path, kind: str = "train") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(supervise(Path(sys.argv[1]), *sys.argv[2:3]))
+    sys.exit(supervise(Path(sys.argv[1])))

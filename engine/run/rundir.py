@@ -17,6 +17,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -177,6 +178,34 @@ def _last_write(run_dir: str | Path) -> float:
         except OSError:
             continue
     return max(times, default=time.time())
+
+
+_STORAGE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def classify(err: BaseException) -> tuple[str, str]:
+    """(kind, one-line message) for status.json, for every job kind."""
+    from engine.data.errors import DataError
+    from engine.run.checkpoint import CheckpointError
+    from engine.run.config import ConfigError
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, ConfigError):
+        return "config", str(err)
+    if isinstance(err, CheckpointError):
+        return "config", f"{err.field}: {err}" if err.field else str(err)
+    if isinstance(err, DataError):
+        return "data", text
+    if type(err).__name__ == "TemplateError":
+        return "config", text
+    if type(err).__name__ in ("ExportError", "BenchmarkError", "HubError"):
+        return type(err).__name__.removesuffix("Error").lower(), str(err)
+    if isinstance(err, OSError) and err.errno in _STORAGE_ERRORS:
+        return "storage", (f"cannot write {err.filename or 'to the run directory'}: {err.strerror} (a full disk, "
+                           "changed permissions or a removed mount?)")
+    if "out of memory" in str(err).lower() or type(err).__name__ in ("OutOfMemoryError", "MemoryError"):
+        return "out_of_memory", f"out of memory: {text} (lower the batch size or cutoff_len, or use QLoRA / gradient checkpointing)"
+    return "runtime", f"{type(err).__name__}: {text}"
 
 
 def signal_run(run_dir: str | Path, sig: int = signal.SIGTERM) -> bool:

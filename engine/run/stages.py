@@ -56,17 +56,16 @@ def _reward_model_problems(path: str) -> list[Problem]:
     if not path.strip():
         return [(field, "rl optimises the model against a reward model: set method.reward_model to the final/ or "
                         "checkpoint-N directory of an rm run")]
-    from engine.run.checkpoint import CheckpointError, inspect, is_reward_model
+    from engine.run.checkpoint import CheckpointError, resolve
 
     try:
-        ckpt = inspect(path, field=field, generative=False)
+        ckpt = resolve(path, field=field, generative=False)
     except CheckpointError as err:
         return [(field, str(err))]
-    if is_reward_model(ckpt.path):
+    if ckpt.reward_model:
         return []
     if ckpt.run_config is not None:
-        stage = (ckpt.run_config.get("method") or {}).get("stage", "sft")
-        return [(field, f"{ckpt.path} is a checkpoint of a {stage} run; the reward model must come from an rm run")]
+        return [(field, f"{ckpt.path} is a checkpoint of a {ckpt.stage or 'sft'} run; the reward model must come from an rm run")]
     return [(field, f"{ckpt.path} is not a reward model (no sequence-classification score head)")]
 
 

@@ -165,10 +165,10 @@ class ChatModel:
 
     @staticmethod
     def _check_adapter(adapter: str, base_shape: dict) -> None:
-        from engine.serve.sampling import adapter_base
+        from engine.run.checkpoint import declared_base
 
-        declared = adapter_base(Path(adapter))
-        if not declared or not Path(declared).exists():
+        declared = declared_base(Path(adapter))
+        if not declared or not declared.exists():
             return
         theirs = model_shape(declared)
         diff = {k: (theirs[k], base_shape.get(k)) for k in theirs if k in base_shape and theirs[k] != base_shape[k]}

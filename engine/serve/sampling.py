@@ -1,9 +1,9 @@
 """What a chat request is, shared by the engine, the worker, the API server and the CLI.
 
 ``SamplingParams`` is the one declaration of the sampling controls (bounds, defaults and help),
-``check_messages`` the one validation of a conversation, and ``resolve_target`` the one place
-that turns a path (a run, a checkpoint, a merged export or a plain model) into a base model,
-its adapters and the template it was trained with. This module imports no torch, so the web UI
+``check_messages`` the one validation of a conversation, and ``resolve_target`` turns a path (a run,
+a checkpoint, a merged export or a plain model) and extra adapters into a base model, its adapters
+and the template it was trained with, through the one checkpoint resolver (engine.run.checkpoint). This module imports no torch, so the web UI
 can use it without loading the inference stack.
 """
 
@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.tools import parse_tool_calls  # noqa: F401  (the serving side reads calls back with it)
-from engine.run.checkpoint import is_reward_model, reward_model_refusal
+from engine.run.checkpoint import ADAPTER_CONFIG, CheckpointError, resolve
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -96,9 +95,6 @@ def check_messages(messages) -> list[dict]:
 
 # ---------------------------------------------------------------- what to load
 
-ADAPTER_CONFIG = "adapter_config.json"
-
-
 @dataclass
 class Target:
     """A resolved model: the base weights, the adapters on top, and the training template (if known)."""
@@ -107,79 +103,32 @@ class Target:
     adapters: list[str] = field(default_factory=list)
     template: str | None = None  # from the checkpoint's config.yaml
     tokenizer_dir: str | None = None  # where the tokenizer (and its saved chat template) lives
-    run_config: Path | None = None
-
-
-def _saved_template(directory: Path) -> tuple[str | None, Path | None, str | None]:
-    """(template, config.yaml, base model path) saved with a checkpoint, looking in it and its run dir."""
-    for cand in (directory / "config.yaml", directory.parent / "config.yaml"):
-        if cand.is_file():
-            try:
-                data = yaml.safe_load(cand.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                continue
-            model = data.get("model") or {}
-            if isinstance(model, dict) and "path" in model:
-                return model.get("template"), cand, model.get("path")
-    return None, None, None
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file()
-
-
-def pick_in_run(run_dir: Path) -> Path:
-    """The weights a run directory stands for: final/ when it exists, else its newest checkpoint."""
-    from engine.run.rundir import FINAL, checkpoints
-
-    if (run_dir / FINAL).is_dir():
-        return run_dir / FINAL
-    ckpts = checkpoints(run_dir)
-    if not ckpts:
-        raise InferenceError(f"run {run_dir.name} has no checkpoint or final weights yet", "not_found")
-    return ckpts[-1][1]
-
-
-def adapter_base(adapter: Path) -> str | None:
-    try:
-        return json.loads((adapter / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError):
-        return None
 
 
 def resolve_target(model: str, adapters: list[str] | None = None) -> Target:
-    """Turn ``--model`` (+ ``--adapter``) into a Target. ``model`` may be a plain model, a merged export,
-    a run directory, a checkpoint or a bare adapter; the base of an adapter comes from the run's
-    config.yaml (model.path) or else from adapter_config.json."""
-    path = Path(model)
-    if not path.exists():
+    """Turn ``--model`` (+ ``--adapter``) into a Target through the checkpoint resolver. ``model`` may be a plain
+    model, a merged export, a run directory (its final/ or newest checkpoint), a checkpoint or a bare adapter."""
+    if not Path(model).exists():
         raise InferenceError(f"model not found: {model}", "not_found")
-    if _is_run_dir(path):
-        path = pick_in_run(path)
     adapters = [str(a) for a in (adapters or [])]
     for a in adapters:
         if not (Path(a) / ADAPTER_CONFIG).is_file():
             raise InferenceError(f"adapter not found: {a} (a LoRA checkpoint holds {ADAPTER_CONFIG})", "not_found")
-    for p in (path, *adapters):
-        if is_reward_model(p):
-            raise InferenceError(reward_model_refusal(p))
-    template, run_config, base = _saved_template(path)
-    tokenizer_dir = str(path) if (path / "tokenizer_config.json").is_file() else None
-    if (path / ADAPTER_CONFIG).is_file():
-        base = base or adapter_base(path)
-        if not base or not Path(base).exists():
-            raise InferenceError(f"the base model of adapter {path} ({base!r}) is not on this machine; "
-                                 "pass it with --model and the adapter with --adapter", "not_found")
-        return Target(base=str(base), adapters=[str(path), *adapters], template=template,
-                      tokenizer_dir=tokenizer_dir, run_config=run_config)
-    if not (path / "config.json").is_file():
-        raise InferenceError(f"{model} is neither a model directory (config.json), a LoRA checkpoint "
-                             f"({ADAPTER_CONFIG}) nor a run directory", "not_found")
-    if not template and adapters:  # a plain base with explicit adapters: the adapter's run knows the template
-        template, run_config, _ = _saved_template(Path(adapters[0]))
-        tokenizer_dir = adapters[0] if (Path(adapters[0]) / "tokenizer_config.json").is_file() else None
-    return Target(base=str(path), adapters=adapters, template=template, tokenizer_dir=tokenizer_dir or str(path),
-                  run_config=run_config)
+    try:
+        main = resolve(model, run_means_latest=True, field="")
+        extra = [resolve(a, base=main.base or main.path, field="") for a in adapters]
+    except CheckpointError as err:
+        if err.field == "model.base":
+            raise InferenceError(f"the base model of adapter {model} is not on this machine ({err}); pass the base "
+                                 "with --model and the adapter with --adapter", "not_found") from None
+        raise InferenceError(str(err), "invalid_request" if "reward model" in str(err) else "not_found") from None
+    if main.kind == "adapter":
+        return Target(base=str(main.base), adapters=[str(main.path), *adapters], template=main.template,
+                      tokenizer_dir=str(main.tokenizer_dir) if main.tokenizer_dir else None)
+    first = extra[0] if extra and not main.template else None  # a plain base with explicit adapters: the adapter's run knows the template
+    tokenizer_dir = (first.tokenizer_dir if first else None) or main.tokenizer_dir or main.path
+    return Target(base=str(main.path), adapters=adapters, template=first.template if first else main.template,
+                  tokenizer_dir=str(tokenizer_dir))
 
 
 def model_shape(path: str | Path) -> dict:

@@ -9,12 +9,17 @@ Messages (tuples over a multiprocessing Pipe):
                     ("stop",), ("unload",), ("exit",)
   worker -> parent: ("loaded", info) | ("piece", text) | ("done", result) | ("unloaded", info)
                     | ("error", message, kind)
+
+With a workspace, the worker reserves its device (the first visible GPU, or the CPU) in that workspace's
+device queue from Load to Unload, so a run started meanwhile waits for it; a reservation whose process
+died is stale and ignored.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -147,7 +152,9 @@ class WorkerError(RuntimeError):
 class InferenceWorker:
     """One chat model in one child process. Calls come from any thread; one request runs at a time."""
 
-    def __init__(self):
+    def __init__(self, workspace: str | Path | None = None):
+        self.workspace = workspace  # where the device is reserved while a model is loaded (None: not reserved)
+        self.reservation = f"chat-{os.getpid()}-{id(self):x}"
         self.proc = None
         self.conn = None
         self.info: dict | None = None
@@ -191,13 +198,33 @@ class InferenceWorker:
             if not self.alive:
                 self._start()
             self.info = None
+            self._reserve()  # before the weights load: a queued run must not start on the device meanwhile
             self.conn.send(("load", dict(model=model, adapters=adapters or [], quantization=quantization, template=template,
                                          device=device)))
-            reply = self._recv()
+            try:
+                reply = self._recv()
+            except WorkerError:
+                self._release()
+                raise
             if reply[0] == "error":
+                self._release()
                 raise WorkerError(reply[1], reply[2])
             self.info = reply[1]
             return self.info
+
+    def _queue(self):
+        from engine.run.queue import DeviceQueue
+
+        return DeviceQueue(self.workspace) if self.workspace is not None else None
+
+    def _reserve(self) -> None:
+        """Hold the worker's device in the workspace's device queue while its process lives (stale once it dies)."""
+        if (queue := self._queue()) is not None:
+            queue.reserve(self.reservation, self.proc.pid, what="chat")
+
+    def _release(self) -> None:
+        if (queue := self._queue()) is not None:
+            queue.release(self.reservation)
 
     def chat(self, messages: list[dict], params: SamplingParams, use_adapter: bool = True,
              tools: list[dict] | None = None) -> Iterator[str]:
@@ -264,4 +291,5 @@ class InferenceWorker:
             self.proc.join(5)
         self.conn.close()
         self.proc, self.conn, self.info = None, None, None
+        self._release()
         return before

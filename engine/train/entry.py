@@ -186,28 +186,6 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     return "completed"
 
 
-_STORAGE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
-
-
-def classify(err: BaseException) -> tuple[str, str]:
-    """(kind, one-line message) for status.json."""
-    from engine.data.errors import DataError
-
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, ConfigError):
-        return "config", str(err)
-    if isinstance(err, DataError):
-        return "data", text
-    if type(err).__name__ == "TemplateError":
-        return "config", text
-    if isinstance(err, OSError) and err.errno in _STORAGE_ERRORS:
-        return "storage", (f"cannot write {err.filename or 'to the run directory'}: {err.strerror} (a full disk, "
-                           "changed permissions or a removed mount?)")
-    if "out of memory" in str(err).lower() or type(err).__name__ in ("OutOfMemoryError", "MemoryError"):
-        return "out_of_memory", f"out of memory: {text} (lower the batch size or cutoff_len, or use QLoRA / gradient checkpointing)"
-    return "runtime", f"{type(err).__name__}: {text}"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = [a for a in argv if not a.startswith("--local_rank")]
@@ -238,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BaseException as err:  # noqa: BLE001 - every failure is reported in status.json
         traceback.print_exc()
-        kind, message = classify(err)
+        kind, message = rundir.classify(err)
         print(f"[workbench] run failed ({kind}): {message}", flush=True)
         current = rundir.read_status_raw(run_dir)
         if current is None or current.state != "failed":

@@ -282,10 +282,10 @@ def load_reward_model(path: str | Path, model_cfg):
     adapter (with its trained score head) merged into its base."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from engine.run.checkpoint import inspect
+    from engine.run.checkpoint import resolve
     from engine.train.model_setup import resolve_dtype
 
-    ckpt = inspect(path, field="method.reward_model", generative=False)
+    ckpt = resolve(path, field="method.reward_model", generative=False)
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=model_cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

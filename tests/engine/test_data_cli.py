@@ -101,6 +101,14 @@ def test_add_registers_in_the_workspace_and_refuses_a_taken_name(capsys, qa_csv,
     assert code == 1 and "cannot tell the format from the keys (answer, question)" in err
 
 
+def test_add_into_a_new_workspace_refuses_a_name_of_an_included_registry(capsys, qa_csv, tmp_path):
+    ws = tmp_path / "fresh"  # no registry yet: the one `data add` would create includes the project's
+    code, _, err = run(capsys, "data", "add", str(qa_csv), "--name", "identity", "--workspace", str(ws),
+                       "--columns", "instruction=question,output=answer")
+    assert code == 1 and "a dataset named 'identity' is already registered in" in err and "data/dataset_info.yaml" in err
+    assert not (ws / "datasets" / "dataset_info.yaml").exists()
+
+
 def test_the_installed_command(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "a document"}) + "\n", encoding="utf-8")

@@ -11,7 +11,8 @@ import torch
 
 from engine.run import jobs, launch, rundir
 from engine.jobs.choice_eval import BenchmarkError, read_benchmark, score
-from engine.jobs.evaluate import check_eval, evaluate
+from engine.jobs.evaluate import evaluate
+from engine.run.jobchecks import check_eval
 from engine.run.jobconfig import EvalConfig
 from engine.jobs.textmetrics import sample_scores
 from test_export import _Progress, make_adapter
@@ -97,7 +98,7 @@ def _cfg(tiny_model, adapter, tmp_path, **tasks) -> EvalConfig:
         "data": {"datasets": ["instruct_demo"], "registry": str(ROOT / "data/dataset_info.yaml"), "max_samples": 6},
         "generation": {"batch_size": 4, "max_new_tokens": 6},
         "benchmark": {"file": str(ROOT / "data/benchmarks/mcq_demo.jsonl"), "max_samples": 4},
-        "output": {"dir": str(tmp_path / "job")},
+        "output": {"job_dir": str(tmp_path / "job")},
     })
 
 
@@ -156,7 +157,7 @@ def test_bad_inputs_are_reported_before_work(tiny_model, default_model, adapter,
 
 def test_eval_job_through_the_launcher(tiny_model, adapter, tmp_path):
     cfg = _cfg(tiny_model, adapter, tmp_path, generation=False, choice=False)
-    job_dir = jobs.start_job("eval", cfg, checks=check_eval)
+    job_dir = launch.start(cfg)
     status = launch.wait(job_dir, timeout=240)
     assert status.state == "completed", (status, rundir.log_tail(job_dir))
     rows = jobs.read_result(job_dir)["rows"]

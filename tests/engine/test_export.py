@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from engine.run import jobs, rundir
+from engine.run import jobs, launch, rundir
 from engine.run.config import ConfigError
-from engine.jobs.export import ExportError, check_export, export, greedy
+from engine.jobs.export import export, greedy
 from engine.jobs.hub import HubError
+from engine.run.jobchecks import ExportError, check_export
 from engine.run.jobconfig import ExportConfig
 
 
@@ -133,16 +134,14 @@ def test_hub_push_offline_fails_once_with_a_clear_message(tmp_path, monkeypatch)
 def test_export_job_through_the_launcher(adapter, tmp_path):
     cfg = _cfg(adapter, tmp_path / "merged")
     cfg.output.job_dir = str(tmp_path / "job")
-    job_dir = jobs.start_job("export", cfg, checks=check_export)
-    from engine.run import launch
-
+    job_dir = launch.start(cfg)
     status = launch.wait(job_dir, timeout=240)
     assert status.state == "completed", (status, rundir.log_tail(job_dir))
     result = jobs.read_result(job_dir)
     assert result["verify"]["max_logit_diff"] < 1e-4 and Path(result["output_dir"]).is_dir()
     assert status.step == status.total_steps > 0
     with pytest.raises(ConfigError, match="not empty"):
-        jobs.start_job("export", cfg, checks=check_export)
+        launch.start(cfg)
     assert json.loads((job_dir / "status.json").read_text())["kind"] == "export"
 
 

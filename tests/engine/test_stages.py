@@ -175,8 +175,7 @@ def test_reward_model_must_come_from_an_rm_run(runs, tiny_model, tmp_path):
 
 def test_a_reward_model_is_refused_where_a_language_model_is_needed(runs, tmp_path):
     from engine.run.checkpoint import reward_model_refusal
-    from engine.jobs.evaluate import check_eval
-    from engine.jobs.export import check_export
+    from engine.run.jobchecks import check_eval, check_export
     from engine.run.jobconfig import EvalConfig, ExportConfig
     from engine.serve.sampling import InferenceError, resolve_target
 

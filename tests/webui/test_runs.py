@@ -7,50 +7,16 @@ so liveness comes from the same ``status.json`` + ``os.killpg`` checks the serve
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 
 from engine.run import rundir
 from engine.run.config import RunConfig
+from queue_fixtures import FakeSpawn
 from webui.runs import QUEUE, Device, RunError, RunManager
 
 CPU = [Device("cpu", "CPU")]
 GPUS = [Device("0", "GPU 0"), Device("1", "GPU 1")]
-
-
-class FakeSpawn:
-    """Stands in for launch.spawn: starts `sleep` in a new session and writes the status spawn would."""
-
-    def __init__(self):
-        self.spawned: list[str] = []
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def __call__(self, run_dir):
-        proc = subprocess.Popen(["sleep", "120"], start_new_session=True)
-        self.procs[run_dir.name] = proc
-        self.spawned.append(run_dir.name)
-        rundir.update_status(run_dir, state="running", pid=proc.pid, pgid=proc.pid, started_at=time.time())
-        return proc.pid
-
-    def finish(self, name, state="completed"):
-        rundir.update_status(self.root / name, state=state, ended_at=time.time())
-        self.kill(name)
-
-    def kill(self, name):
-        proc = self.procs[name]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def cleanup(self):
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.fixture
@@ -137,7 +103,7 @@ def test_runs_from_the_cli_are_never_spawned_by_the_queue(tmp_path, model_dir, s
     from engine.run import launch
 
     m = _manager(tmp_path, spawn)
-    _, run_dir = launch.prepare_run(_cfg(model_dir), m.workspace)  # what `workbench train` does before spawn
+    _, run_dir = launch.prepare(_cfg(model_dir), m.workspace)  # what `workbench train` does before spawn
     assert rundir.read_status(run_dir).state == "queued"
     assert m.tick() == [] and spawn.spawned == []
 

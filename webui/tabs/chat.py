@@ -9,8 +9,7 @@ from __future__ import annotations
 import gradio as gr
 import psutil
 
-from engine.run import rundir
-from engine.run.checkpoint import is_reward_model
+from engine.run.checkpoint import is_reward_model, weights_dirs
 from engine.run.config import field_info
 from engine.data.errors import DataError
 from engine.data.tools import parse_tools
@@ -48,12 +47,14 @@ def checkpoint_choices(ctx, run_id: str | None) -> list[tuple[str, str]]:
         return []
     series = ctx.manager.series(run_dir)
     out = []
-    if (run_dir / rundir.FINAL).is_dir():
-        out.append((f"final · {series.last_loss():.4f}" if series.last_loss() is not None else "final",
-                    str(run_dir / rundir.FINAL)))
-    for step, path in reversed(rundir.checkpoints(run_dir)):
-        loss = series.loss_at(step)
-        out.append((f"{path.name} · step {step}" + (f" · loss {loss:.4f}" if loss is not None else ""), str(path)))
+    for step, path in weights_dirs(run_dir):
+        if step is None:  # final/
+            loss = series.last_loss()
+            label = f"{path.name} · {loss:.4f}" if loss is not None else path.name
+        else:
+            loss = series.loss_at(step)
+            label = f"{path.name} · step {step}" + (f" · loss {loss:.4f}" if loss is not None else "")
+        out.append((label, str(path)))
     return out
 
 
@@ -86,7 +87,7 @@ def conversation_message(h: dict, tools: bool) -> dict:
 
 def build(ctx) -> None:
     c = ctx.shared
-    c["chat_worker"] = InferenceWorker()
+    c["chat_worker"] = InferenceWorker(ctx.workspace)
     with gr.Tab(ctx.t("chat.tab"), id="chat") as tab:
         ctx.translate(tab, label="chat.tab")
         with gr.Row(equal_height=True):
@@ -167,7 +168,7 @@ def wire(ctx) -> None:
             info = worker.load(path, quantization=quant, template=(template or "").strip() or None)
         except WorkerError as err:
             lines = [str(err)]
-            busy = m.busy()
+            busy = m.devices_queue.busy(jobs_only=True)
             if err.kind == "out_of_memory" and busy:
                 lines.append(t(lg, "chat.training_busy", runs=", ".join(sorted(set(busy.values())))))
             return status_html(lg, worker, message("error", t(lg, "chat.load_failed"), lines))

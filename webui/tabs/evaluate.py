@@ -129,9 +129,7 @@ def wire(ctx) -> None:
             base = {"tasks": {k: k in (tasks or []) for k in TASKS}, "data": {"registry": str(registry(ws))}}
             cfg = form.config_of(EvalConfig, c["ev_specs"], dict(zip(KEYS, values)), base)
             ctx.confine(cfg)
-            from engine.jobs.evaluate import check_eval
-
-            path = jobs.start_job("eval", cfg, ws, checks=check_eval)
+            path = ctx.manager.submit(cfg).run_dir  # through the device queue: waits while a run holds the device
         except Exception as err:  # noqa: BLE001 - shown on the page
             return problems_html(lg, err), gr.skip()
         return status_html(lg, path), gr.update(choices=job_choices("eval", ws), value=path.name)

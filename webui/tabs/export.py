@@ -89,9 +89,7 @@ def wire(ctx) -> None:
             values["output.dir"] = str(Path(out).expanduser().resolve()) if out else ""
             cfg = form.config_of(ExportConfig, c["ex_specs"], values)
             ctx.confine(cfg)
-            from engine.jobs.export import check_export
-
-            path = jobs.start_job("export", cfg, ws, checks=check_export)
+            path = ctx.manager.submit(cfg).run_dir  # through the device queue: waits while a run holds the device
         except Exception as err:  # noqa: BLE001 - shown on the page
             return problems_html(lg, err), gr.skip()
         return status_html(lg, path), gr.update(choices=job_choices("export", ws), value=path.name)

@@ -30,19 +30,9 @@ def _grid(ctx, keys: list[str]) -> None:
 
 def reward_models(workspace: Path) -> list[tuple[str, str]]:
     """(label, path) of the final/ and checkpoint-N/ directories of the workspace's rm runs, newest first."""
-    from engine.run import rundir
-    from engine.run.config import load_config
+    from engine.run.checkpoint import workspace_checkpoints
 
-    out = []
-    for run in rundir.list_runs(workspace):
-        try:
-            if load_config(run / rundir.CONFIG).method.stage != "rm":
-                continue
-        except ConfigError:
-            continue
-        dirs = ([run / rundir.FINAL] if (run / rundir.FINAL).is_dir() else []) + [p for _, p in reversed(rundir.checkpoints(run))]
-        out += [(f"{run.name}/{d.name}", str(d)) for d in dirs]
-    return out
+    return workspace_checkpoints(workspace, reward=True)
 
 
 def stage_keys(ctx) -> list[str]:

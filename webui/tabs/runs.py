@@ -1,4 +1,4 @@
-"""Runs tab: every run of the workspace, loss curves of several runs overlaid, and one run opened
+"""Runs tab: every job of the workspace (training runs, evaluations, exports, with their kind), loss curves of several runs overlaid, and one run opened
 (config, curves, checkpoints with their step and loss), with Watch and Delete (confirmed)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engine.run import rundir
+from engine.run.config import RunConfig
 
 from ..i18n import t
 from ..runs import RunError
@@ -13,7 +14,7 @@ from ..views import esc, message, when
 from . import curveview
 
 REFRESH_S = 4.0
-COLUMNS = ("run", "status", "stage", "method", "model", "data", "step", "loss", "started")
+COLUMNS = ("run", "kind", "status", "stage", "method", "model", "data", "step", "loss", "started")
 
 
 def headers(lang: str) -> list[str]:
@@ -22,9 +23,9 @@ def headers(lang: str) -> list[str]:
 
 def table(ctx, lang: str) -> list[list]:
     rows = []
-    for r in ctx.manager.runs():
+    for r in ctx.manager.runs(None):  # every job: training runs, evaluations, exports
         state = t(lang, f"state.{r.state}") + (f" #{r.queue_position}" if r.queue_position else "")
-        rows.append([r.id, state, r.stage, r.method, r.model, ", ".join(r.datasets),
+        rows.append([r.id, r.kind, state, r.stage, r.method, r.model, ", ".join(r.datasets),
                      f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step),
                      f"{r.last_loss:.4f}" if r.last_loss is not None else "", when(r.started_at or r.created_at)])
     return rows

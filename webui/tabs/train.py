@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.run import launch, rundir
+from engine.run import jobs, launch, rundir
 from engine.run.checks import check, warnings
 from engine.run.config import ConfigError, RunConfig, dump_config
 
@@ -46,7 +46,7 @@ def warning_html(lang: str, cfg: RunConfig) -> str:
 def preview(ctx, cfg: RunConfig) -> tuple[str, str, list[str]]:
     """(config.yaml text, command line, problems) of the run Start would create now."""
     cfg = launch.resolve_paths(with_project_paths(cfg))
-    run_dir = Path(cfg.output.run_dir) if cfg.output.run_dir else launch.new_run_dir(cfg, ctx.workspace)
+    run_dir = Path(cfg.output.run_dir) if cfg.output.run_dir else jobs.new_job_dir(cfg, ctx.workspace)
     cfg.output.run_dir = str(run_dir)
     problems = [f"{f}: {m}" for f, m in check(cfg, run_dir)]
     cmd = shlex.join(launch.build_command(cfg, run_dir))
