@@ -23,7 +23,7 @@ def test_webui_keeps_the_users_hub_setting(monkeypatch, setting, tmp_path):
         monkeypatch.setenv("HF_HUB_OFFLINE", setting)
     seen = {}
 
-    def create(workspace, lang="en"):
+    def create(workspace, lang="en", **_):
         seen["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE")
         raise _Stop
 
