@@ -29,3 +29,27 @@ def make_lora_run(tiny_model: Path, root: Path, name: str = "20250101-000000-sft
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(ckpt)
     (run_dir / "metrics.jsonl").write_text(f'{{"step": {step}, "loss": 2.5}}\n', encoding="utf-8")
     return run_dir
+
+
+def serve_app(app):
+    """Serve an ASGI app (the OpenAI-compatible API) on a free loopback port in a thread; a generator of its
+    base URL for a module fixture: the server stops when the fixture is torn down."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    srv.should_exit = True
+    thread.join(10)

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import openai
 import pytest
 
-from chat_fixtures import make_lora_run
+from chat_fixtures import make_lora_run, serve_app
 from engine.serve.api import create_app
 from engine.serve.inference import ChatModel
 from engine.serve.sampling import SamplingParams
 
 KEY = "sk-test-key"
 ASK = [{"role": "user", "content": "Who are you?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +23,7 @@ def chat(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(chat):
-    import uvicorn
-
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(chat, api_key=KEY, model_name="tiny-lora"), host="127.0.0.1",
-                                        port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    srv.should_exit = True
-    thread.join(10)
+    yield from serve_app(create_app(chat, api_key=KEY, model_name="tiny-lora"))
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,12 @@ decoded and parsed back into OpenAI tool_calls."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import openai
 import pytest
 import torch
 
+from chat_fixtures import serve_app
 from engine.serve.api import create_app
 from engine.serve.inference import ChatModel
 from engine.serve.sampling import InferenceError, parse_tool_calls
@@ -55,22 +53,8 @@ def chat(tiny_model):
 
 @pytest.fixture(scope="module")
 def client(chat):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(chat, model_name="tiny"), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    srv.should_exit = True
-    thread.join(10)
+    for url in serve_app(create_app(chat, model_name="tiny")):
+        yield openai.OpenAI(base_url=url, api_key="none", max_retries=0)
 
 
 @pytest.mark.parametrize("stream", [False, True])
