@@ -50,7 +50,7 @@ class RunInfo:
 def _node_info(cfg: RunConfig | None) -> dict:
     from engine.run import nodes
 
-    if cfg is None:
+    if not isinstance(cfg, RunConfig):  # an eval or export job runs on this machine
         return {}
     try:
         chosen = nodes.selection(cfg.distributed)

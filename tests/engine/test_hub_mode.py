@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.run import jobs, launch, rundir
+from engine.run import launch, rundir
 from engine.run.config import ConfigError
 from engine.run.jobconfig import ExportConfig
 from test_export import make_adapter
@@ -24,21 +24,17 @@ def _push_cfg(adapter, tmp_path) -> ExportConfig:
 
 
 def test_offline_push_is_refused_before_any_work(adapter, tmp_path, monkeypatch):
-    from engine.jobs.export import check_export
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as err:
-        jobs.start_job("export", _push_cfg(adapter, tmp_path), checks=check_export)
+        launch.start(_push_cfg(adapter, tmp_path))
     assert [f for f, _ in err.value.problems] == ["hub.repo_id"]
     assert "push to me/model is not possible: offline mode is on (HF_HUB_OFFLINE=1" in str(err.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "job" / rundir.STATUS).exists()
 
 
 def test_push_job_process_carries_the_online_setting(adapter, tmp_path, monkeypatch):
-    from engine.jobs.export import check_export
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    job_dir = jobs.start_job("export", _push_cfg(adapter, tmp_path), checks=check_export)
+    job_dir = launch.start(_push_cfg(adapter, tmp_path))
     status = launch.wait(job_dir, timeout=300)
     log = rundir.log_tail(job_dir)
     # online: the push really tries the endpoint (closed port), once; offline mode would have said so instead

@@ -36,7 +36,8 @@ def spawn(tmp_path):
 def model_dir(tmp_path):
     path = tmp_path / "model"
     path.mkdir()
-    (path / "config.json").write_text("{}")  # enough for check(): the engine never runs here
+    (path / "config.json").write_text("{}")  # with a tokenizer file, enough for check(): the engine never runs here
+    (path / "tokenizer.json").write_text("{}")
     return path
 
 
