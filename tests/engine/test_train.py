@@ -201,14 +201,14 @@ def test_every_problem_reported_at_once(tiny_model, tmp_path):
     assert {"model.path", "model.template", "data.datasets[0]"} <= fields
 
 
-def test_malformed_dataset_line_fails_the_run_with_its_line(tiny_model, tmp_path):
+def test_malformed_dataset_line_is_refused_with_its_line(tiny_model, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "broken", \n')
-    run_dir = launch.start(_cfg(tiny_model, tmp_path / "run", data={"datasets": [str(bad)]}))
-    status = launch.wait(run_dir, timeout=180)
-    assert status.state == "failed" and status.error_kind == "data", status
-    assert "bad.jsonl" in status.error and "line 2" in status.error, status.error
-    assert not rundir.checkpoints(run_dir)
+    # refused by the checks before any weights load (issue 13), naming the file and the line
+    with pytest.raises(ConfigError) as err:
+        launch.start(_cfg(tiny_model, tmp_path / "run", data={"datasets": [str(bad)]}))
+    assert "bad.jsonl" in str(err.value) and "line 2" in str(err.value), err.value
+    assert not (tmp_path / "run").exists()
 
 
 def test_quantization_without_bitsandbytes_is_refused(tiny_model, tmp_path, monkeypatch):
