@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: setup webui test test-fast bench clean
+.PHONY: setup webui test test-all test-fast bench clean
 
 setup: $(STAMP) $(MODEL)/model.safetensors
 
@@ -27,6 +27,9 @@ webui: setup
 	$(BIN)/workbench webui --host $(HOST) --port $(PORT)
 
 test: setup
+	$(BIN)/python -m pytest -m "not heavy" tests
+
+test-all: setup
 	$(BIN)/python -m pytest tests
 
 test-fast: setup

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ROWS = ["workbench lora", "workbench qlora", "workbench full zero2", "trl lora", "trl qlora"]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_gpu_check_tiny_on_cpu(default_model, shared_datasets, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))

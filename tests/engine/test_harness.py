@@ -41,6 +41,7 @@ def test_harness_tasks_on_base_and_checkpoint(tiny_model, tmp_path):
     assert result["harness"] == ["workbench_mcq_demo", "workbench_gen_demo"]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_harness_scores_the_demo_as_the_choice_evaluator_does(default_model):
     """Same prompt (the chat template's), same letters: the same accuracy on the 20 demo questions."""

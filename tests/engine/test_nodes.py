@@ -182,6 +182,7 @@ def test_two_nodes_by_pdsh_match_two_ranks_on_one(loop, tiny_model, tmp_path, on
     print(f"\n1 node x 2 ranks: {t_one:.0f} s; 2 nodes x 1 rank (pdsh): {t_two:.0f} s")
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_two_nodes_without_ssh(loop, tiny_model, tmp_path, one_thread):
     """no_ssh: node 0 starts the run; node 1 joins it with `workbench train CONFIG --node-rank 1`."""
@@ -212,6 +213,7 @@ def test_rank_killed_on_node_b_fails_the_run_naming_it(loop, tiny_model, tmp_pat
     assert _wait_gone(run_dir) == []
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_stop_saves_and_leaves_no_process_on_any_node(loop, tiny_model, tmp_path, one_thread):
     run_dir = launch.start(_cfg(tiny_model, tmp_path / "run", distributed={"nodes": TWO, "master_addr": "127.0.0.1"},
@@ -224,6 +226,7 @@ def test_stop_saves_and_leaves_no_process_on_any_node(loop, tiny_model, tmp_path
     assert _wait_gone(run_dir) == []
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_killed_launcher_leaves_no_rank_on_any_node(loop, tiny_model, tmp_path, one_thread):
     run_dir = launch.start(_cfg(tiny_model, tmp_path / "run", distributed={"nodes": TWO, "master_addr": "127.0.0.1"},
@@ -239,6 +242,7 @@ def test_killed_launcher_leaves_no_rank_on_any_node(loop, tiny_model, tmp_path, 
     assert _wait_gone(run_dir) == []
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_zero3_two_nodes_saves_a_whole_adapter(loop, tiny_model, tmp_path, one_thread):
     run_dir = launch.start(_two_node_cfg(tiny_model, tmp_path / "run", zero_stage=3))
