@@ -294,7 +294,9 @@ def widget(s: FieldSpec, value: Any, choices: list | None = None, **common) -> A
     if s.kind == "slider":
         return gr.Slider(minimum=s.minimum, maximum=s.maximum, step=s.step, value=value, **common)
     if s.kind == "number":
-        return gr.Number(value=value, minimum=s.minimum, maximum=s.maximum, step=s.step,
+        # an empty optional number reaches the server as 0, which gradio would refuse below a minimum of 1 with its
+        # own error; coerce() reads that 0 as None, and the schema's check names a real out-of-range value
+        return gr.Number(value=value, minimum=None if s.optional else s.minimum, maximum=s.maximum, step=s.step,
                          precision=0 if s.integer else None, **common)
     return gr.Textbox(value=value or "", **common)
 
