@@ -32,7 +32,8 @@ REFUSED = "is outside the folders this page may read"
 SECRETS = ("root:", "localhost")  # the first characters of /etc/shadow's and /etc/hosts' lines
 # where each marked field of the job schemas is typed on the page (None: the page has no widget for it)
 EVAL_WIDGETS = {"model.base": "ev-base", "model.checkpoints": "ev-ckpts", "data.datasets": "ev-data",
-                "data.registry": None, "benchmark.file": "ev-bench", "output.dir": None}
+                "data.registry": None, "benchmark.file": "ev-bench", "output.dir": None,
+                "output.job_dir": None}
 EXPORT_WIDGETS = {"model.checkpoint": "ex-ckpt", "model.base": None, "output.dir": "ex-dir", "output.job_dir": None}
 
 
