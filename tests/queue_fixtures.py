@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from engine.run import rundir
 
 
@@ -39,3 +41,20 @@ class FakeSpawn:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    s = FakeSpawn()
+    s.root = tmp_path / "ws" / "runs"
+    yield s
+    s.cleanup()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text("{}")  # with a tokenizer file, enough for check(): the engine never runs here
+    (path / "tokenizer.json").write_text("{}")
+    return path

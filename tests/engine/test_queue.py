@@ -18,27 +18,12 @@ from engine.run import rundir
 from engine.run.config import ConfigError, RunConfig
 from engine.run.jobconfig import ExportConfig
 from engine.run.queue import QUEUE, Device, DeviceQueue
-from queue_fixtures import FakeSpawn
+from queue_fixtures import FakeSpawn, model_dir, spawn  # noqa: F401 - fixtures
 from webui.runs import RunManager
 
 CPU = [Device("cpu", "CPU")]
 
 
-@pytest.fixture
-def spawn(tmp_path):
-    s = FakeSpawn()
-    s.root = tmp_path / "ws" / "runs"
-    yield s
-    s.cleanup()
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    path = tmp_path / "model"
-    path.mkdir()
-    (path / "config.json").write_text("{}")  # with a tokenizer file, enough for check(): the engine never runs here
-    (path / "tokenizer.json").write_text("{}")
-    return path
 
 
 def _run_cfg(model_dir) -> RunConfig:

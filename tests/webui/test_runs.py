@@ -12,28 +12,13 @@ import pytest
 
 from engine.run import rundir
 from engine.run.config import RunConfig
-from queue_fixtures import FakeSpawn
+from queue_fixtures import FakeSpawn, model_dir, spawn  # noqa: F401 - fixtures
 from webui.runs import QUEUE, Device, RunError, RunManager
 
 CPU = [Device("cpu", "CPU")]
 GPUS = [Device("0", "GPU 0"), Device("1", "GPU 1")]
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    path = tmp_path / "model"
-    path.mkdir()
-    (path / "config.json").write_text("{}")  # with a tokenizer file, enough for check(): the engine never runs here
-    (path / "tokenizer.json").write_text("{}")
-    return path
-
-
-@pytest.fixture
-def spawn(tmp_path):
-    s = FakeSpawn()
-    s.root = tmp_path / "ws" / "runs"
-    yield s
-    s.cleanup()
 
 
 def _cfg(model_dir, devices="") -> RunConfig:
