@@ -30,7 +30,9 @@ def _finished_run(workspace, run_id="20260101-000000-sft"):
 
 def _legend(page, plot: str) -> list[str]:
     """The series drawn as lines (each line's accessible label names its series)."""
-    labels = [e.get_attribute("aria-label") or "" for e in page.locator(f"{plot} svg .mark-line path").all()]
+    # one read in the page: the plot redraws while it polls, so walking a locator list races the redraw
+    labels = page.locator(f"{plot} svg .mark-line path").evaluate_all(
+        "paths => paths.map(p => p.getAttribute('aria-label') || '')")
     return sorted({m.group(1) for m in map(lambda a: re.search(r"series: (\w+)", a), labels) if m})
 
 
