@@ -26,11 +26,11 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 
 from engine.run import stages as stage_table
-from engine.run.config import ConfigError, RunConfig, parse_config
+from engine.run.config import ConfigError, RunConfig, parse_config, read_project_yaml
 
 from .runs import CPU, Device
 
-LAYOUT = yaml.safe_load(Path(__file__).with_name("layout.yaml").read_text(encoding="utf-8"))
+LAYOUT = read_project_yaml(Path(__file__).with_name("layout.yaml"))
 LAYOUT["tabs"]["hparams"]["groups"]["stage"] = stage_table.stage_fields()  # the stage table's fields, in its order
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 SLIDER_MAX_RANGE = 1024

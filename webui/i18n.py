@@ -11,9 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from engine.run.config import RunConfig
+from engine.run.config import RunConfig, read_project_yaml
 from engine.run.stages import STAGE_NAMES
 
 LOCALES = Path(__file__).with_name("locales")
@@ -23,7 +21,7 @@ DEFAULT = "en"
 
 @lru_cache(maxsize=None)
 def table(lang: str) -> dict[str, Any]:
-    return yaml.safe_load((LOCALES / f"{lang}.yaml").read_text(encoding="utf-8")) or {}
+    return read_project_yaml(LOCALES / f"{lang}.yaml") or {}
 
 
 def _lookup(data: dict, key: str) -> Any:

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import matplotlib
+from engine.run.stages import STAGES
 
-matplotlib.use("Agg")
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from .metrics import MetricSeries, smooth
 
-from engine.run.stages import STAGES  # noqa: E402
-
-from .metrics import MetricSeries, smooth  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
 RAW, SMOOTH, EVAL, LR = "#a5b4fc", "#4f46e5", "#f59e0b", "#0d9488"
@@ -27,11 +24,19 @@ CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Micro Hei", "WenQuan
 @lru_cache(maxsize=1)
 def _font_family() -> list[str]:
     """DejaVu Sans, then the first installed CJK font (matplotlib falls back glyph by glyph)."""
+    from matplotlib import font_manager
+
     names = {f.name for f in font_manager.fontManager.ttflist}
     return ["DejaVu Sans"] + [n for n in CJK_FONTS if n in names][:1]
 
 
 def _figure(width: float = 6.4, height: float = 3.4):
+    # matplotlib is imported on the first figure, not with the page: the server answers sooner
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     _style(ax)
@@ -60,6 +65,8 @@ def _style(ax) -> None:
     for side in ("left", "bottom"):
         ax.spines[side].set_color("#d1d5db")
     ax.tick_params(colors=MUTED, labelsize=8)
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 

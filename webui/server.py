@@ -71,6 +71,9 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
         return 2
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # four events of the page at once (gradio's default is one); set through gradio's own variable, not a second
+    # demo.queue() call, which rebuilds the whole FastAPI app once more before launch (about a second)
+    os.environ.setdefault("GRADIO_DEFAULT_CONCURRENCY_LIMIT", "4")
     # the Hub is online or offline as the user's environment says (HF_HUB_OFFLINE); the header shows which
     from engine.run.launch import workspace_dir
 
@@ -87,7 +90,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | None = Non
 
         extra["app_kwargs"] = {"middleware": [Middleware(LoginThrottle)]}
     try:
-        demo.queue(default_concurrency_limit=4).launch(
+        demo.launch(
             server_name=host, server_port=port, share=share, auth=credentials or None, show_error=False,
             quiet=True, inbrowser=False, **launch_kwargs(ctx), **extra)
     except OSError as err:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from engine.run.config import read_project_yaml
+
 from .tools import call_json, probe_tool_support, uses_tools
 
 
@@ -65,7 +67,7 @@ class TemplateSpec:
 def load_templates(path: str | Path = TEMPLATES_FILE) -> dict[str, TemplateSpec]:
     """Read and check the template registry."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = read_project_yaml(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise TemplateError(f"invalid YAML ({getattr(err, 'problem', err)})", path, mark.line + 1 if mark else None) from None

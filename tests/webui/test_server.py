@@ -135,6 +135,8 @@ def test_the_page_is_served_without_torch(tmp_path):
         maps = (Path("/proc") / str(server.proc.pid) / "maps").read_text()
         libs = sorted({line.rsplit("/", 1)[-1] for line in maps.splitlines() if "/torch/" in line or "libtorch" in line})
         assert libs == [], f"the web UI server loaded torch: {libs[:5]}"
+        # matplotlib (PNG/SVG plots, the length histogram) loads with the first figure, not with the page
+        assert "/matplotlib/" not in maps, "the web UI server loaded matplotlib at start-up"
         assert "gradio" in maps or "pydantic_core" in maps  # the maps are the server's own (sanity)
     finally:
         server.stop()
