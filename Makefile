@@ -27,7 +27,7 @@ webui: setup
 	$(BIN)/workbench webui --host $(HOST) --port $(PORT)
 
 test: setup
-	$(BIN)/python -m pytest -m "not heavy" tests
+	$(BIN)/python -m pytest -m "not heavy" --durations=40 tests
 
 test-all: setup
 	$(BIN)/python -m pytest tests
