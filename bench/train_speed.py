@@ -39,11 +39,13 @@ def dataset_path() -> Path:
 
 
 class PeakRSS(threading.Thread):
-    """Samples the RSS of the run's training ranks (processes running engine.train) every 0.2 s."""
+    """Samples the RSS of the run's training ranks (processes running engine.train) every 0.2 s; with a budget,
+    stops the run at once (kill) when their RSS passes it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, budget: float | None = None):
         super().__init__(daemon=True)
         self.run_dir, self.peak, self.done = run_dir, 0, threading.Event()
+        self.budget, self.over = budget, False
 
     def run(self):
         while not self.done.is_set():
@@ -55,6 +57,9 @@ class PeakRSS(threading.Thread):
                             self.peak = max(self.peak, p.memory_info().rss)
                 except psutil.Error:
                     pass
+                if self.budget and self.peak > self.budget and not self.over:
+                    self.over = True
+                    launch.stop(self.run_dir, force=True)
             time.sleep(0.2)
 
 
@@ -65,6 +70,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--model", default=str(ROOT / DEFAULT_MODEL))
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (LLaMA-Factory's default)")
+    parser.add_argument("--cutoff-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4, help="per-device batch")
+    parser.add_argument("--dataset", default=None, help="alpaca-format file (default: the standard workload's)")
+    parser.add_argument("--max-samples", type=int, default=256)
+    parser.add_argument("--rss-budget-gb", type=float, default=None,
+                        help="kill the run when its ranks' RSS passes this and report it out of budget")
     parser.add_argument("--mmap-threshold", type=int, default=None,
                         help="glibc MALLOC_MMAP_THRESHOLD_ for the ranks: allocations above it are returned on free")
     args = parser.parse_args()
@@ -75,9 +86,10 @@ def main() -> int:
         "model": {"path": args.model, "quantization": args.quantization},
         "method": {"finetuning_type": "qlora" if args.quantization != "none" else "lora", "lora_rank": 8,
                    "lora_alpha": 16, "lora_target": "all-linear"},
-        "data": {"datasets": [str(dataset_path())], "max_samples": 256, "cutoff_len": 512,
+        "data": {"datasets": [args.dataset or str(dataset_path())], "max_samples": args.max_samples,
+                 "cutoff_len": args.cutoff_len,
                  "registry": str(PROJECT_REGISTRY)},
-        "training": {"max_steps": args.steps, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+        "training": {"max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
                      "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "seed": 42, "logging_steps": 1,
                      "save_steps": 10_000, "precision": args.precision,
                      "gradient_checkpointing": args.gradient_checkpointing},
@@ -86,12 +98,16 @@ def main() -> int:
         cfg.output.run_dir = str(Path(tmp) / "run")
         t0 = time.time()
         run_dir = launch.start(cfg)
-        sampler = PeakRSS(run_dir)
+        sampler = PeakRSS(run_dir, args.rss_budget_gb * 1e9 if args.rss_budget_gb else None)
         sampler.start()
         status = launch.wait(run_dir)
         sampler.done.set()
         wall = time.time() - t0
         rows = [r for r in rundir.read_metrics(run_dir) if "loss" in r]
+        if sampler.over:
+            print(json.dumps({"out_of_budget": True, "rss_budget_gb": args.rss_budget_gb, "cutoff_len": args.cutoff_len,
+                              "peak_rss_gb": round(sampler.peak / 1e9, 2), "steps_done": len(rows)}, indent=1))
+            return 0
         if status is None or status.state != "completed" or not rows:
             print(rundir.log_tail(run_dir, 30), file=sys.stderr)
             return 1
@@ -99,7 +115,8 @@ def main() -> int:
         # from train begin, so it excludes process start, data loading and model loading).
         last = rows[-1]
         result = {
-            "workload": f"LoRA r8 SFT, {args.steps} steps, batch 4, cutoff 512, {args.quantization}, {args.precision}"
+            "workload": f"LoRA r8 SFT, {args.steps} steps, batch {args.batch_size}, cutoff {args.cutoff_len}, "
+                        f"{args.quantization}, {args.precision}"
                         + (", gradient checkpointing" if args.gradient_checkpointing else "")
                         + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""),
             "input_tokens": last["tokens"],
