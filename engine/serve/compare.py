@@ -10,6 +10,8 @@ worker loads exactly what was shown. The right side is any checkpoint, export or
   switched per answer); costs the adapter files.
 - ``model``: a second model in the worker (a full or freeze checkpoint against its base, two checkpoints on
   different bases); costs its parameter count times the bytes of the load dtype.
+
+``load_right`` (run in the chat worker) loads what ``plan`` decided; importing this module loads no torch.
 """
 
 from __future__ import annotations
@@ -73,3 +75,30 @@ def pair(left: Target, right: Target, quantization: str = "none", on_gpu: bool =
 
 def plan(left: Target, choice: str, quantization: str = "none", on_gpu: bool = False) -> Pairing:
     return pair(left, right_target(left, choice), quantization, on_gpu)
+
+
+def load_right(sides: dict, spec: dict) -> dict:
+    """In the chat worker: load ``spec["model"]`` on the right of ``sides["left"]`` as :func:`plan` says (after a
+    check that it fits the device's free memory); returns what was loaded, with the worker's memory after it."""
+    from engine.serve.inference import ChatModel
+    from engine.serve.worker import check_fits, memory_info
+
+    left = sides.get("left")
+    if left is None:
+        raise InferenceError("load a model on the left first; the right side is compared with it")
+    pairing = plan(left.target, spec["model"], left.quantization, left.device.startswith("cuda"))
+    if pairing.kind == "same":
+        right = left
+    else:
+        if pairing.bytes:
+            check_fits(pairing.bytes, left.device)
+        right = ChatModel.from_target(pairing.right, left.quantization, spec.get("template"), device=left.device,
+                                      share=left, prefix="r")
+    sides["right"] = right
+    shared = right is left or right.weights is left.weights
+    warnings = right.warnings + ([] if shared or pairing.kind == "model" else [
+        f"{pairing.name} has a vocabulary of its own, so it could not share the left's base: it was loaded as a second model"])
+    return dict(memory_info(left.device), kind=pairing.kind if shared else "model", name=pairing.name,
+                base=right.target.base, adapters=right.target.adapters, template=right.template.name,
+                estimate=pairing.bytes, params=pairing.params, per_param=pairing.per_param, shared=shared,
+                warnings=warnings)

@@ -112,7 +112,10 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
                                           tokenizer_dir=chat.target.tokenizer_dir, quantization=chat.quantization,
                                           context_window=chat.context_window)))
             elif msg[0] == "compare":
-                conn.send(("compared", _compare(sides, msg[1])))
+                from engine.serve.compare import load_right
+
+                _drop(sides, "right")
+                conn.send(("compared", load_right(sides, msg[1])))
             elif msg[0] == "uncompare":
                 device = sides["left"].device if "left" in sides else "cpu"
                 _drop(sides, "right")
@@ -139,34 +142,6 @@ def _drop(sides: dict, *names: str) -> None:
         chat = sides.pop(name, None)
         if chat is not None and chat is not sides.get("left"):
             chat.unload()
-
-
-def _compare(sides: dict, spec: dict) -> dict:  # pragma: no cover - child process
-    """Load the right side next to the left one as engine.serve.compare plans it; returns what was loaded."""
-    from engine.serve.compare import plan
-    from engine.serve.inference import ChatModel
-
-    left = sides.get("left")
-    if left is None:
-        raise InferenceError("load a model on the left first; the right side is compared with it")
-    _drop(sides, "right")
-    on_gpu = left.device.startswith("cuda")
-    pairing = plan(left.target, spec["model"], left.quantization, on_gpu)
-    if pairing.kind == "same":
-        sides["right"] = left
-    else:
-        if pairing.bytes:
-            check_fits(pairing.bytes, left.device)
-        sides["right"] = ChatModel.from_target(pairing.right, left.quantization, spec.get("template"),
-                                               device=left.device, share=left, prefix="r")
-    right = sides["right"]
-    shared = right is left or right.weights is left.weights
-    warnings = right.warnings + ([] if shared or pairing.kind == "model" else [
-        f"{pairing.name} has a vocabulary of its own, so it could not share the left's base: it was loaded as a second model"])
-    return dict(memory_info(left.device), kind=pairing.kind if shared else "model",
-                name=pairing.name, base=right.target.base, adapters=right.target.adapters, template=right.template.name,
-                estimate=pairing.bytes, params=pairing.params, per_param=pairing.per_param, shared=shared,
-                warnings=warnings)
 
 
 def _stream(conn, sides: list, messages, params, use_adapter, tools=None) -> None:
