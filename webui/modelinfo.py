@@ -8,11 +8,10 @@ estimate is a rough upper bound from the same numbers. Imports no torch.
 from __future__ import annotations
 
 import json
-import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.run.checkpoint import safetensors_params
 from engine.run.paths import exists
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,31 +74,6 @@ def local_models(roots: list[Path]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _safetensors_params(path: Path) -> tuple[int, int] | None:
-    """(all parameters, embedding parameters) from the safetensors headers, or None."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        return None
-    total = embed = 0
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > 100_000_000:
-                    return None
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error):
-            return None
-        for name, meta in header.items():
-            if name == "__metadata__" or not isinstance(meta, dict):
-                continue
-            count = math.prod(meta.get("shape") or [1])
-            total += count
-            if "embed" in name or "wte" in name or "lm_head" in name:
-                embed += count
-    return total, embed
-
-
 def inspect_model(path: Path) -> ModelInfo:
     cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     text_cfg = cfg.get("text_config", cfg)
@@ -113,7 +87,7 @@ def inspect_model(path: Path) -> ModelInfo:
     info.intermediate = get("intermediate_size", "n_inner", "ffn_dim") or 4 * info.hidden
     info.vocab = get("vocab_size")
     info.context = get("max_position_embeddings", "n_positions", "seq_length")
-    counted = _safetensors_params(path)
+    counted = safetensors_params(path)
     if counted:
         info.params, info.embed_params = counted
     elif info.hidden and info.layers:

@@ -13,6 +13,8 @@ base is reported before any weights load.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,32 @@ def run_config_of(path: Path) -> tuple[dict | None, Path | None]:
 
 def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+
+
+def safetensors_params(path: Path) -> tuple[int, int] | None:
+    """(all parameters, embedding parameters) of a model directory from its safetensors headers (a few KB read per
+    shard, no weights), or None without safetensors."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    total = embed = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > 100_000_000:
+                    return None
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            return None
+        for name, meta in header.items():
+            if name == "__metadata__" or not isinstance(meta, dict):
+                continue
+            count = math.prod(meta.get("shape") or [1])
+            total += count
+            if "embed" in name or "wte" in name or "lm_head" in name:
+                embed += count
+    return total, embed
 
 
 def is_run_dir(path: Path) -> bool:
@@ -158,6 +186,31 @@ def resolve(path: str | Path, base: str | Path | None = None, field: str = "mode
     if path.name != rundir.FINAL and (rundir.latest_checkpoint(path) or (path / rundir.FINAL).is_dir()):
         raise CheckpointError(f"{path} is a run directory; choose one of its checkpoints (final or checkpoint-N)", field)
     raise CheckpointError(f"{path} holds neither an adapter (adapter_config.json) nor model weights (config.json + *.safetensors)", field)
+
+
+def origin_of(ckpt: Checkpoint) -> Path | None:
+    """The model a checkpoint was tuned from (what "its base" means side by side): an adapter's base, a full or
+    freeze checkpoint's run model.path, an export's model card ``base_model``; None for a plain model.
+    Raises CheckpointError when the named model is not a model directory on this machine."""
+    if ckpt.kind == "adapter":
+        return ckpt.base
+    name, where = ((ckpt.run_config or {}).get("model") or {}).get("path"), "its run's model.path"
+    if not name and (ckpt.path / "README.md").is_file():
+        from huggingface_hub.repocard import metadata_load
+
+        try:
+            name, where = (metadata_load(ckpt.path / "README.md") or {}).get("base_model"), "its model card's base_model"
+        except (ValueError, yaml.YAMLError):
+            name = None
+    if not isinstance(name, str) or not name:
+        return None
+    origin = Path(name).expanduser().resolve()
+    if origin == ckpt.path:
+        return None
+    if not is_model_dir(origin):
+        raise CheckpointError(f"the base of {ckpt.path} ({where}) is {name}, which is not a model directory on this "
+                              "machine; pick the model to compare with yourself", "model.base")
+    return origin
 
 
 def workspace_checkpoints(workspace: Path, reward: bool = False) -> list[tuple[str, str]]:

@@ -4,6 +4,8 @@
 TextIteratorStreamer, fed by ``generate`` on a thread, cancelled through a stop event). Both honour
 the template's stop tokens, extra stop token ids and stop strings, which are cut from the answer.
 The API server, the terminal chat and the web UI's worker process all call this one class.
+Side-by-side chat loads a second ChatModel with ``share=``: on the same base it reuses the loaded weights
+(:class:`Weights`, with each side's adapters as named peft adapters), so only a different base costs a second model.
 """
 
 from __future__ import annotations
@@ -92,29 +94,72 @@ def _held_back(text: str, words: list[str]) -> int:
     return keep
 
 
+class Weights:
+    """One loaded model, shared by the chat sides that stand on the same base: each side's adapters are named peft
+    adapters on it (a side with none answers with them switched off), and its lock lets one side generate at a time."""
+
+    def __init__(self, model, key: tuple):
+        self.model, self.key, self.users, self.lock = model, key, 0, threading.Lock()
+
+    def attach(self, adapter: str, name: str) -> str:
+        from peft import PeftModel
+
+        try:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(adapter, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name)
+        except RuntimeError as err:  # size mismatch in a state dict: the adapter belongs to another base
+            raise InferenceError(f"adapter {adapter} does not fit base model {self.key[0]}: "
+                                 f"{str(err).splitlines()[-1].strip()}") from None
+        self.model.eval()
+        return name
+
+    def detach(self, names: list[str]) -> None:
+        """Drop these named adapters; the plain base comes back when none is left."""
+        if not names:
+            return
+        if not set(self.model.peft_config) - set(names):
+            self.model = self.model.unload()
+            return
+        for name in names:
+            self.model.delete_adapter(name)
+
+
 class ChatModel:
     def __init__(self):
-        self.model = self.tokenizer = self.template = None
+        self.tokenizer = self.template = None
+        self.weights: Weights | None = None
+        self.adapter_names: list[str] = []
         self.target = None
         self.device = "cpu"
+        self.quantization = "none"
         self.warnings: list[str] = []
-        self._lock = threading.Lock()
+
+    @property
+    def model(self):
+        return self.weights.model if self.weights is not None else None
 
     # ------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, model_path: str, adapters: list[str] | None = None, quantization: str = "none",
-             template: str | None = None, dtype: str = "auto", device: str | None = None) -> "ChatModel":
+             template: str | None = None, dtype: str = "auto", device: str | None = None,
+             share: "ChatModel | None" = None, prefix: str = "a") -> "ChatModel":
         """Load onto ``device`` (see :func:`resolve_device`; checked before any weights load)."""
-        from peft import PeftModel
+        return cls.from_target(resolve_target(model_path, adapters), quantization, template, dtype, device, share, prefix)
 
+    @classmethod
+    def from_target(cls, target, quantization: str = "none", template: str | None = None, dtype: str = "auto",
+                    device: str | None = None, share: "ChatModel | None" = None, prefix: str = "a") -> "ChatModel":
+        """Load a resolved Target. With ``share`` (a loaded ChatModel on the same base, device, quantization and
+        vocabulary), its weights are reused and this side's adapters join them under names starting with ``prefix``."""
         from engine.run.checkpoint import fit_base
         from engine.train.model_setup import load_base_model, load_tokenizer, resolve_dtype
 
         self = cls()
         self.device = resolve_device(device)
-        target = resolve_target(model_path, adapters)
-        self.target = target
+        self.target, self.quantization = target, quantization
         cfg = ModelConfig(path=target.base, quantization=quantization, dtype=dtype)
         self.tokenizer = load_tokenizer(cfg.model_copy(update={"path": target.tokenizer_dir or target.base}))
         self.tokenizer.padding_side = "left"
@@ -130,33 +175,36 @@ class ChatModel:
         base_shape = model_shape(target.base)
         for adapter in target.adapters:
             self._check_adapter(adapter, base_shape)
-        model = load_base_model(cfg, resolve_dtype(cfg), device_map={"": self.device}, attn="sdpa")
-        if target.adapters:
-            fit_base(model, self.tokenizer)  # a vocabulary-extended adapter needs the base grown to its tokenizer
-            names = []
-            for i, adapter in enumerate(target.adapters):
-                name_i = f"a{i}"
-                try:
-                    if i == 0:
-                        model = PeftModel.from_pretrained(model, adapter, adapter_name=name_i)
-                    else:
-                        model.load_adapter(adapter, adapter_name=name_i)
-                except RuntimeError as err:  # size mismatch in a state dict: the adapter belongs to another base
-                    raise InferenceError(f"adapter {adapter} does not fit base model {target.base}: "
-                                         f"{str(err).splitlines()[-1].strip()}") from None
-                names.append(name_i)
-            if len(names) > 1:
-                model.base_model.set_adapter(names)
-        model.eval()
-        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = model
+        key = (str(Path(target.base).resolve()), quantization, dtype, self.device, len(self.tokenizer))
+        if share is not None and share.weights is not None and share.weights.key == key:
+            self.weights = share.weights
+        else:
+            model = load_base_model(cfg, resolve_dtype(cfg), device_map={"": self.device}, attn="sdpa")
+            if target.adapters:
+                fit_base(model, self.tokenizer)  # a vocabulary-extended adapter needs the base grown to its tokenizer
+            model.eval()
+            model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+            self.weights = Weights(model, key)
+        self.weights.users += 1
+        self.adapter_names = [self.weights.attach(a, f"{prefix}{i}") for i, a in enumerate(target.adapters)]
+        if len(self.adapter_names) > 1:  # several adapters of one side act together
+            self.model.base_model.set_adapter(self.adapter_names, inference_mode=True)
         for w in self.warnings:
             log.warning(w)
         return self
 
+    @property
+    def shares_weights(self) -> bool:
+        return self.weights is not None and self.weights.users > 1
+
     def unload(self) -> int:
-        """Drop the model and give its GPU memory back to the driver; returns the bytes still allocated on its GPU."""
-        self.model = None
+        """Drop this side (its adapters only, when another side shares its base) and give the GPU memory back to the
+        driver; returns the bytes still allocated on its GPU."""
+        if self.weights is not None:
+            self.weights.users -= 1
+            if self.weights.users > 0:
+                self.weights.detach(self.adapter_names)
+        self.weights, self.adapter_names = None, []
         gc.collect()
         if not self.device.startswith("cuda"):
             return 0
@@ -179,7 +227,7 @@ class ChatModel:
 
     @property
     def has_adapter(self) -> bool:
-        return bool(self.target and self.target.adapters)
+        return bool(self.adapter_names)
 
     def tool_calls(self, result: Result) -> tuple[str, list[dict]]:
         """(text, tool calls) of an answer: the calls it writes in its template's tool format, and the text
@@ -244,13 +292,17 @@ class ChatModel:
         return ids, eos, words, kwargs
 
     def _run(self, kwargs, params: SamplingParams, use_adapter: bool):
-        with self._lock, torch.inference_mode():
+        with self.weights.lock, torch.inference_mode():
             if params.seed is not None:
                 torch.manual_seed(params.seed)
-            if self.has_adapter and not use_adapter:
-                with self.model.disable_adapter():
-                    return self.model.generate(**kwargs)
-            return self.model.generate(**kwargs)
+            model = self.weights.model
+            if not hasattr(model, "peft_config"):
+                return model.generate(**kwargs)
+            if self.adapter_names and use_adapter:
+                model.base_model.set_adapter(self.adapter_names, inference_mode=True)
+                return model.generate(**kwargs)
+            with model.disable_adapter():  # the base alone: this side has no adapter here, or asks for the base
+                return model.generate(**kwargs)
 
     def generate(self, messages: list[dict], params: SamplingParams | None = None, use_adapter: bool = True,
                  tools: list[dict] | None = None) -> Result:

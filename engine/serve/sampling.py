@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.data.tools import parse_tool_calls  # noqa: F401  (the serving side reads calls back with it)
-from engine.run.checkpoint import ADAPTER_CONFIG, CheckpointError, resolve
+from engine.run.checkpoint import ADAPTER_CONFIG, CheckpointError, resolve, safetensors_params
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -145,3 +145,26 @@ def weights_bytes(path: str | Path) -> int:
     """Size of a model directory's weight files (to check memory before a load)."""
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors")) or \
         sum(p.stat().st_size for p in Path(path).glob("*.bin"))
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def param_count(path: str | Path) -> int:
+    """Parameters of a model directory: counted from its safetensors headers, else (.bin weights) the size of its
+    weight files over the bytes of the dtype config.json says they are stored in."""
+    counted = safetensors_params(Path(path))
+    if counted:
+        return counted[0]
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}
+    stored = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return int(weights_bytes(path) / _DTYPE_BYTES.get(stored, 4))
+
+
+def bytes_per_param(quantization: str, on_gpu: bool) -> float:
+    """Memory of one parameter once loaded: dtype auto loads bfloat16 (2 bytes) on a GPU and float32 (4) on the CPU;
+    4-bit quantization takes about 0.56 bytes, 8-bit about 1.1."""
+    return {"nf4": 0.56, "fp4": 0.56, "int8": 1.1}.get(quantization, 2 if on_gpu else 4)

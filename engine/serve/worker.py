@@ -4,11 +4,15 @@ Parent side, :class:`InferenceWorker` (imports no torch): ``load`` starts a spaw
 loads a model there, ``chat`` streams text pieces back, ``stop`` cancels the current answer, and
 ``unload`` ends the process, so every byte of its memory (and VRAM) goes back to the system.
 
+Side by side, ``compare`` loads a right side next to the loaded (left) model as engine.serve.compare plans it, and
+``uncompare`` drops it again; ``compare_chat`` then streams both answers, tagged with their side.
+
 Messages (tuples over a multiprocessing Pipe):
-  parent -> worker: ("load", {model, adapters, quantization, template, device}), ("chat", messages, params, use_adapter),
-                    ("stop",), ("unload",), ("exit",)
-  worker -> parent: ("loaded", info) | ("piece", text) | ("done", result) | ("unloaded", info)
-                    | ("error", message, kind)
+  parent -> worker: ("load", {model, adapters, quantization, template, device}), ("compare", {model, template}),
+                    ("uncompare",), ("chat", messages, params, use_adapter, tools, sides), ("stop",), ("unload",),
+                    ("exit",)
+  worker -> parent: ("loaded", info) | ("compared", info) | ("piece", text, side) | ("done", {side: result})
+                    | ("unloaded", info) | ("uncompared", info) | ("error", message, kind)
 
 With a workspace, the worker reserves its device (the first visible GPU, or the CPU) in that workspace's
 device queue from Load to Unload, so a run started meanwhile waits for it; a reservation whose process
@@ -17,7 +21,6 @@ died is stale and ignored.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import threading
@@ -26,9 +29,8 @@ from typing import Iterator
 
 import psutil
 
-from engine.serve.sampling import InferenceError, Result, SamplingParams, resolve_target, weights_bytes
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+from engine.serve.sampling import (InferenceError, Result, SamplingParams, bytes_per_param, param_count, resolve_target,
+                                   weights_bytes)
 
 
 def rss_bytes(pid: int) -> int:
@@ -39,16 +41,10 @@ def rss_bytes(pid: int) -> int:
 
 
 def estimate_bytes(model: str, adapters: list[str], quantization: str, on_gpu: bool) -> int:
-    """Memory the weights take once loaded (stored size scaled to the load dtype and quantization)."""
+    """Memory the weights take once loaded (parameter count times the bytes of the load dtype or quantization)."""
     target = resolve_target(model, adapters)
-    stored = weights_bytes(target.base)
-    try:
-        stored_dtype = json.loads((Path(target.base) / "config.json").read_text()).get("torch_dtype") or "float32"
-    except (OSError, ValueError):
-        stored_dtype = "float32"
-    params = stored / _BYTES.get(stored_dtype, 4)
-    per_param = {"nf4": 0.56, "fp4": 0.56, "int8": 1.1}.get(quantization, 2 if on_gpu else 4)
-    return int(params * per_param) + sum(weights_bytes(a) for a in target.adapters)
+    return int(param_count(target.base) * bytes_per_param(quantization, on_gpu)) + \
+        sum(weights_bytes(a) for a in target.adapters)
 
 
 def check_fits(need: int, device: str = "cpu") -> None:
@@ -87,7 +83,7 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
-    chat = None
+    sides: dict = {}  # "left": the loaded ChatModel; "right": the side-by-side one (may be the left itself)
     while True:
         try:
             msg = conn.recv()
@@ -97,30 +93,40 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
             if msg[0] == "exit":
                 return
             if msg[0] == "unload":
-                device = chat.device if chat is not None else "cpu"
-                if chat is not None:
-                    chat.unload()
-                chat = None
+                device = sides["left"].device if "left" in sides else "cpu"
+                _drop(sides, "right", "left")
                 conn.send(("unloaded", memory_info(device)))
             elif msg[0] == "load":
                 from engine.serve.inference import ChatModel, resolve_device
 
                 spec = msg[1]
-                if chat is not None:
-                    chat.unload()
-                chat = None
+                _drop(sides, "right", "left")
                 device = resolve_device(spec.get("device"))
                 check_fits(estimate_bytes(spec["model"], spec.get("adapters") or [], spec.get("quantization", "none"),
                                           device.startswith("cuda")), device)
-                chat = ChatModel.load(spec["model"], adapters=spec.get("adapters"), quantization=spec.get("quantization", "none"),
-                                      template=spec.get("template"), device=device)
+                chat = sides["left"] = ChatModel.load(spec["model"], adapters=spec.get("adapters"),
+                                                      quantization=spec.get("quantization", "none"),
+                                                      template=spec.get("template"), device=device)
                 conn.send(("loaded", dict(memory_info(device), warnings=chat.warnings, template=chat.template.name,
                                           base=chat.target.base, adapters=chat.target.adapters,
+                                          tokenizer_dir=chat.target.tokenizer_dir, quantization=chat.quantization,
                                           context_window=chat.context_window)))
+            elif msg[0] == "compare":
+                from engine.serve.compare import load_right
+
+                _drop(sides, "right")
+                conn.send(("compared", load_right(sides, msg[1])))
+            elif msg[0] == "uncompare":
+                device = sides["left"].device if "left" in sides else "cpu"
+                _drop(sides, "right")
+                conn.send(("uncompared", memory_info(device)))
             elif msg[0] == "chat":
-                if chat is None:
+                if "left" not in sides:
                     raise InferenceError("no model is loaded; press Load first")
-                _stream(conn, chat, msg[1], SamplingParams(**msg[2]), msg[3], msg[4] if len(msg) > 4 else None)
+                names = msg[5] if len(msg) > 5 else ["left"]
+                if "right" in names and "right" not in sides:
+                    raise InferenceError("nothing is loaded on the right; press Load right first")
+                _stream(conn, [(n, sides[n]) for n in names], msg[1], SamplingParams(**msg[2]), msg[3], msg[4])
             elif msg[0] == "stop":
                 continue  # a stop that arrived after its answer ended
         except InferenceError as err:
@@ -130,17 +136,44 @@ def _main(conn) -> None:  # pragma: no cover - runs in the child process (exerci
             conn.send(("error", f"{type(err).__name__}: {err}", kind))
 
 
-def _stream(conn, chat, messages, params, use_adapter, tools=None) -> None:
-    stream = chat.stream(messages, params, use_adapter=use_adapter, tools=tools)
-    for piece in stream:
-        conn.send(("piece", piece))
+def _drop(sides: dict, *names: str) -> None:
+    """Unload these sides (the right one first: it may hold adapters on the left's weights)."""
+    for name in names:
+        chat = sides.pop(name, None)
+        if chat is not None and chat is not sides.get("left"):
+            chat.unload()
+
+
+def _stream(conn, sides: list, messages, params, use_adapter, tools=None) -> None:
+    """Answer with each side in turn, the same prompt, sampling and seed to each (seeded right before its own
+    generation, so a side answers as it would alone); a stop ends the current answer and skips the ones after it.
+    One at a time on purpose: sampling draws from torch's one global generator, so two answers made at once
+    would depend on thread timing and a seed would no longer repeat them."""
+    convo = messages if isinstance(messages, dict) else {name: messages for name, _ in sides}
+    for name, chat in sides:  # a conversation either side cannot take is refused before any answer starts
+        try:
+            chat.check(convo[name], tools)
+        except InferenceError as err:
+            raise InferenceError(f"{name} side: {err}" if len(sides) > 1 else str(err), err.kind) from None
+    results, stopped = {}, False
+    for name, chat in sides:
         while conn.poll():
-            if conn.recv()[0] == "stop":
-                stream.cancel()
-    done = stream.result.model_dump()
-    if tools:
-        done["tool_calls"] = chat.tool_calls(stream.result)[1]
-    conn.send(("done", done))
+            stopped = conn.recv()[0] == "stop" or stopped
+        if stopped:
+            results[name] = Result(text="", prompt_tokens=0, completion_tokens=0, finish_reason="cancelled").model_dump()
+            continue
+        stream = chat.stream(convo[name], params, use_adapter=use_adapter, tools=tools)
+        for piece in stream:
+            conn.send(("piece", piece, name))
+            while conn.poll():
+                if conn.recv()[0] == "stop":
+                    stream.cancel()
+                    stopped = True
+        done = stream.result.model_dump()
+        if tools:
+            done["tool_calls"] = chat.tool_calls(stream.result)[1]
+        results[name] = done
+    conn.send(("done", results))
 
 
 class WorkerError(RuntimeError):
@@ -158,6 +191,8 @@ class InferenceWorker:
         self.proc = None
         self.conn = None
         self.info: dict | None = None
+        self.right: dict | None = None  # what the right side holds (the worker's "compared" info), while compared
+        self.results: dict[str, Result] = {}  # each side's Result of the last answer
         self.freed: dict | None = None  # the worker's memory_info after its last unload
         self.last: Result | None = None
         self.last_calls: list[dict] = []
@@ -187,7 +222,7 @@ class InferenceWorker:
             return self.conn.recv()
         except (EOFError, OSError):
             code = self.proc.exitcode if self.proc else None
-            self.info = None
+            self.info = self.right = None
             raise WorkerError(f"the chat worker died (exit code {code}); it may have run out of memory — load again",
                               "killed") from None
 
@@ -197,7 +232,7 @@ class InferenceWorker:
         with self._busy:
             if not self.alive:
                 self._start()
-            self.info = None
+            self.info = self.right = None
             self._reserve()  # before the weights load: a queued run must not start on the device meanwhile
             self.conn.send(("load", dict(model=model, adapters=adapters or [], quantization=quantization, template=template,
                                          device=device)))
@@ -226,26 +261,83 @@ class InferenceWorker:
         if (queue := self._queue()) is not None:
             queue.release(self.reservation)
 
+    @property
+    def left(self):
+        """The loaded model as a Target (for planning the right side without the worker)."""
+        from engine.serve.sampling import Target
+
+        i = self.info
+        return Target(base=i["base"], adapters=list(i["adapters"]), template=i["template"], tokenizer_dir=i.get("tokenizer_dir"))
+
+    def plan(self, choice: str):
+        """How ``choice`` would be served on the right of the loaded model, and what it costs (nothing loads)."""
+        from engine.serve.compare import plan
+
+        if not self.loaded:
+            raise WorkerError("load a model on the left first; the right side is compared with it", "invalid_request")
+        try:
+            return plan(self.left, choice, self.info.get("quantization", "none"), self.info["device"].startswith("cuda"))
+        except InferenceError as err:
+            raise WorkerError(str(err), err.kind) from None
+
+    def compare(self, model: str, template: str | None = None) -> dict:
+        """Load ``model`` (a path, or engine.serve.compare.BASE_OF_LEFT) on the right; returns the worker's info."""
+        if not self.loaded:
+            raise WorkerError("load a model on the left first; the right side is compared with it", "invalid_request")
+        with self._busy:
+            self.right = None
+            self.conn.send(("compare", dict(model=model, template=template)))
+            reply = self._recv()
+            if reply[0] == "error":
+                raise WorkerError(reply[1], reply[2])
+            self.right = reply[1]
+            return self.right
+
+    def uncompare(self) -> dict | None:
+        """Drop the right side (a second model's memory goes back); the worker's memory_info after, None if none."""
+        if not self.loaded or self.right is None:
+            return None
+        with self._busy:
+            self.conn.send(("uncompare",))
+            reply = self._recv()
+            self.right = None
+            return reply[1] if reply[0] == "uncompared" else None
+
     def chat(self, messages: list[dict], params: SamplingParams, use_adapter: bool = True,
              tools: list[dict] | None = None) -> Iterator[str]:
         """Yields text pieces; afterwards ``self.last`` holds the Result and ``self.last_calls`` the tool calls
         the answer makes (with ``tools``: the function schemas the model is shown)."""
+        for _, piece in self._chat(messages, params, use_adapter, tools, ["left"]):
+            yield piece
+
+    def compare_chat(self, messages: list[dict] | dict[str, list[dict]], params: SamplingParams,
+                     tools: list[dict] | None = None) -> Iterator[tuple[str, str]]:
+        """Yields (side, piece), "left" then "right", the same sampling and seed to both; afterwards ``self.results``
+        holds each side's Result. ``messages``: one conversation for both, or {"left": …, "right": …} when each
+        side has its own earlier answers. ``stop`` ends the answer being written and skips the other."""
+        if self.loaded and self.right is None:
+            raise WorkerError("nothing is loaded on the right; press Load right first", "invalid_request")
+        yield from self._chat(messages, params, True, tools, ["left", "right"])
+
+    def _chat(self, messages, params, use_adapter, tools, sides) -> Iterator[tuple[str, str]]:
         if not self.loaded:
             raise WorkerError("no model is loaded; press Load first", "invalid_request")
         with self._busy:
-            self.last, self.last_calls = None, []
+            self.last, self.last_calls, self.results = None, [], {}
             with self._send:
-                self.conn.send(("chat", messages, params.model_dump(), use_adapter, tools))
+                self.conn.send(("chat", messages, params.model_dump(), use_adapter, tools, sides))
             finished = False
             try:
                 while True:
                     reply = self._recv()
                     if reply[0] == "piece":
-                        yield reply[1]
+                        yield reply[2], reply[1]
                     elif reply[0] == "done":
                         finished = True
-                        self.last_calls = reply[1].pop("tool_calls", [])
-                        self.last = Result(**reply[1])
+                        self.last_calls = reply[1]["left"].pop("tool_calls", [])
+                        self.results = {side: Result(**{k: v for k, v in r.items() if k != "tool_calls"})
+                                        for side, r in reply[1].items()}
+                        self.last = self.results["left"]
                         return
                     else:
                         finished = True
@@ -257,7 +349,7 @@ class InferenceWorker:
                         pass
 
     def stop(self) -> None:
-        """Cancel the answer being generated (it ends after the current token)."""
+        """Cancel the answer being generated (it ends after the current token; side by side, both answers end)."""
         if self.alive:
             with self._send:
                 self.conn.send(("stop",))
@@ -290,6 +382,6 @@ class InferenceWorker:
             self.proc.kill()
             self.proc.join(5)
         self.conn.close()
-        self.proc, self.conn, self.info = None, None, None
+        self.proc, self.conn, self.info, self.right = None, None, None, None
         self._release()
         return before

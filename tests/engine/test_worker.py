@@ -54,8 +54,11 @@ def test_worker_lifecycle(tiny_model, tmp_path):
         list(worker.chat(ASK, greedy))
 
 
-def test_parent_side_imports_no_torch():
-    code = "import sys, engine.serve.worker, engine.serve.sampling; print('torch' in sys.modules)"
+def test_parent_side_imports_no_torch(default_model):
+    code = ("import sys, engine.serve.worker, engine.serve.sampling\n"
+            "from engine.serve.compare import plan\nfrom engine.serve.sampling import resolve_target\n"
+            f"assert plan(resolve_target({str(default_model)!r}), {str(default_model)!r}).kind == 'same'\n"
+            "print('torch' in sys.modules)")  # planning a side-by-side comparison loads no torch either
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -2,7 +2,7 @@
 
 * Every path field of the run, evaluation and export schemas (found from their ``path`` marks, not a hand
   list) and every other path the page takes (registry preview, Add a dataset, vocabulary preview, config
-  load/save/upload, chat model) gets /etc/shadow, a relative path climbing out, and a link inside the
+  load/save/upload, chat model, the side-by-side chat's right model) gets /etc/shadow, a relative path climbing out, and a link inside the
   workspace that points to /etc: each is refused with the policy's sentence, and no line of a file outside
   comes back.
 * Every field of the run form gets a wrong type, out-of-bounds numbers, 5,000 characters and control
@@ -136,6 +136,8 @@ def test_the_pages_other_paths_are_confined(page):
     load_cfg = p.endpoint(("cfg-path",), ("cfg-msg",))
     save_cfg = p.endpoint(("cfg-path", "f-model-path"), ("cfg-msg",))
     chat = p.endpoint(("chat-model",), ("chat-status-box",))
+    right_info = p.endpoint(("chat-right",), ("chat-right-box",))
+    right_load = p.endpoint(("chat-right", "chat-template"), ("chat-status-box",))
     for bad in outside(workspace):
         assert_refused(p.call(registry, **{"f-data-registry": bad}), f"registry {bad}")
         assert_refused(p.call(datasets, **{"f-data-registry": bad}), f"dataset preview registry {bad}")
@@ -149,6 +151,8 @@ def test_the_pages_other_paths_are_confined(page):
         assert not Path(bad + ".yaml").exists() and not (workspace / bad).with_suffix(".yaml").exists()
         assert_refused(p.call(chat, **{"chat-model": "/etc" if bad.startswith("/etc") else str(Path(bad).parent),
                                       "chat-run": None}), f"chat {bad}")
+        assert_refused(p.call(right_info, **{"chat-right": bad}), f"side by side, right side {bad}")
+        assert_refused(p.call(right_load, **{"chat-right": bad}), f"load right {bad}")
     # a file inside the workspace (one JSON line is a YAML mapping: an upload copied there can be one) that includes
     # /etc/shadow and names /etc/hosts as a dataset file, chosen as the registry
     evil = workspace / "datasets" / "evil.jsonl"

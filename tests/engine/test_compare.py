@@ -1,0 +1,138 @@
+"""Side-by-side chat in the worker, one pairing after another on tiny checkpoints: an adapter against its own base
+(adapter switched off), two adapters of one run on one base (named peft adapters, switched per answer), the same
+model twice (no second copy), and a full checkpoint against its base (a second model, its cost planned before it
+loads and given back when the comparison ends); the same seed to both sides, and Stop stops both."""
+
+from __future__ import annotations
+
+import pytest
+
+from chat_fixtures import make_full_run, make_lora_run
+from engine.run.checkpoint import CheckpointError, origin_of, resolve
+from engine.serve.compare import BASE_OF_LEFT, plan
+from engine.serve.sampling import InferenceError, SamplingParams, param_count, resolve_target
+from engine.serve.worker import InferenceWorker, WorkerError
+
+ASK = [{"role": "user", "content": "Who are you?"}]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ws")
+    make_lora_run(tiny_model, root, step=3, seed=3)
+    lora = make_lora_run(tiny_model, root, step=5, seed=5)
+    return lora, make_full_run(tiny_model, root)
+
+
+def test_plans_before_any_weights_load(tiny_model, runs, tmp_path):
+    lora, full = runs
+    a5, a3, tiny = resolve_target(str(lora / "checkpoint-5")), str(lora / "checkpoint-3"), str(tiny_model)
+    assert plan(a5, BASE_OF_LEFT).kind == "base" and plan(a5, BASE_OF_LEFT).bytes == 0
+    assert plan(a5, tiny).kind == "base"  # the base typed as a path is the same as "base of left"
+    assert plan(a5, str(lora / "checkpoint-5")).kind == "same"
+    two = plan(a5, a3)
+    assert two.kind == "adapter" and 0 < two.bytes < 2**20 and two.name == "20250101-000000-sft-lora/checkpoint-3"
+    ckpt = resolve_target(str(full / "checkpoint-4"))
+    both = plan(ckpt, BASE_OF_LEFT, on_gpu=False)
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model).parameters())
+    assert both.kind == "model" and both.params == params and both.bytes == params * 4  # float32 on the CPU
+    assert plan(ckpt, BASE_OF_LEFT, on_gpu=True).bytes == params * 2  # bfloat16 on a GPU
+    assert plan(ckpt, BASE_OF_LEFT, quantization="nf4").bytes < params
+    assert param_count(tiny_model) == params
+    with pytest.raises(InferenceError, match="is a base model"):
+        plan(resolve_target(tiny), BASE_OF_LEFT)
+    # an export names its base in its model card
+    export = tmp_path / "export"
+    export.mkdir()
+    for f in tiny_model.iterdir():
+        (export / f.name).symlink_to(f)
+    (export / "README.md").write_text(f"---\nbase_model: {tiny_model}\n---\n# export\n")
+    assert origin_of(resolve(export)) == tiny_model.resolve()
+    (export / "README.md").write_text("---\nbase_model: SomeOrg/not-here\n---\n")
+    with pytest.raises(CheckpointError, match="its model card's base_model.* SomeOrg/not-here, which is not a model"):
+        origin_of(resolve(export))
+
+
+@pytest.mark.slow  # one worker process, six small loads: ~50 s on 2 busy cores
+def test_every_pairing_in_the_worker(tiny_model, runs):
+    lora, full = runs
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    worker = InferenceWorker()
+    try:
+        with pytest.raises(WorkerError, match="load a model on the left first"):
+            worker.compare(BASE_OF_LEFT)
+        # each side alone, for reference
+        worker.load(str(lora / "checkpoint-3"))
+        alone3 = "".join(worker.chat(ASK, greedy))
+        worker.load(str(lora / "checkpoint-5"))
+        alone5 = "".join(worker.chat(ASK, greedy))
+        base = "".join(worker.chat(ASK, greedy, use_adapter=False))  # the plain base answers the same (checked below)
+        assert len({alone3, base, alone5}) == 3
+        with pytest.raises(WorkerError, match="press Load right"):
+            list(worker.compare_chat(ASK, greedy))
+
+        def both():
+            got = {"left": "", "right": ""}
+            for side, piece in worker.compare_chat(ASK, greedy):
+                got[side] += piece
+            return got["left"], got["right"]
+
+        rss = worker.rss()
+        info = worker.compare(BASE_OF_LEFT)  # adapter against its own base: the adapter is switched off
+        assert info["kind"] == "base" and info["shared"] and info["estimate"] == 0
+        assert both() == (alone5, base)
+        info = worker.compare(str(lora / "checkpoint-3"))  # two adapters of one run: one base, named adapters
+        assert info["kind"] == "adapter" and info["shared"] and info["adapters"] == [str(lora / "checkpoint-3")]
+        assert both() == (alone5, alone3)
+        assert worker.rss() < rss + 40 * 2**20  # no second base (the tiny base alone is ~13 MB in float32)
+        info = worker.compare(str(lora / "checkpoint-5"))
+        assert info["kind"] == "same" and both() == (alone5, alone5)
+        seeded = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, max_new_tokens=12, seed=7)
+        pieces = list(worker.compare_chat(ASK, seeded))
+        left = "".join(p for s, p in pieces if s == "left")
+        assert left == "".join(p for s, p in pieces if s == "right")  # the same seed to both sides
+        assert worker.uncompare() is not None and worker.right is None
+        assert "".join(worker.chat(ASK, greedy)) == alone5  # the left adapter is untouched by all of this
+
+        # a full checkpoint against its base: a second model in the worker
+        worker.load(str(full / "checkpoint-4"))
+        tuned = "".join(worker.chat(ASK, greedy))
+        planned = worker.plan(BASE_OF_LEFT)
+        assert planned.kind == "model" and planned.bytes == param_count(tiny_model) * 4
+        info = worker.compare(BASE_OF_LEFT)
+        assert info["kind"] == "model" and not info["shared"] and info["base"] == str(tiny_model.resolve())
+        assert info["estimate"] == planned.bytes
+        assert both() == (tuned, base) and tuned != base  # the base as a model of its own answers as with the adapter off
+
+        # Stop stops both: the left answer ends early, the right one never starts
+        stream = worker.compare_chat(ASK, SamplingParams(temperature=0, max_new_tokens=400))
+        assert next(stream)[0] == "left"
+        worker.stop()
+        assert {s for s, _ in stream} <= {"left"}
+        assert worker.results["left"].finish_reason == "cancelled" and worker.results["left"].completion_tokens < 400
+        assert worker.results["right"].finish_reason == "cancelled" and worker.results["right"].completion_tokens == 0
+        assert "".join(worker.chat(ASK, greedy)) == tuned  # still serving
+    finally:
+        worker.unload()
+
+
+@pytest.mark.slow  # loads the 135M default model: ~30 s on 2 busy cores
+def test_switching_off_gives_the_second_model_back(tiny_model, default_model):
+    """A 135M-parameter model on the right costs ~540 MB in float32 (its weights are paged in from the mapped file
+    as it answers); switching the comparison off gives them back to the system."""
+    worker = InferenceWorker()
+    try:
+        worker.load(str(tiny_model))
+        assert worker.plan(str(default_model)).bytes > 500 * 2**20
+        before = worker.rss()
+        assert worker.compare(str(default_model))["kind"] == "model"
+        list(worker.compare_chat(ASK, SamplingParams(temperature=0, max_new_tokens=2)))
+        answered = worker.rss()
+        assert answered - before > 400 * 2**20
+        after = worker.uncompare()
+        assert answered - after["rss"] > 400 * 2**20
+        assert "".join(worker.chat(ASK, SamplingParams(temperature=0, max_new_tokens=2)))  # the left one still answers
+    finally:
+        worker.unload()
