@@ -15,6 +15,7 @@ the run directory visible (each node writes a marker that this machine reads bac
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -34,6 +35,29 @@ SSH_TIMEOUT = 5
 _LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*$")
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _FORWARD = ("WORKBENCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "GLOO_")
+
+
+LOCAL = "localhost"  # the one name of this machine in the device queue (engine/run/queue.py)
+_LOCAL_ALIASES = {"localhost", "localhost.localdomain", "127.0.0.1", "::1", "0.0.0.0"}
+
+
+def canonical_host(host: str) -> str:
+    """``LOCAL`` for every name of this machine (localhost, a loopback address, its own host name, short or full),
+    else the name as written (ssh aliases are not resolved: two aliases are two nodes to the queue)."""
+    name = host.strip().lower()
+    if name in _LOCAL_ALIASES or name.startswith("127."):
+        return LOCAL
+    return LOCAL if name in _own_names() else host.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _own_names() -> frozenset[str]:
+    own = {socket.gethostname().lower(), socket.gethostname().split(".")[0].lower()}
+    try:
+        own.add(socket.getfqdn().lower())  # may ask the resolver once; cached for the process
+    except OSError:
+        pass
+    return frozenset(own)
 
 
 class NodeError(ValueError):
