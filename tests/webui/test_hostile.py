@@ -136,7 +136,9 @@ def test_the_pages_other_paths_are_confined(page):
     load_cfg = p.endpoint(("cfg-path",), ("cfg-msg",))
     save_cfg = p.endpoint(("cfg-path", "f-model-path"), ("cfg-msg",))
     chat = p.endpoint(("chat-model",), ("chat-status-box",))
+    hostfile = p.endpoint(("f-distributed-hostfile",), ("devices-msg",))  # a chosen hostfile fills the node table
     for bad in outside(workspace):
+        assert_refused(p.call(hostfile, **{"f-distributed-hostfile": bad}), f"hostfile {bad}")
         assert_refused(p.call(registry, **{"f-data-registry": bad}), f"registry {bad}")
         assert_refused(p.call(datasets, **{"f-data-registry": bad}), f"dataset preview registry {bad}")
         assert_refused(p.call(datasets, **{"f-data-datasets": [bad]}), f"dataset preview path {bad}")
@@ -164,6 +166,10 @@ def test_the_pages_other_paths_are_confined(page):
     data_upload = p.endpoint(("data-upload",), ("data-save-msg",))
     out = text_of(p.call(data_upload, **{"data-upload": dict(fake, orig_name="passwd.jsonl")}))
     assert (REFUSED in out or out.startswith("gradio refused")) and "root:" not in out
+    hostfile_upload = p.endpoint(("btn-hostfile-upload",), ("devices-msg",))
+    out = text_of(p.call(hostfile_upload, **{"btn-hostfile-upload": dict(fake, orig_name="hostfile")}))
+    assert (REFUSED in out or out.startswith("gradio refused")) and "root:" not in out
+    assert not (workspace / "hostfiles").exists()
 
 
 @pytest.mark.parametrize("schema,widgets", [(EvalConfig, EVAL_WIDGETS), (ExportConfig, EXPORT_WIDGETS)],
