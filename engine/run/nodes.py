@@ -198,15 +198,18 @@ def check_problems(cfg: RunConfig) -> list[Problem]:
 
 
 def resume_problems(checkpoint: Path, d: DistributedConfig) -> list[Problem]:
-    """A ZeRO checkpoint holds one optimizer shard per rank: resuming it needs the same world size."""
-    shards = list(checkpoint.glob("global_step*/*zero_pp_rank_*_optim_states.pt"))
-    if d.zero_stage == 0 or not shards:
+    """A ZeRO checkpoint holds one optimizer shard per rank. On another world size it resumes through DeepSpeed's
+    universal format (the supervisor converts it before the ranks start, see ``checkpoint.make_universal``), which
+    needs ZeRO on this run too: without it DeepSpeed does not load the checkpoint at all."""
+    from engine.run.checkpoint import zero_shards
+
+    zero = zero_shards(checkpoint)
+    if zero is None:
         return []
-    saved, now = len({p.name.split("zero_pp_rank_")[1].split("_")[0] for p in shards}), world_size(d)
-    if saved == now:
-        return []
-    return [("training.resume_from", f"{checkpoint.name} was saved by {saved} ranks and this run has {now}: ZeRO "
-             f"optimizer shards need the same world size, so resume with the same nodes and slots")]
+    if d.zero_stage == 0:
+        return [("distributed.zero_stage", f"{checkpoint.name} holds DeepSpeed ZeRO optimizer shards ({zero[1]} ranks): "
+                 "resume it with ZeRO stage 2 or 3 (DeepSpeed loads its optimizer state, on any number of ranks)")]
+    return []
 
 
 # ---------------------------------------------------------------- pre-flight over ssh
