@@ -121,8 +121,12 @@ def wire(ctx) -> None:
     c["hostfile_upload"].upload(on_upload, [c["hostfile_upload"], table, lang],
                                 [hostfile, table, c["dev_mode"], c["devices_msg"]], show_progress="hidden")
 
-    def on_table(rows, mode):
-        return "several" if form._table_rows(rows) and any(str(r[0] or "").strip() for r in form._table_rows(rows)) \
-            else gr.skip()
+    def on_table(rows):
+        """Nodes in the table (typed, loaded or from a hostfile): the switch shows several machines."""
+        try:
+            named = any(str(r[0] or "").strip() for r in form._table_rows(rows) if r)
+        except (TypeError, form.ConfigError):
+            named = False
+        return "several" if named else gr.skip()
 
-    table.change(on_table, [table, c["dev_mode"]], c["dev_mode"], show_progress="hidden")
+    table.change(on_table, table, c["dev_mode"], show_progress="hidden")
