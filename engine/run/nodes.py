@@ -64,8 +64,9 @@ class NodeError(ValueError):
     """A node list or slot selection that cannot be used; the message is one sentence."""
 
 
-def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
-    """``{host: slots}`` in file order; the error names the line."""
+def parse_hostfile(text: str, source: str = "hostfile", quote: bool = True) -> dict[str, int]:
+    """``{host: slots}`` in file order; the error names the line (and quotes it, unless ``quote`` is False: the web
+    page never echoes a file's content)."""
     hosts: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -73,7 +74,7 @@ def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
             continue
         m = _LINE.match(line)
         if not m or not _HOST.match(m.group(1)):
-            raise NodeError(f"{source} line {n}: expected 'HOST slots=N', got '{line[:80]}'")
+            raise NodeError(f"{source} line {n}: expected 'HOST slots=N'" + (f", got '{line[:80]}'" if quote else ""))
         host, slots = m.group(1), int(m.group(2))
         if slots < 1:
             raise NodeError(f"{source} line {n}: {host} has slots=0; give it at least one slot or remove the line")

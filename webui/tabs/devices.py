@@ -34,7 +34,7 @@ def several(values: dict) -> bool:
 def rows_of_file(text: str, source: str, rows) -> list[list]:
     """The node table of a hostfile's text, keeping the slots to use already typed for a host."""
     use = {str(r[0]).strip(): r[2] for r in form._table_rows(rows) if len(r) > 2 and r[0]}
-    return [[h, n, use.get(h, "") or ""] for h, n in parse_hostfile(text, source).items()]
+    return [[h, n, use.get(h, "") or ""] for h, n in parse_hostfile(text, source, quote=False).items()]
 
 
 def keep_upload(workspace: Path, upload: str) -> Path:
