@@ -26,7 +26,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 
 from engine.run import stages as stage_table
-from engine.run.config import ConfigError, RunConfig, parse_config, read_project_yaml
+from engine.run.config import ConfigError, Node, RunConfig, parse_config, read_project_yaml
 
 from .runs import CPU, Device
 
@@ -157,16 +157,63 @@ def devices_config(value: list[str] | None, visible: list[Device]) -> str:
     return ",".join(sorted(chosen, key=lambda v: (len(v), v)))
 
 
-def nodes_config(text: str) -> list[dict]:
-    """The node table typed as hostfile lines; a bad line is one problem naming it."""
-    from engine.run.nodes import NodeError, parse_hostfile
+NODE_COLUMNS = (*Node.model_fields, "use")  # the node table: the Node schema's fields, then the slots to use
 
-    if not text.strip():
-        return []
+
+def node_rows(nodes: list[dict], include: str, hostfile: str | None = None) -> list[list]:
+    """The node table of a config: one row per node (host, slots, use); ``use`` is that node's part of
+    ``distributed.include`` (``0,1``; empty: every slot, as a bare host in include; ``-``: not used). With a
+    hostfile the rows come from the file (the page fills them in after checking its path); here, with no file
+    read, only the hosts include names are known."""
+    picks: dict[str, str] = {}
+    for spec in [x for x in include.replace(" ", "").split("@") if x]:
+        host, _, slots = spec.partition(":")
+        picks[host] = slots
+    if nodes:
+        return [[n["host"], n["slots"], picks.get(n["host"], "-") if picks else ""] for n in nodes]
+    return [[h, None, use] for h, use in picks.items()] if hostfile else []
+
+
+def nodes_config(rows, hostfile: str | None = None) -> tuple[list[dict], str]:
+    """(distributed.nodes, distributed.include) of the node table. With a hostfile the rows are the file's nodes,
+    so only their ``use`` counts. A slot count that is no whole number is one problem naming the row."""
     try:
-        return [{"host": h, "slots": n} for h, n in parse_hostfile(text, "distributed.nodes").items()]
-    except NodeError as err:
-        raise ConfigError([("distributed.nodes", str(err))]) from None
+        rows = [list(r)[:3] + [None] * (3 - len(r)) for r in _table_rows(rows)]
+    except TypeError:
+        raise ConfigError([("distributed.nodes", "expected a table of rows (host, slots, use)")]) from None
+    rows = [r for r in rows if str(r[0] if r[0] is not None else "").strip()]
+    nodes, problems = [], []
+    for i, (host, slots, _) in enumerate(rows):
+        try:
+            count = int(float(str(slots).strip())) if str(slots if slots is not None else "").strip() else 1
+        except (ValueError, OverflowError):
+            problems.append(("distributed.nodes", f"row {i + 1} ({str(host).strip()[:40]}): slots '{str(slots)[:40]}' is not a whole number"))
+            continue
+        nodes.append({"host": str(host).strip(), "slots": count})
+    if problems:
+        raise ConfigError(problems)
+    uses = [("" if u is None else str(u).strip()) for _, _, u in rows]
+    include = "" if all(u == "" for u in uses) else "@".join(
+        h if u == "" else f"{h}:{u}" for (h, _, _), u in zip(rows, uses) if u != "-")
+    return ([] if hostfile else nodes), include.replace(" ", "")
+
+
+def _table_rows(value) -> list[list]:
+    """Rows of a Dataframe value: a list of lists, gradio's {"headers", "data"} or a pandas frame."""
+    if value is None:
+        return []
+    if hasattr(value, "values") and hasattr(value, "columns"):  # pandas
+        return value.values.tolist()
+    if isinstance(value, dict):
+        return list(value.get("data") or [])
+    if isinstance(value, str):  # hostfile lines typed as text (the API, older saved pages)
+        from engine.run.nodes import NodeError, parse_hostfile
+
+        try:
+            return [[h, n, ""] for h, n in parse_hostfile(value, "distributed.nodes").items()] if value.strip() else []
+        except NodeError as err:
+            raise ConfigError([("distributed.nodes", str(err))]) from None
+    return [list(r) for r in value]
 
 
 def to_values(cfg: RunConfig, visible: list[Device]) -> dict[str, Any]:
@@ -179,8 +226,8 @@ def to_values(cfg: RunConfig, visible: list[Device]) -> dict[str, Any]:
         s = spec(key)
         if s.kind == "devices":
             value = devices_value(value, visible)
-        elif s.kind == "nodes":  # the node table as hostfile lines
-            value = "".join(f"{n['host']} slots={n['slots']}\n" for n in value)
+        elif s.kind == "nodes":  # the node table: host, slots and the slots to use (distributed.include)
+            value = node_rows(value, data[section]["include"], data[section]["hostfile"])
         elif s.kind == "text" and value is None:
             value = ""
         elif s.kind in ("multiselect", "checkboxes"):
@@ -221,7 +268,8 @@ def from_values(values: dict[str, Any], visible: list[Device], base: RunConfig |
         if s.kind == "devices":
             data[section][name] = devices_config(values[key], visible)
         elif s.kind == "nodes":
-            data[section][name] = nodes_config(values[key] or "")
+            hostfile = coerce(spec(f"{section}.hostfile"), values.get(f"{section}.hostfile", data[section]["hostfile"]))
+            data[section][name], data[section]["include"] = nodes_config(values[key], hostfile)
         else:
             data[section][name] = coerce(s, values[key])
     return parse_config(data, "form")
@@ -259,6 +307,11 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
     common.update(kwargs)
     if s.kind in ("radio", "dropdown", "checkboxes") and s.choices and choices is None:
         choices = [(choice_label(lang, key, c), c) for c in s.choices]
+    if s.kind == "nodes":  # a table has no help line of its own: it goes above it
+        def table_help(lg):
+            return f'<div class="wb-hint">{_esc(info(lg))} {_esc(t(lg, "devices.table_use"))}</div>'
+
+        ctx.translate(gr.HTML(table_help(lang), elem_id=common["elem_id"] + "-help"), value=table_help)
     if s.kind == "devices":
         gpus = [d for d in ctx.manager.devices if d.id != CPU]
         w = gr.CheckboxGroup(choices=[(d.name, d.id) for d in ctx.manager.devices], value=value,
@@ -271,8 +324,16 @@ def build(ctx, key: str, value: Any = None, choices: list | Callable | None = No
         extra["choices"] = choices_fn
     elif s.choices and choices is None:
         extra["choices"] = lambda lang, k=key: [(choice_label(lang, k, c), c) for c in spec(k).choices]
-    ctx.translate(w, label=lambda lang, k=key: field_label(lang, k), info=info, **extra)
+    if s.kind != "nodes":
+        extra["info"] = info
+    ctx.translate(w, label=lambda lang, k=key: field_label(lang, k), **extra)
     return w
+
+
+def _esc(text: str) -> str:
+    import html
+
+    return html.escape(text or "")
 
 
 def widget(s: FieldSpec, value: Any, choices: list | None = None, **common) -> Any:
@@ -290,7 +351,10 @@ def widget(s: FieldSpec, value: Any, choices: list | None = None, **common) -> A
     if s.kind == "checkboxes":
         return gr.CheckboxGroup(choices=list(s.choices) if choices is None else choices, value=value, **common)
     if s.kind == "nodes":
-        return gr.Textbox(value=value or "", lines=2, placeholder="node-a slots=2\nnode-b slots=2", **common)
+        common.pop("info", None)
+        return gr.Dataframe(value=value or [], headers=list(NODE_COLUMNS), datatype=["str", "number", "str"],
+                            column_count=len(NODE_COLUMNS), row_count=max(1, len(value or [])), type="array",
+                            interactive=True, **common)
     if s.kind == "slider":
         return gr.Slider(minimum=s.minimum, maximum=s.maximum, step=s.step, value=value, **common)
     if s.kind == "number":

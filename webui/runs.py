@@ -17,7 +17,7 @@ from typing import Callable
 
 from engine.run import jobs, launch, rundir
 from engine.run.config import ConfigError, RunConfig, load_config
-from engine.run.queue import CPU, QUEUE, Device, DeviceQueue, visible_devices  # noqa: F401 - the UI's names for them
+from engine.run.queue import CPU, QUEUE, Device, DeviceQueue, label, visible_devices  # noqa: F401 - the UI's names for them
 
 from .metrics import MetricSeries
 
@@ -111,7 +111,8 @@ class RunManager:
         return self.devices_queue.config(run_dir)
 
     def run_devices(self, cfg) -> set[str]:
-        return self.devices_queue.needs(cfg)
+        """The labels of the devices a job takes (``0``, ``cpu``; ``node-b:1`` on another node)."""
+        return {label(d) for d in self.devices_queue.needs(cfg)}
 
     def series(self, run_dir: Path) -> MetricSeries:
         """The run's metrics, read incrementally (shared by every open page)."""

@@ -304,3 +304,66 @@ def load_tokenizer_for(path: Path, trust_remote_code: bool = False):
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+# ---------------------------------------------------------------- resuming on another world size (DeepSpeed universal)
+
+UNIVERSAL_LATEST = "latest_universal"  # DeepSpeed's pointer to the universal folder (as ``latest`` to global_stepN)
+
+
+def zero_shards(ckpt: Path) -> tuple[str, int] | None:
+    """(``global_stepN``, ranks that saved it) of a ZeRO checkpoint (one optimizer shard per rank), else None."""
+    shards = sorted(Path(ckpt).glob("global_step*/*zero_pp_rank_*_optim_states.pt"))
+    if not shards:
+        return None
+    ranks = {p.name.split("zero_pp_rank_")[1].split("_")[0] for p in shards}
+    return shards[0].parent.name, len(ranks)
+
+
+def needs_universal(ckpt: Path, world_size: int) -> bool:
+    """Whether resuming ``ckpt`` with ``world_size`` ranks needs DeepSpeed's universal format (its ZeRO shards were
+    written by another number of ranks)."""
+    zero = zero_shards(ckpt)
+    return zero is not None and zero[1] != world_size
+
+
+def universal_dir(ckpt: Path) -> Path | None:
+    """The universal folder made of ``ckpt`` (``global_stepN_universal`` beside ``global_stepN``), once complete."""
+    zero = zero_shards(ckpt)
+    if zero is None:
+        return None
+    path = Path(ckpt) / f"{zero[0]}_universal"
+    pointer = Path(ckpt) / UNIVERSAL_LATEST
+    done = path.is_dir() and pointer.is_file() and pointer.read_text(encoding="utf-8").strip() == path.name
+    return path if done else None
+
+
+def make_universal(ckpt: Path, python: str, log=None) -> Path:
+    """Convert the ZeRO shards of ``ckpt`` to DeepSpeed's universal format with ``deepspeed.checkpoint.ds_to_universal``
+    (the shards and every other file stay as they are). Written under a temporary name and renamed, the pointer
+    ``latest_universal`` last, so a conversion cut short is redone. Returns the folder; CheckpointError when
+    DeepSpeed cannot convert it (its last line)."""
+    import shutil
+    import subprocess
+
+    ckpt = Path(ckpt)
+    done = universal_dir(ckpt)
+    if done is not None:
+        return done
+    tag, _ = zero_shards(ckpt)
+    out, tmp = ckpt / f"{tag}_universal", ckpt / f"tmp-{tag}_universal"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [python, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / tag), "--output_folder",
+           str(tmp), "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                          text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (ckpt / UNIVERSAL_LATEST).unlink(missing_ok=True)
+        last = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()][-1:] or ["see train.log"]
+        raise CheckpointError(f"DeepSpeed could not convert {ckpt.name} to a universal checkpoint: {last[0]}",
+                              "training.resume_from")
+    tmp.rename(out)
+    rundir.atomic_write(ckpt / UNIVERSAL_LATEST, out.name)
+    return out

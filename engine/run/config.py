@@ -122,7 +122,7 @@ class DistributedConfig(Section):
     zero_stage: Literal[0, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 off, 2 shards optimizer state and gradients, 3 also shards weights.")
     offload: bool = Field(False, description="ZeRO 2/3: keep optimizer state (and ZeRO-3 weights) in CPU memory.")
     hostfile: str | None = Field(None, json_schema_extra={"path": "path"}, description="DeepSpeed hostfile for training across several machines: one 'HOST slots=N' line per node, # comments.")
-    nodes: list[Node] = Field(default_factory=list, description="The machines as a table instead of a hostfile: one 'HOST slots=N' per line (first node hosts rank 0).")
+    nodes: list[Node] = Field(default_factory=list, description="The machines as a table instead of a hostfile: each node's host (as ssh reaches it) and slots (its GPUs, or ranks on a CPU node); the first node hosts rank 0.")
     include: str = Field("", description="Several machines: the slots of each node to use, in DeepSpeed's --include syntax, e.g. node-a:0,1@node-b:0; empty uses every slot.")
     launcher: Literal["pdsh", "no_ssh"] = Field("pdsh", description="Several machines: pdsh starts every node's ranks over ssh from here; no_ssh: each node runs `workbench train CONFIG --node-rank N` itself (Slurm).")
     master_addr: str = Field("", description="Several machines: the address every node reaches the first node at; empty uses the first node's name.")

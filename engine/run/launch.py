@@ -269,6 +269,8 @@ def supervise(run_dir: Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: None)
     kind = jobs.KINDS[jobs.kind_of(run_dir)]
     cfg = jobs.load_config(run_dir, kind.name) if kind.deepspeed else None
+    if cfg is not None and not _universal_for_resume(cfg, run_dir):
+        return 2
     if cfg is not None:
         cmd = build_command(cfg, run_dir)
     else:
@@ -301,6 +303,33 @@ def supervise(run_dir: Path) -> int:
         print(f"[workbench] status.json not updated: {err}", flush=True)
     print(f"[workbench] run ended: {changes.get('state', status.state)} (exit code {code})", flush=True)
     return code
+
+
+def _universal_for_resume(cfg: RunConfig, run_dir: Path) -> bool:
+    """A resume on another world size than its ZeRO checkpoint was saved with: convert the checkpoint to DeepSpeed's
+    universal format first (beside its shards, which stay as they are; the ranks then load it with
+    ``checkpoint.load_universal``). False (and the run failed, with the reason) when DeepSpeed cannot convert it."""
+    from engine.run.checkpoint import CheckpointError, make_universal, needs_universal, zero_shards
+
+    r = cfg.training.resume_from
+    if not r or cfg.distributed.zero_stage == 0:
+        return True
+    ckpt = rundir.resumable_checkpoint(run_dir) if r == "latest" else Path(r)
+    world = nodes.world_size(cfg.distributed)
+    if ckpt is None or not needs_universal(ckpt, world):
+        return True
+    tag, saved = zero_shards(ckpt)
+    print(f"[workbench] {ckpt.name} was saved by {saved} ranks and this run has {world}: converting it to DeepSpeed's "
+          f"universal format in {ckpt / (tag + '_universal')} (the checkpoint itself stays as it is)", flush=True)
+    t0 = time.time()
+    try:
+        make_universal(ckpt, sys.executable, log=sys.stdout)
+    except (CheckpointError, OSError) as err:
+        rundir.update_status(run_dir, state="failed", ended_at=time.time(), exit_code=2, error=str(err), error_kind="config")
+        print(f"[workbench] run ended: failed ({err})", flush=True)
+        return False
+    print(f"[workbench] converted in {time.time() - t0:.0f} s", flush=True)
+    return True
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ the run directory visible (each node writes a marker that this machine reads bac
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -36,12 +37,36 @@ _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _FORWARD = ("WORKBENCH_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "GLOO_")
 
 
+LOCAL = "localhost"  # the one name of this machine in the device queue (engine/run/queue.py)
+_LOCAL_ALIASES = {"localhost", "localhost.localdomain", "127.0.0.1", "::1", "0.0.0.0"}
+
+
+def canonical_host(host: str) -> str:
+    """``LOCAL`` for every name of this machine (localhost, a loopback address, its own host name, short or full),
+    else the name as written (ssh aliases are not resolved: two aliases are two nodes to the queue)."""
+    name = host.strip().lower()
+    if name in _LOCAL_ALIASES or name.startswith("127."):
+        return LOCAL
+    return LOCAL if name in _own_names() else host.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _own_names() -> frozenset[str]:
+    own = {socket.gethostname().lower(), socket.gethostname().split(".")[0].lower()}
+    try:
+        own.add(socket.getfqdn().lower())  # may ask the resolver once; cached for the process
+    except OSError:
+        pass
+    return frozenset(own)
+
+
 class NodeError(ValueError):
     """A node list or slot selection that cannot be used; the message is one sentence."""
 
 
-def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
-    """``{host: slots}`` in file order; the error names the line."""
+def parse_hostfile(text: str, source: str = "hostfile", quote: bool = True) -> dict[str, int]:
+    """``{host: slots}`` in file order; the error names the line (and quotes it, unless ``quote`` is False: the web
+    page never echoes a file's content)."""
     hosts: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -49,7 +74,7 @@ def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
             continue
         m = _LINE.match(line)
         if not m or not _HOST.match(m.group(1)):
-            raise NodeError(f"{source} line {n}: expected 'HOST slots=N', got '{line[:80]}'")
+            raise NodeError(f"{source} line {n}: expected 'HOST slots=N'" + (f", got '{line[:80]}'" if quote else ""))
         host, slots = m.group(1), int(m.group(2))
         if slots < 1:
             raise NodeError(f"{source} line {n}: {host} has slots=0; give it at least one slot or remove the line")
@@ -174,15 +199,18 @@ def check_problems(cfg: RunConfig) -> list[Problem]:
 
 
 def resume_problems(checkpoint: Path, d: DistributedConfig) -> list[Problem]:
-    """A ZeRO checkpoint holds one optimizer shard per rank: resuming it needs the same world size."""
-    shards = list(checkpoint.glob("global_step*/*zero_pp_rank_*_optim_states.pt"))
-    if d.zero_stage == 0 or not shards:
+    """A ZeRO checkpoint holds one optimizer shard per rank. On another world size it resumes through DeepSpeed's
+    universal format (the supervisor converts it before the ranks start, see ``checkpoint.make_universal``), which
+    needs ZeRO on this run too: without it DeepSpeed does not load the checkpoint at all."""
+    from engine.run.checkpoint import zero_shards
+
+    zero = zero_shards(checkpoint)
+    if zero is None:
         return []
-    saved, now = len({p.name.split("zero_pp_rank_")[1].split("_")[0] for p in shards}), world_size(d)
-    if saved == now:
-        return []
-    return [("training.resume_from", f"{checkpoint.name} was saved by {saved} ranks and this run has {now}: ZeRO "
-             f"optimizer shards need the same world size, so resume with the same nodes and slots")]
+    if d.zero_stage == 0:
+        return [("distributed.zero_stage", f"{checkpoint.name} holds DeepSpeed ZeRO optimizer shards ({zero[1]} ranks): "
+                 "resume it with ZeRO stage 2 or 3 (DeepSpeed loads its optimizer state, on any number of ranks)")]
+    return []
 
 
 # ---------------------------------------------------------------- pre-flight over ssh

@@ -18,8 +18,13 @@ server (a background thread), ``workbench train|eval|export --foreground`` while
 job queued by the CLI in the background a detached ``python -m engine.run.queue WORKSPACE JOB_DIR``
 that ticks until that job has started (so a queued job starts with no UI server running).
 
-A job's devices are its ``distributed.devices`` GPU ids (every visible GPU when empty) for training,
-and the first visible GPU for the other kinds; on a machine without GPUs the CPU is one device.
+Devices are keyed by (host, device). This machine is one host, ``localhost`` (``nodes.LOCAL``: its
+loopback names and its own host name all count as it): a job's devices there are its ``distributed.devices``
+GPU ids (every visible GPU when empty) for training, and the first visible GPU for the other kinds; on a
+machine without GPUs the CPU is one device. A run on several machines holds each node's chosen slots
+(``distributed.include``, from the hostfile or ``distributed.nodes``): two runs that share a slot of one node
+never run together, and a run on nodes A and B leaves a run on node C free to start. Shown as labels: a
+local device by its id (``0``, ``cpu``), another node's slot as ``host:slot``.
 Imports no torch and no gradio.
 """
 
@@ -39,13 +44,27 @@ from typing import Callable
 
 import psutil
 
-from engine.run import jobs, launch, rundir
+from engine.run import jobs, launch, nodes, rundir
 from engine.run.config import ConfigError
 
 QUEUE = "queue.json"
 RESERVATIONS = "reservations"
 LOCK = ".queue.lock"
 CPU = "cpu"
+LOCAL = nodes.LOCAL
+Slot = tuple[str, str]  # (host, device): nodes.LOCAL or another node's name, and a GPU id / slot or "cpu"
+
+
+def label(slot: Slot) -> str:
+    """How a slot is shown and written: a local device by its id, another node's slot as host:slot."""
+    host, device = slot
+    return device if host == LOCAL else f"{host}:{device}"
+
+
+def slot_of(text: str) -> Slot:
+    """The slot of a label (``0``, ``cpu``, ``node-b:1``; a name of this machine counts as local)."""
+    host, sep, device = str(text).rpartition(":")
+    return (nodes.canonical_host(host), device) if sep and host else (LOCAL, str(text))
 
 
 @dataclass
@@ -118,16 +137,29 @@ class DeviceQueue:
         self._configs[job_dir] = (mtime, cfg)
         return cfg
 
-    def needs(self, cfg) -> set[str]:
-        """The devices a job of this config takes."""
+    def local(self, ids: set[str] | None = None) -> set[Slot]:
+        """Slots of this machine: the given GPU ids (every visible GPU when None), or the CPU where there is no GPU."""
         if not self.gpus:
-            return {CPU}
-        if cfg is not None and jobs.kind_of_config(cfg).devices == "config":
-            chosen = {d.strip() for d in cfg.distributed.devices.split(",") if d.strip()}
-            return chosen or {d.id for d in self.gpus}
-        return {self.gpus[0].id}
+            return {(LOCAL, CPU)}
+        return {(LOCAL, i) for i in (ids if ids else {d.id for d in self.gpus})}
 
-    def job_devices(self, job_dir: Path) -> set[str]:
+    def needs(self, cfg) -> set[Slot]:
+        """The (host, device) slots a job of this config takes."""
+        if cfg is None or jobs.kind_of_config(cfg).devices != "config":
+            return {(LOCAL, self.gpus[0].id)} if self.gpus else {(LOCAL, CPU)}
+        try:
+            chosen = nodes.selection(cfg.distributed)
+        except nodes.NodeError:
+            chosen = None  # the checks refuse such a config; until then it counts as a local run
+        if chosen is None:
+            return self.local({d.strip() for d in cfg.distributed.devices.split(",") if d.strip()})
+        out: set[Slot] = set()
+        for host, slots in chosen.items():
+            name = nodes.canonical_host(host)
+            out |= self.local({str(i) for i in slots}) if name == LOCAL else {(name, str(i)) for i in slots}
+        return out
+
+    def job_devices(self, job_dir: Path) -> set[Slot]:
         return self.needs(self.config(job_dir))
 
     def active(self) -> list[Path]:
@@ -150,17 +182,21 @@ class DeviceQueue:
                 path.unlink(missing_ok=True)
         return out
 
-    def busy(self, jobs_only: bool = False) -> dict[str, str]:
-        """device id -> name of the job (or reservation) that holds it."""
-        held: dict[str, str] = {}
+    def held(self, jobs_only: bool = False) -> dict[Slot, str]:
+        """(host, device) -> name of the job (or reservation) that holds it."""
+        held: dict[Slot, str] = {}
         for p in self.active():
             for d in self.job_devices(p):
                 held.setdefault(d, p.name)
         if not jobs_only:
             for name, record in self.reservations().items():
                 for d in record.get("devices", []):
-                    held.setdefault(d, name)
+                    held.setdefault(slot_of(d), name)
         return held
+
+    def busy(self, jobs_only: bool = False) -> dict[str, str]:
+        """device label (``0``, ``cpu``, ``node-b:1``) -> name of the job (or reservation) that holds it."""
+        return {label(d): name for d, name in self.held(jobs_only).items()}
 
     def waiting(self) -> list[Path]:
         """Jobs waiting for devices, oldest first."""
@@ -189,11 +225,12 @@ class DeviceQueue:
         """Start a prepared job now if its devices are free and nobody waits for them, else queue it (marker)."""
         with self.locked():
             need = self.job_devices(job_dir)
-            busy = self.busy()
+            busy = self.held()
             holders = sorted({busy[d] for d in need if d in busy})
             ahead = [q.name for q in self.waiting() if q != job_dir and self.job_devices(q) & need]
             if holders or ahead:
-                (job_dir / QUEUE).write_text(json.dumps({"queued_at": time.time(), "devices": sorted(need)}), encoding="utf-8")
+                (job_dir / QUEUE).write_text(json.dumps({"queued_at": time.time(), "devices": sorted(map(label, need))}),
+                                             encoding="utf-8")
                 return Submitted(job_dir, queued=True, waiting_for=holders + ahead)
             self._started(self._spawn(job_dir))
             return Submitted(job_dir, queued=False)
@@ -219,7 +256,7 @@ class DeviceQueue:
         ``extra``: a waiting job outside the workspace's folders (a CLI job with its own directory), in line too."""
         started = []
         with self.locked():
-            reserved = set(self.busy())
+            reserved = set(self.held())
             line = self.waiting()
             if extra is not None and extra not in line and _queued_at(extra) is not None:
                 line = sorted(line + [extra], key=lambda p: _queued_at(p) or 0.0)
@@ -260,8 +297,8 @@ class DeviceQueue:
     # ------------------------------------------------------------ reservations (the chat worker)
 
     def reserve(self, name: str, pid: int, devices: set[str] | None = None, what: str = "") -> dict:
-        """Hold devices (the first visible one by default) for process ``pid`` until ``release`` or its exit."""
-        record = {"pid": pid, "devices": sorted(devices or self.needs(None)), "what": what, "since": time.time()}
+        """Hold devices (labels; the first visible one by default) for process ``pid`` until ``release`` or its exit."""
+        record = {"pid": pid, "devices": sorted(devices or map(label, self.needs(None))), "what": what, "since": time.time()}
         root = self.workspace / RESERVATIONS
         root.mkdir(parents=True, exist_ok=True)
         rundir.atomic_write(root / f"{name}.json", json.dumps(record))

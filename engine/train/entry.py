@@ -21,15 +21,38 @@ log = logging.getLogger("engine.train")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def deepspeed_config(cfg: RunConfig) -> dict | None:
+def deepspeed_config(cfg: RunConfig, universal: bool = False) -> dict | None:
+    """The ZeRO config of the run; ``universal``: the resume checkpoint is loaded from DeepSpeed's universal format
+    (it was saved by another number of ranks)."""
     d = cfg.distributed
     if d.zero_stage == 0:
         return None
     name = f"zero{d.zero_stage}{'_offload' if d.offload else ''}.json"
-    return json.loads((CONFIGS / "deepspeed" / name).read_text())
+    out = json.loads((CONFIGS / "deepspeed" / name).read_text())
+    if universal:
+        out["checkpoint"] = {**out.get("checkpoint", {}), "load_universal": True}
+    return out
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: bool, cls=None, **stage_fields):
+def universal_resume(cfg: RunConfig, resume: str | None) -> bool:
+    """Whether this resume loads a universal checkpoint: its ZeRO shards come from another world size. The supervisor
+    (engine.run.launch) has converted it; without that folder the ranks could not load it, which is said here."""
+    from engine.run.checkpoint import needs_universal, universal_dir, zero_shards
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not resume or cfg.distributed.zero_stage == 0 or not needs_universal(Path(resume), world):
+        return False
+    if universal_dir(Path(resume)) is None:
+        tag, saved = zero_shards(Path(resume))
+        raise ConfigError([("training.resume_from", f"{Path(resume).name} was saved by {saved} ranks and this run has "
+                            f"{world}, and it has no universal copy ({tag}_universal): start the run with workbench "
+                            "(its launcher converts the checkpoint first), or convert it with "
+                            "python -m deepspeed.checkpoint.ds_to_universal")])
+    return True
+
+
+def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: bool, cls=None, universal: bool = False,
+                       **stage_fields):
     """The run's TrainingArguments, or the stage's subclass ``cls`` (a TRL config) with its own ``stage_fields``."""
     import torch
     from transformers import TrainingArguments
@@ -69,7 +92,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         ddp_backend=None if cuda else "gloo",
         ddp_find_unused_parameters=False,
         ddp_timeout=cfg.distributed.timeout,  # a rank lost on another node fails the run after this, not 30 min
-        deepspeed=deepspeed_config(cfg),
+        deepspeed=deepspeed_config(cfg, universal),
         include_num_input_tokens_seen="all",  # batches are padding-free, so every input token is real
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -130,7 +153,20 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     if stop.requested:
         return "stopped"
 
-    ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None, **stage.arguments(cfg))
+    resume, earlier = cfg.training.resume_from or None, None
+    if resume:
+        for path in rundir.incomplete_checkpoints(run_dir):
+            log.warning("%s is an incomplete save (the run was killed while writing it); it is not resumed from "
+                        "and is left for you to delete", path)
+        if resume == "latest":
+            resume = str(rundir.resumable_checkpoint(run_dir))
+        if (run_dir / rundir.FINAL).is_dir():  # a completed run trained further: keep its final weights
+            earlier = rundir.resumable_checkpoint(run_dir)
+    universal = universal_resume(cfg, resume)
+    if resume:
+        log.info("resuming from %s%s", resume, " (DeepSpeed universal checkpoint: saved by another world size)" if universal else "")
+    ctx.args = training_arguments(cfg, run_dir, precision, has_eval=ctx.data[1] is not None, universal=universal,
+                                  **stage.arguments(cfg))
     compute = compute_dtype(precision)
     from engine.train.attention import register
 
@@ -155,16 +191,6 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         from engine.train.trackers import tracker_env
 
         tracker_env(run_dir)
-    resume, earlier = cfg.training.resume_from or None, None
-    if resume:
-        for path in rundir.incomplete_checkpoints(run_dir):
-            log.warning("%s is an incomplete save (the run was killed while writing it); it is not resumed from "
-                        "and is left for you to delete", path)
-        if resume == "latest":
-            resume = str(rundir.resumable_checkpoint(run_dir))
-        if (run_dir / rundir.FINAL).is_dir():  # a completed run trained further: keep its final weights
-            earlier = rundir.resumable_checkpoint(run_dir)
-        log.info("resuming from %s", resume)
     trainer = atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier)
     if cfg.training.report_to:
         from engine.train.trackers import guard_trackers

@@ -109,16 +109,27 @@ def test_failure_names_the_node_and_rank():
     assert nodes.failure("nothing here", chosen) is None
 
 
-def test_zero_checkpoint_resumes_only_with_its_world_size(tmp_path):
+def test_zero_checkpoint_resumes_on_any_world_size_through_the_universal_format(tmp_path):
+    from engine.run.checkpoint import UNIVERSAL_LATEST, needs_universal, universal_dir, zero_shards
+
     ckpt = tmp_path / "checkpoint-4"
     (ckpt / "global_step4").mkdir(parents=True)
     for rank in (0, 1):
         (ckpt / "global_step4" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
     two = [{"host": "node-a", "slots": 1}, {"host": "node-b", "slots": 1}]
+    assert zero_shards(ckpt) == ("global_step4", 2)
     assert nodes.resume_problems(ckpt, _cfg(nodes=two, zero_stage=2).distributed) == []
-    assert nodes.resume_problems(ckpt, _cfg(num_processes=2, zero_stage=2).distributed) == []
-    [(field, msg)] = nodes.resume_problems(ckpt, _cfg(nodes=[*two, {"host": "node-c", "slots": 2}], zero_stage=2).distributed)
-    assert field == "training.resume_from" and "checkpoint-4 was saved by 2 ranks and this run has 4" in msg
+    four = _cfg(nodes=[*two, {"host": "node-c", "slots": 2}], zero_stage=2).distributed
+    assert nodes.resume_problems(ckpt, four) == []  # converted by the launcher before the ranks start
+    assert not needs_universal(ckpt, 2) and needs_universal(ckpt, nodes.world_size(four)) and needs_universal(ckpt, 1)
+    assert universal_dir(ckpt) is None
+    (ckpt / "global_step4_universal").mkdir()
+    assert universal_dir(ckpt) is None  # no pointer yet: a conversion cut short is not used
+    (ckpt / UNIVERSAL_LATEST).write_text("global_step4_universal")
+    assert universal_dir(ckpt) == ckpt / "global_step4_universal"
+    [(field, msg)] = nodes.resume_problems(ckpt, _cfg(num_processes=2).distributed)
+    assert field == "distributed.zero_stage" and "resume it with ZeRO stage 2 or 3" in msg
+    assert nodes.resume_problems(tmp_path, _cfg(num_processes=2).distributed) == []  # no ZeRO shards at all
 
 
 def test_joining_node_needs_a_no_ssh_run_and_its_directory(tmp_path):

@@ -14,6 +14,7 @@ from engine.run.paths import PathPolicy
 from .. import form
 from ..i18n import t
 from ..views import message
+from . import devices
 from .train import problem_lines
 
 PER_ROW = 4
@@ -84,7 +85,10 @@ def build(ctx) -> None:
             with gr.Accordion(ctx.t(f"hparams.group.{group}"), open=group in ("lora", "stage"), elem_id=f"acc-{group}",
                               visible=shown) as acc:
                 ctx.translate(acc, label=f"hparams.group.{group}")
-                _grid(ctx, keys)
+                if group == "distributed":
+                    devices.build(ctx, keys)
+                else:
+                    _grid(ctx, keys)
             c[f"acc_{group}"] = acc
 
 
@@ -152,3 +156,4 @@ def wire(ctx) -> None:
 
     if ctx.manager.gpus:
         f["distributed.devices"].input(on_devices, f["distributed.devices"], f["distributed.num_processes"])
+    devices.wire(ctx)
