@@ -89,9 +89,10 @@ def test_template_parity_with_the_familys_own_template(family, conv):
         assert reference.count(tok.bos_token_id) == 1
 
 
-def test_model_tab_facts_and_memory_estimate(family):
+def test_model_tab_facts_and_memory_estimate(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from engine.serve.worker import estimate_bytes
     from peft import LoraConfig, get_peft_model
     from webui import modelinfo
     from webui.tabs.model import info_html
@@ -112,6 +113,10 @@ def test_model_tab_facts_and_memory_estimate(family):
     assert est["lora"]["states"] < est["freeze"]["states"] < est["full"]["states"]
     html = info_html("en", str(path), "lora", "none", 4, 512, 8, 1, False, False)
     assert f"{info.params:,}" in html and f"{info.heads} / {info.kv_heads} KV" in html and "qlora" in html
+
+    # the chat worker's estimate: a bf16 checkpoint (config.json says "dtype" since transformers 4.56) loads as fp32 on a CPU
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert estimate_bytes(str(tmp_path / "bf16"), [], "none", on_gpu=False) == pytest.approx(4 * info.params, rel=0.01)
 
 
 def test_lora_targets_are_the_familys_linear_layers(family, tmp_path):
