@@ -94,7 +94,7 @@ def test_model_tab_facts_and_memory_estimate(family, tmp_path):
 
     from engine.serve.worker import estimate_bytes
     from peft import LoraConfig, get_peft_model
-    from webui import modelinfo
+    from webui import chatfmt, modelinfo
     from webui.tabs.model import info_html
 
     name, path = family
@@ -111,6 +111,8 @@ def test_model_tab_facts_and_memory_estimate(family, tmp_path):
            for m in ("full", "freeze", "lora", "qlora")}
     assert est["qlora"]["weights"] < est["lora"]["weights"] == est["full"]["weights"]
     assert est["lora"]["states"] < est["freeze"]["states"] < est["full"]["states"]
+    assert chatfmt.suggested(path) == "auto" and chatfmt.advice(path, "auto") is None
+    assert chatfmt.advice(path, REGISTRY_TEMPLATE[name]) is None and chatfmt.advice(path, "llama3")[0] == "mismatch"
     html = info_html("en", str(path), "lora", "none", 4, 512, 8, 1, False, False)
     assert f"{info.params:,}" in html and f"{info.heads} / {info.kv_heads} KV" in html and "qlora" in html
 
