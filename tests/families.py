@@ -68,6 +68,19 @@ MISTRAL_TEMPLATE = (
     "{%- endfor %}"
 )
 
+# Mistral's own v0.3 template (its tool parts left out): the system prompt goes into the last instruction only, so
+# the text of a conversation changes as it grows ('auto' cannot split it into turns); for template-advice tests
+MISTRAL_V03_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] | trim + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
 GEMMA_TEMPLATE = (  # Gemma 3's chat template, its text part
     "{{ bos_token }}"
     "{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"

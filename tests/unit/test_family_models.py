@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from families import REGISTRY_TEMPLATE, family_model
+from families import MISTRAL_V03_TEMPLATE, REGISTRY_TEMPLATE, family_model
 
 FAMILIES = ("qwen2", "mistral", "gemma")  # llama: the conftest tiny_model, covered by every other test
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +87,25 @@ def test_template_parity_with_the_familys_own_template(family, conv):
     assert template_mismatch(tok, "llama3") is not None
     if name != "qwen2":  # a bos in the text is not doubled when the prompt is tokenized
         assert reference.count(tok.bos_token_id) == 1
+
+
+def test_advice_for_mistrals_own_template_that_auto_cannot_split(tmp_path_factory, tmp_path):
+    """Mistral v0.3's template moves the system prompt to the last instruction: 'auto' refuses it, so the advice must
+    name the registry template that renders it, never 'auto'."""
+    from engine.data.templates import TemplateError, get_template, suggest_template, template_mismatch
+    from webui import chatfmt
+
+    tok = _tokenizer(family_model(tmp_path_factory, "mistral"))
+    tok.chat_template = MISTRAL_V03_TEMPLATE
+    with pytest.raises(TemplateError, match="not prefix-stable"):
+        get_template("auto", tok).encode_turns(tok, CONVERSATIONS[1])
+    assert suggest_template(tok) == "mistral" and template_mismatch(tok, "mistral") is None
+    for name in ("auto", "llama3"):
+        said = template_mismatch(tok, name)
+        assert "use template 'mistral'" in said and "'auto' or" not in said, said
+    tok.save_pretrained(tmp_path)
+    kind, said = chatfmt.advice(tmp_path, "auto")
+    assert kind == "mismatch" and "not prefix-stable" in said and chatfmt.suggested(tmp_path) == "mistral"
 
 
 def test_model_tab_facts_and_memory_estimate(family, tmp_path):
