@@ -191,3 +191,20 @@ def test_extend_vocab_on_the_familys_tokenizer(family):
     assert tied == (name != "mistral")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+
+@pytest.mark.parametrize("name, end", [("qwen2", "<|endoftext|>"), ("gemma", "<eos>")])
+def test_chat_stops_at_the_models_own_end_tokens(name, end, tmp_path_factory):
+    """generation_config.json's eos list (Qwen's <|endoftext|> next to <|im_end|>) ends an answer, not only the
+    template's stop token: a model that writes it first answers with nothing and stops."""
+    from engine.serve.inference import ChatModel
+    from engine.serve.sampling import SamplingParams
+
+    chat = ChatModel.load(str(family_model(tmp_path_factory, name)))
+    end_id = chat.tokenizer.convert_tokens_to_ids(end)
+    assert end_id in chat.stop_token_ids()
+    bias = torch.zeros(len(chat.tokenizer))
+    bias[end_id] = 1e4
+    chat.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    result = chat.generate([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_new_tokens=8))
+    assert (result.completion_tokens, result.finish_reason, result.text) == (1, "stop", "")
