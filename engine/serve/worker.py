@@ -43,8 +43,7 @@ def estimate_bytes(model: str, adapters: list[str], quantization: str, on_gpu: b
     target = resolve_target(model, adapters)
     stored = weights_bytes(target.base)
     try:
-        config = json.loads((Path(target.base) / "config.json").read_text())
-        stored_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"  # transformers >= 4.56 writes dtype
+        stored_dtype = json.loads((Path(target.base) / "config.json").read_text()).get("torch_dtype") or "float32"
     except (OSError, ValueError):
         stored_dtype = "float32"
     params = stored / _BYTES.get(stored_dtype, 4)
