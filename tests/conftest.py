@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -35,23 +34,11 @@ def tokenizer(default_model):
 
 @pytest.fixture(scope="session")
 def tiny_model(default_model, tmp_path_factory) -> Path:
-    """A 2-layer random Llama over the default model's tokenizer, saved as a local HF directory."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A 2-layer random Llama over the default model's tokenizer, saved as a local HF directory (tests/families.py
+    builds it, next to the Qwen2, Mistral and Gemma ones)."""
+    from families import build_family
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(default_model)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    shutil.copy(default_model / "generation_config.json", out / "generation_config.json")
-    return out
+    return build_family("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ def advice(path: Path, template: str) -> tuple[str, str] | None:
     tok = _safe(lambda: tokenizer(path))
     if tok is None:
         return None
-    if template == "auto":
-        return None if getattr(tok, "chat_template", None) else ("no_template", "")
+    if template == "auto" and not getattr(tok, "chat_template", None):
+        return ("no_template", "")
     warning = _safe(lambda: template_mismatch(tok, template))
     return ("mismatch", warning) if warning else None

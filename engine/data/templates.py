@@ -382,7 +382,14 @@ def get_template(name: str, tokenizer, default_system: str | None = None) -> Tem
 
 
 def suggest_template(tokenizer) -> str:
-    return "auto" if getattr(tokenizer, "chat_template", None) else "default"
+    """'auto' for a model with a chat template ('default' without one); for one whose template 'auto' cannot split
+    into turns, the registry template that renders it (see template_mismatch), when there is one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "default"
+    own = _own_rendering(tokenizer)
+    if own is not None and not own[0] and own[1]:
+        return own[1][0]
+    return "auto"
 
 
 _PROBE_CHAT = [
@@ -392,22 +399,58 @@ _PROBE_CHAT = [
 ]
 
 
-def template_mismatch(tokenizer, name: str) -> str | None:
-    """A warning when a chat model is paired with a registry template that renders differently from its own."""
-    if name == "auto" or not isinstance(getattr(tokenizer, "chat_template", None), str):
-        return None
+def _prefix_stable(tokenizer) -> bool:
+    """Whether 'auto' can split the tokenizer's own template into turns. Mistral v0.3's cannot: it writes the system
+    prompt into the last instruction only, so a conversation's text changes as it grows."""
     try:
-        own = tokenizer.apply_chat_template(_PROBE_CHAT, tokenize=False)
-    except Exception:
+        AutoTemplate(tokenizer).turn_texts(_PROBE_CHAT)
+    except TemplateError:
+        return False
+    except Exception:  # noqa: BLE001 - a template that fails otherwise is reported where it is used
+        return True
+    return True
+
+
+def _own_rendering(tokenizer) -> tuple[bool, list[str], list[dict], str] | None:
+    """(prefix-stable?, registry templates that render the probe as the model's own template does, the probe, its
+    rendering); None when the model's template cannot render it. A template that is not prefix-stable is compared
+    on a conversation without a system prompt, where such templates (Mistral's) are still consistent."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
         return None
+    stable = _prefix_stable(tokenizer)
+    probe = _PROBE_CHAT if stable else _PROBE_CHAT[1:]
+    try:
+        own = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - a broken template is reported where it is used
+        return None
+    same = [n for n, spec in load_templates().items() if Template(spec, tokenizer).render(probe) == own]
+    return stable, same, probe, own
+
+
+def template_mismatch(tokenizer, name: str) -> str | None:
+    """A warning when a chat model is paired with a registry template that renders differently from its own, or
+    with 'auto' when its own template cannot be split into turns. The advice names only templates that work: 'auto'
+    is not offered for a template that is not prefix-stable."""
+    found = _own_rendering(tokenizer)
+    if found is None:
+        return None
+    stable, same, probe, own = found
+    unstable = ("this model's own chat template is not prefix-stable (it rewrites earlier turns as a conversation "
+                "grows), so template 'auto' cannot split its conversations into turns")
+    closest = f"'{same[0]}', which renders conversations without a system prompt as the model's own does" if same else ""
+    if name == "auto":
+        if stable:
+            return None
+        return unstable[0].upper() + unstable[1:] + (f"; use template {closest}." if same else
+                                                     "; pick the registry template of the model's family.")
     template = get_template(name, tokenizer)
-    if template.render(_PROBE_CHAT) != own:
-        same = [n for n, spec in load_templates().items() if Template(spec, tokenizer).render(_PROBE_CHAT) == own]
-        better = f"'auto' or '{same[0]}'" if same else "'auto'"
+    if template.render(probe) != own:
+        better = (f"'auto' or '{same[0]}'" if same else "'auto'") if stable else closest
         return (f"Template '{name}' does not match this model's own chat template, so the fine-tuned model will see "
-                f"a format it was not trained on and may answer poorly; use template {better}.")
+                "a format it was not trained on and may answer poorly; "
+                + (f"use template {better}." if better else f"{unstable}, and no registry template matches it."))
     default = _probe_default_system(tokenizer)
-    if default != template.default_system:
+    if stable and default != template.default_system:
         return (f"Template '{name}' has the model's chat format but not its default system prompt "
                 f"({default!r}), so conversations without a system message differ from the model's own; "
                 "use template 'auto'.")

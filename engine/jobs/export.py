@@ -96,6 +96,18 @@ def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict, gguf: list[
     return "\n".join(lines)
 
 
+def _copy_sentencepiece(out: Path, *sources) -> None:
+    """transformers 5 saves every tokenizer as tokenizer.json alone; a SentencePiece family's (Llama 2, Mistral, Gemma)
+    ``tokenizer.model`` is what llama.cpp's converter reads, so it is copied from where the tokenizer was loaded,
+    else from the base model. Tokens a run added (model.extend_vocab) are in tokenizer.json's added tokens."""
+    if (out / "tokenizer.model").exists():
+        return
+    for src in sources:
+        if src and (Path(src) / "tokenizer.model").is_file():
+            shutil.copy2(Path(src) / "tokenizer.model", out / "tokenizer.model")
+            return
+
+
 def _dir_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
 
@@ -163,6 +175,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     model.save_pretrained(out, max_shard_size=cfg.output.max_shard_size.replace(" ", ""), safe_serialization=True)
     del model
     tokenizer.save_pretrained(out)
+    _copy_sentencepiece(out, tok_dir, ckpt.base)
     src_gen = next((d for d in (ckpt.path, ckpt.base) if d and (d / "generation_config.json").is_file()), None)
     if src_gen:
         GenerationConfig.from_pretrained(src_gen).save_pretrained(out)

@@ -236,10 +236,18 @@ class ChatModel:
         text, calls = parse_tool_calls(result.text)
         if calls or not result.token_ids:
             return text, calls
-        stops = set(self.template.stop_token_ids(self.tokenizer)) | {self.tokenizer.pad_token_id}
+        stops = set(self.stop_token_ids()) | {self.tokenizer.pad_token_id}
         raw = self.tokenizer.decode([t for t in result.token_ids if t not in stops], skip_special_tokens=False)
         text2, calls = parse_tool_calls(raw)
         return (text2, calls) if calls else (text, [])
+
+    def stop_token_ids(self) -> list[int]:
+        """The template's stop tokens, then the model's own end tokens (generation_config.json's eos_token_id, a
+        list for Qwen2, Llama 3 and Gemma instruct models: Qwen's <|endoftext|> next to <|im_end|>), which an
+        explicit eos_token_id given to generate would otherwise replace."""
+        own = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        own = [own] if isinstance(own, int) else list(own or [])
+        return list(dict.fromkeys(self.template.stop_token_ids(self.tokenizer) + own))
 
     @property
     def context_window(self) -> int:
@@ -271,7 +279,7 @@ class ChatModel:
         ids = self.check(messages, tools)
         window = self.context_window
         max_new = min(params.max_new_tokens, window - len(ids))
-        eos = list(dict.fromkeys(self.template.stop_token_ids(self.tokenizer) + list(params.stop_token_ids)))
+        eos = list(dict.fromkeys(self.stop_token_ids() + list(params.stop_token_ids)))
         words = [w for w in params.stop] + [w for w in self.template.stop_words
                                             if self.tokenizer.convert_tokens_to_ids(w) not in eos]
         sample = params.temperature > 0
