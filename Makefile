@@ -10,9 +10,11 @@ HOST ?= 127.0.0.1
 PORT ?= 7860
 
 # llama.cpp for GGUF export (the [gguf] extra) compiles from source: a portable CPU build (AVX2/FMA/F16C, not
-# -march=native) of just the library the binding loads; no server, tools, examples, tests, multimodal or BLAS.
+# -march=native) of just the libraries the binding loads (libllama, libggml*): no server, tools, examples, tests,
+# multimodal, BLAS, and no common library (build-aux/llama_cpp_no_common.cmake): 74 compile steps instead of 127.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_BLAS=OFF
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_BLAS=OFF \
+	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/build-aux/llama_cpp_no_common.cmake
 
 .PHONY: setup gguf webui test test-all test-fast bench clean
 
