@@ -202,6 +202,10 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     model.save_pretrained(out, max_shard_size=cfg.output.max_shard_size.replace(" ", ""), safe_serialization=True)
     del model
     tokenizer.save_pretrained(out)
+    if cfg.output.gguf:  # the added tokens' types, where llama.cpp's converter (and transformers 4) read them
+        from engine.jobs.gguf import add_tokens_decoder
+
+        add_tokens_decoder(out)
     src_gen = next((d for d in (ckpt.path, ckpt.base) if d and (d / "generation_config.json").is_file()), None)
     if src_gen:
         GenerationConfig.from_pretrained(src_gen).save_pretrained(out)

@@ -42,10 +42,12 @@ BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k":
                    "q4_0": 18 / 32, "iq4_nl": 18 / 32, "iq4_xs": 0.54, "q3_k_l": 0.54, "q3_k_m": 0.5, "q3_k_s": 0.45,
                    "q2_k": 0.42}
 # Expected quantization loss: the largest logit difference to the merged model a correct file stays within, as a
-# fraction of the largest reference logit (at least 1). A wrong file (layout, vocabulary) is off by ~100%.
-EXPECTED_LOSS = {"f32": 0.01, "f16": 0.01, "bf16": 0.03, "q8_0": 0.06, "q6_k": 0.12, "q5_k_m": 0.2, "q5_k_s": 0.2,
-                 "q5_1": 0.2, "q5_0": 0.25, "q4_k_m": 0.35, "q4_k_s": 0.35, "q4_1": 0.35, "q4_0": 0.4, "iq4_nl": 0.4,
-                 "iq4_xs": 0.4, "q3_k_l": 0.5, "q3_k_m": 0.55, "q3_k_s": 0.6, "q2_k": 0.8}
+# fraction of the largest reference logit (at least 1). llama.cpp also quantizes the activations of its quantized
+# matrix products (Q8), so a Q8_0 file of the default model is off by ~9%. A file of another model is off by ~100%:
+# the check catches it down to the 4-bit types; at 3 and 2 bits only the tokenizer and template checks are strict.
+EXPECTED_LOSS = {"f32": 0.01, "f16": 0.02, "bf16": 0.05, "q8_0": 0.15, "q6_k": 0.25, "q5_k_m": 0.35, "q5_k_s": 0.35,
+                 "q5_1": 0.35, "q5_0": 0.35, "q4_k_m": 0.6, "q4_k_s": 0.6, "q4_1": 0.6, "q4_0": 0.6, "iq4_nl": 0.6,
+                 "iq4_xs": 0.6, "q3_k_l": 0.8, "q3_k_m": 0.8, "q3_k_s": 0.8, "q2_k": 1.0}
 
 # Text whose ids must survive the round trip: special tokens, digits, CJK, emoji, code whitespace.
 SAMPLE_MESSAGES = [{"role": "system", "content": "You are Orion."},
@@ -160,6 +162,24 @@ def _run_converter(model_dir: Path, out: Path, outtype: str, log: Path, vocab_on
         raise GGUFError(f"llama.cpp's converter failed on {model_dir} ({reason}); its log is {log}")
 
 
+def add_tokens_decoder(folder: Path) -> bool:
+    """Write ``added_tokens_decoder`` into ``folder``/tokenizer_config.json from tokenizer.json's added tokens when
+    it is missing (transformers 5 no longer saves it). llama.cpp's converter reads the types of a SentencePiece
+    model's added tokens ([INST], <start_of_turn>, ...) only from there; without it they become normal pieces
+    that llama.cpp never matches in a prompt. Returns whether the file changed."""
+    cfg_file, tok_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not (cfg_file.is_file() and tok_file.is_file()):
+        return False
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    added = json.loads(tok_file.read_text(encoding="utf-8")).get("added_tokens") or []
+    if cfg.get("added_tokens_decoder") or not added:
+        return False
+    keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    cfg["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in keys if k in t} for t in added}
+    cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
+
+
 def check_vocab(model_dir: Path, tokenizer_dir: Path, work: Path) -> None:
     """Run the converter's vocabulary pass (``--vocab-only``) on the model's config and tokenizer files: the
     tokenizer problems it finds (an unrecognized pre-tokenizer, a missing tokenizer.model) come before any
@@ -173,6 +193,7 @@ def check_vocab(model_dir: Path, tokenizer_dir: Path, work: Path) -> None:
             if f.is_file() and (f.suffix in (".json", ".model", ".jinja", ".txt") or f.name == "tokenizer.model") \
                     and not f.name.endswith(".index.json"):
                 shutil.copy(f, probe / f.name)
+    add_tokens_decoder(probe)
     try:
         _run_converter(probe, work / "vocab.gguf", "f16", work / "convert.log", vocab_only=True)
     finally:

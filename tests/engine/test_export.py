@@ -263,7 +263,7 @@ def test_gguf_refusals_come_before_work(adapter, tiny_model, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma", "qwen2"])  # llama: the tiny_model tests above
 def test_gguf_families_convert_and_tokenize_like_transformers(family, tmp_path_factory, tmp_path):
     """Each family through llama.cpp's converter (byte-level BPE and SentencePiece tokenizers, biases, untied
     heads, Gemma's scaled embeddings) and quantizer, loaded in llama.cpp: the same ids for the chat-rendered sample,
@@ -273,7 +273,7 @@ def test_gguf_families_convert_and_tokenize_like_transformers(family, tmp_path_f
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.jobs.export import _prompt_ids
-    from engine.jobs.gguf import GGUFError, check_vocab, convert, quantize, verify_gguf
+    from engine.jobs.gguf import GGUFError, add_tokens_decoder, check_vocab, convert, quantize, verify_gguf
     from engine.jobs.ollama import write_modelfile
 
     model_dir = family_model(tmp_path_factory, family)
@@ -281,6 +281,8 @@ def test_gguf_families_convert_and_tokenize_like_transformers(family, tmp_path_f
         with pytest.raises(GGUFError, match="pre-tokenizer was not recognized"):
             check_vocab(model_dir, model_dir, tmp_path)
         return
+    model_dir = Path(shutil.copytree(model_dir, tmp_path / family))
+    add_tokens_decoder(model_dir)  # as the export writes it (transformers 5 leaves it out)
     tok = AutoTokenizer.from_pretrained(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = _prompt_ids(tok, "Who are you? In 12345 words.")
@@ -289,9 +291,15 @@ def test_gguf_families_convert_and_tokenize_like_transformers(family, tmp_path_f
     ref_tokens = greedy(reference, tok, ids, 6)
     f16 = convert(model_dir, tmp_path / "gguf" / f"{family}-f16.gguf", "f16", tmp_path / "convert.log")
     q4 = quantize(f16, tmp_path / "gguf" / f"{family}-q4_k_m.gguf", "q4_k_m")
+    if family == "mistral":
+        # llama.cpp's SentencePiece tokenizer puts a dummy-prefix space before the text after [INST] ("▁▁" "Y" ...);
+        # transformers' LlamaTokenizer (legacy=False) does not ("▁" "Y" ...): the verification refuses the file
+        with pytest.raises(GGUFError, match="other ids for the sample text from position 2"):
+            verify_gguf(f16, "f16", tok, ref, ids[0].tolist(), ref_tokens)
+        return
     for path, qtype in ((f16, "f16"), (q4, "q4_k_m")):
         checked = verify_gguf(path, qtype, tok, ref, ids[0].tolist(), ref_tokens)
         assert checked["max_logit_diff"] <= checked["expected_loss"]
     assert checked["top1_agreement"] > 0.5
-    modelfile = write_modelfile(f16, model_dir, tok, add_bos=family in ("mistral", "gemma"))
-    assert modelfile["template"] == {"llama": "chatml", "mistral": "mistral", "gemma": "gemma"}[family]
+    modelfile = write_modelfile(f16, model_dir, tok, add_bos=True)
+    assert modelfile["template"] == "gemma"
