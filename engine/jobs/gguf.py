@@ -43,11 +43,12 @@ BYTES_PER_PARAM = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k":
                    "q2_k": 0.42}
 # Expected quantization loss: the largest logit difference to the merged model a correct file stays within, as a
 # fraction of the largest reference logit (at least 1). llama.cpp also quantizes the activations of its quantized
-# matrix products (Q8), so a Q8_0 file of the default model is off by ~9%. A file of another model is off by ~100%:
-# the check catches it down to the 4-bit types; at 3 and 2 bits only the tokenizer and template checks are strict.
-EXPECTED_LOSS = {"f32": 0.01, "f16": 0.02, "bf16": 0.05, "q8_0": 0.15, "q6_k": 0.25, "q5_k_m": 0.35, "q5_k_s": 0.35,
-                 "q5_1": 0.35, "q5_0": 0.35, "q4_k_m": 0.6, "q4_k_s": 0.6, "q4_1": 0.6, "q4_0": 0.6, "iq4_nl": 0.6,
-                 "iq4_xs": 0.6, "q3_k_l": 0.8, "q3_k_m": 0.8, "q3_k_s": 0.8, "q2_k": 1.0}
+# matrix products (Q8), and a 135M model is fragile: on the default model Q8_0 is off by ~9%, Q5_K_M by ~43%. A file
+# of another model is off by ~100%: the logits check catches one down to Q6_K; below, the tokenizer and template
+# checks are the strict ones and the loss is reported.
+EXPECTED_LOSS = {"f32": 0.01, "f16": 0.02, "bf16": 0.05, "q8_0": 0.15, "q6_k": 0.3, "q5_k_m": 0.6, "q5_k_s": 0.6,
+                 "q5_1": 0.6, "q5_0": 0.6, "q4_k_m": 0.9, "q4_k_s": 0.9, "q4_1": 0.9, "q4_0": 0.9, "iq4_nl": 0.9,
+                 "iq4_xs": 0.9, "q3_k_l": 1.2, "q3_k_m": 1.2, "q3_k_s": 1.2, "q2_k": 1.5}
 
 # Text whose ids must survive the round trip: special tokens, digits, CJK, emoji, code whitespace.
 SAMPLE_MESSAGES = [{"role": "system", "content": "You are Orion."},
