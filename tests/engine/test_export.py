@@ -183,6 +183,7 @@ def test_gguf_files_load_in_llama_cpp_and_match_the_merged_model(gguf_export):
     assert "## GGUF" in card and "merged-q4_k_m.gguf" in card and "ollama create merged:q4_k_m -f " in card
 
 
+@pytest.mark.slow
 def test_gguf_metadata_types_and_modelfile(gguf_export, tiny_model):
     import gguf
 
@@ -210,6 +211,7 @@ def test_gguf_metadata_types_and_modelfile(gguf_export, tiny_model):
                         "<|im_end|>\n<|im_start|>user\nHi 你好 🙂<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_a_wrong_gguf_fails_verification_and_is_deleted(tiny_model, tmp_path, monkeypatch):
     """A converter that writes another model's weights: the logits check catches it, the file goes, the export stays."""
     _needs_llama_cpp()
