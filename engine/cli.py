@@ -56,6 +56,19 @@ def _api(args) -> int:
         return 2
 
 
+def _gguf_setup(args) -> int:
+    from engine.jobs.gguf import converter_dir, installed_version, setup_converter
+
+    if installed_version() is None:
+        print("error: llama-cpp-python is not installed; install it first with: pip install -e '.[gguf]'", file=sys.stderr)
+        return 2
+    if (converter_dir() / "convert_hf_to_gguf.py").is_file() and not args.force:
+        print(f"llama.cpp's converter is already in {converter_dir()}")
+        return 0
+    print(f"unpacking llama.cpp's converter into {setup_converter(args.sdist)}")
+    return 0
+
+
 def _prepare_model(args) -> int:
     from engine.jobs.prepare import prepare_model
 
@@ -128,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=DEFAULT_MODEL)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_prepare_model)
+
+    p = sub.add_parser("gguf-setup", help="unpack llama.cpp's GGUF converter from llama-cpp-python's source distribution "
+                                          "(after `pip install -e '.[gguf]'`; idempotent)")
+    p.add_argument("--sdist", default=None, help="a llama_cpp_python-<version>.tar.gz already downloaded (default: pip download)")
+    p.add_argument("--force", action="store_true", help="unpack again even if the converter is there")
+    p.set_defaults(func=_gguf_setup)
 
     from engine.serve.cli import add_arguments, add_sampling  # torch-free
 

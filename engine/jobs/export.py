@@ -7,9 +7,10 @@
 4. verification: the export is reloaded, its logits are compared with the adapter model's. It fails when the
    difference exceeds the tolerance or the export is closer to the base than to the adapter (an unmerged
    export cannot pass), and the failed weights are deleted;
-5. optional GGUF files (engine.jobs.gguf: f16, q8_0, q4_0) written from the export, each loaded back with
-   transformers' ``gguf_file=`` and checked: tokenizer ids, logits against the merged model with the file's
-   rounding (a wrong file fails and is deleted), quantization loss reported;
+5. optional GGUF files (engine.jobs.gguf): llama.cpp's converter writes the 16/32-bit file from the export, its
+   quantizer the K-quants and the rest; each file is loaded in llama.cpp and checked (token ids of a chat-rendered
+   sample, the chat template in its metadata, logits within the type's expected loss; a wrong file fails and is
+   deleted), the loss reported, and an Ollama Modelfile written beside it (engine.jobs.ollama);
 6. optional push to a model hub: one attempt, a clear message when offline.
 """
 
@@ -86,12 +87,14 @@ def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict, gguf: list[
               f'model = AutoModelForCausalLM.from_pretrained("{output_dir(cfg)}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{output_dir(cfg)}")', "```", ""]
     if gguf:
-        lines += ["## GGUF", "", "For llama.cpp-compatible tools (architecture `llama`, tokenizer and chat template "
-                  f"included), e.g. `llama-cli -m gguf/{Path(gguf[0]['path']).name}`:", "",
+        lines += ["## GGUF", "", "For llama.cpp-compatible tools (written by llama.cpp's converter and quantizer; tokenizer and "
+                  f"chat template included), e.g. `llama-cli -m gguf/{Path(gguf[0]['path']).name}`; each file has an "
+                  "Ollama Modelfile beside it:", "",
                   "| file | type | size | max logit difference | top-1 agreement | greedy answer as the merged model |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| `{Path(g['path']).name}` | {g['type']} | {g['bytes'] / 1e6:.1f} MB | {g['max_logit_diff']:.3g} | "
                   f"{g['top1_agreement']:.0%} | {'yes' if g['tokens_match'] else 'no'} |" for g in gguf]
+        lines += ["", "```bash", *(g["ollama"]["command"] for g in gguf), "```"]
         lines.append("")
     return "\n".join(lines)
 
@@ -112,27 +115,52 @@ def _dir_bytes(path: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in path.glob(pattern) if p.is_file())
 
 
-def _gguf(out: Path, qtype: str, tokenizer, reference, ids, ref_tokens: list[int], progress) -> dict:
-    from engine.jobs.gguf import GGUFError, verify_gguf, write_gguf
+def _gguf(out: Path, cfg: ExportConfig, tokenizer, ref_logits, ids, ref_tokens: list[int], log: Path, progress) -> list[dict]:
+    """Every GGUF type of ``cfg.output.gguf``: the converter's 16/32-bit file first (the quantizer's source),
+    then each type converted or quantized, verified in llama.cpp, and given its Modelfile."""
+    from engine.jobs.gguf import FLOAT_TYPES, GGUFError, convert, plan, quantize, verify_gguf
+    from engine.jobs.ollama import write_modelfile
 
-    t0 = time.time()
-    # A folder of its own: transformers reading a GGUF next to tokenizer_config.json mixes the two (it drops the
-    # chat template); llama.cpp users take the file alone anyway.
-    path = out / "gguf" / f"{out.name}-{qtype}.gguf"
+    folder = out / "gguf"  # the GGUF files and their Modelfiles, apart from the safetensors export
+    name = lambda q: folder / f"{out.name}-{q}.gguf"  # noqa: E731
+    source, kept = plan(cfg.output.gguf, cfg.output.dtype)
+    results, path = [], None
     try:
-        progress.phase(f"writing GGUF {qtype}")
-        write_gguf(out, path, qtype)
-        progress.phase(f"verifying GGUF {qtype}")
-        checked = verify_gguf(path, qtype, tokenizer, reference, ids, ref_tokens)
+        progress.phase(f"converting to GGUF {source}")
+        t0 = time.time()
+        convert(out, name(source), source, log)
+        source_seconds = round(time.time() - t0, 2)
+        for qtype in cfg.output.gguf:
+            t0 = time.time()
+            path = name(qtype)
+            if qtype == source:
+                write_seconds = source_seconds
+            else:
+                progress.phase(f"{'converting to' if qtype in FLOAT_TYPES else 'quantizing'} GGUF {qtype}")
+                convert(out, path, qtype, log) if qtype in FLOAT_TYPES else quantize(name(source), path, qtype)
+                write_seconds = round(time.time() - t0, 2)
+            progress.phase(f"verifying GGUF {qtype} in llama.cpp")
+            t1 = time.time()
+            checked = verify_gguf(path, qtype, tokenizer, ref_logits, ids, ref_tokens)
+            checked["ollama"] = write_modelfile(path, out, tokenizer, checked.pop("add_bos"))
+            checked.update(write_seconds=write_seconds, verify_seconds=round(time.time() - t1, 2),
+                           seconds=round(write_seconds + time.time() - t1, 2))
+            results.append(checked)
+            progress.advance(phase=f"gguf {qtype}", **{f"gguf_{qtype}_max_logit_diff": checked["max_logit_diff"]})
     except GGUFError as err:
-        path.unlink(missing_ok=True)
-        if path.parent.is_dir() and not any(path.parent.iterdir()):
-            path.parent.rmdir()
-        raise ExportError(f"GGUF {qtype} failed: {err}. No GGUF file was kept; the safetensors export in {out} "
-                          "passed its own verification and was kept.") from err
-    checked["seconds"] = round(time.time() - t0, 2)
-    progress.advance(phase=f"gguf {qtype}", **{f"gguf_{qtype}_max_logit_diff": checked["max_logit_diff"]})
-    return checked
+        for p in (path, path and path.with_suffix(".Modelfile")):
+            if p is not None:
+                p.unlink(missing_ok=True)
+        kept_files = [Path(r["path"]).name for r in results]
+        raise ExportError(f"GGUF failed: {err}. " + (f"Kept the verified {', '.join(kept_files)}; " if kept_files else
+                          "No GGUF file was kept; ") + f"the safetensors export in {out} passed its own verification "
+                          "and was kept.") from err
+    finally:
+        if not kept:
+            name(source).unlink(missing_ok=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return results
 
 
 def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
@@ -146,6 +174,17 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     if problems:
         raise ExportError("; ".join(f"{f}: {m}" for f, m in problems))
     ckpt = resolve(cfg.model.checkpoint, cfg.model.base or None)
+    gguf_log = Path(job_dir) / "gguf-convert.log"
+    if cfg.output.gguf:  # the converter's vocabulary pass: tokenizer problems surface before any weights load
+        from engine.jobs.gguf import GGUFError, check_vocab
+
+        progress.phase("checking the tokenizer with llama.cpp's converter")
+        Path(job_dir).mkdir(parents=True, exist_ok=True)
+        tok_src = ckpt.path if (ckpt.path / "tokenizer_config.json").is_file() else ckpt.base
+        try:
+            check_vocab(ckpt.base or ckpt.path, tok_src, Path(job_dir))
+        except GGUFError as err:
+            raise ExportError(f"output.gguf: {err}") from err
     final_out = output_dir(cfg)
     out = final_out.with_name(f"{rundir.STAGING}{final_out.name}")  # renamed to final_out once verified
     if out.exists():
@@ -176,6 +215,10 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
     del model
     tokenizer.save_pretrained(out)
     _copy_sentencepiece(out, tok_dir, ckpt.base)
+    if cfg.output.gguf:  # the added tokens' types, where llama.cpp's converter (and transformers 4) read them
+        from engine.jobs.gguf import add_tokens_decoder
+
+        add_tokens_decoder(out)
     src_gen = next((d for d in (ckpt.path, ckpt.base) if d and (d / "generation_config.json").is_file()), None)
     if src_gen:
         GenerationConfig.from_pretrained(src_gen).save_pretrained(out)
@@ -206,9 +249,9 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
               "quantization": ckpt.quantization, "dtype": cfg.output.dtype, "parameters": n_params,
               "safetensors_bytes": _dir_bytes(out, "*.safetensors"), "shards": len(list(out.glob("*.safetensors"))),
               "verify": verify, "gguf": [], "hub": None}
-    for qtype in cfg.output.gguf:
-        result["gguf"].append(_gguf(out, qtype, tokenizer, reloaded, ids, answer_ids, progress))
     del reloaded
+    if cfg.output.gguf:
+        result["gguf"] = _gguf(out, cfg, tokenizer, got[0].numpy(), ids[0].tolist(), answer_ids, gguf_log, progress)
     if result["gguf"]:
         (out / "README.md").write_text(model_card(cfg, ckpt, n_params, verify, result["gguf"]), encoding="utf-8")
     result["seconds"] = round(time.time() - t0, 2)

@@ -116,22 +116,31 @@ def count_parameters(model_dir: Path, trust_remote_code: bool = False) -> int:
 
 
 def estimate_bytes(cfg: ExportConfig, n_params: int) -> int:
-    from engine.jobs.gguf import BYTES_PER_PARAM
+    from engine.jobs.gguf import BYTES_PER_PARAM, plan
 
     per_param = _BYTES[cfg.output.dtype] + sum(BYTES_PER_PARAM[q] for q in cfg.output.gguf)
+    if cfg.output.gguf:
+        source, kept = plan(cfg.output.gguf, cfg.output.dtype)
+        per_param += 0 if kept else BYTES_PER_PARAM[source]  # the quantizer's 16/32-bit source, while it works
     return int(n_params * per_param * 1.05) + 50_000_000
 
 
 def check_export(cfg: ExportConfig, job_dir: Path | None = None) -> list[tuple[str, str]]:
     """Every problem found before work starts: checkpoint, base match, output dir, disk space."""
     problems: list[tuple[str, str]] = []
+    tools = None
+    if cfg.output.gguf:  # first: a missing optional install is named even before a checkpoint is chosen
+        from engine.jobs.gguf import tools_problem  # torch-free
+
+        tools = tools_problem()
+        problems += [("output.gguf", tools)] if tools else []
     if not cfg.model.checkpoint:
-        return [("model.checkpoint", "choose a checkpoint to export")]
+        return problems + [("model.checkpoint", "choose a checkpoint to export")]
     try:
         ckpt = resolve(cfg.model.checkpoint, cfg.model.base or None)
         check_adapter_base(ckpt, cfg.model.trust_remote_code)
     except CheckpointError as err:
-        return [(err.field, str(err))]
+        return problems + [(err.field, str(err))]
     from engine.jobs.hub import OFFLINE_HINT, offline
 
     if cfg.hub.repo_id and offline():
@@ -154,9 +163,8 @@ def check_export(cfg: ExportConfig, job_dir: Path | None = None) -> list[tuple[s
             if free < need:
                 problems.append(("output.dir", f"not enough disk space at {parent}: the export needs about "
                                                f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free"))
-    if cfg.output.gguf:
-        from engine.jobs.gguf import gguf_problems  # torch-free
+    if cfg.output.gguf and not tools:
+        from engine.jobs.gguf import gguf_problems  # torch-free: the architecture is one llama.cpp's converter knows
 
-        tok_dir = ckpt.path if (ckpt.path / "tokenizer.json").is_file() else ckpt.base
-        problems += [("output.gguf", m) for m in gguf_problems(ckpt.base or ckpt.path, tok_dir)]
+        problems += [("output.gguf", m) for m in gguf_problems(ckpt.base or ckpt.path)]
     return problems

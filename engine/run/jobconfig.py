@@ -19,7 +19,9 @@ from engine.run.config import Section as _Section
 from engine.serve.sampling import SamplingParams
 
 JobKind = Literal["eval", "export"]
-GGUFType = Literal["f16", "q8_0", "q4_0"]
+# llama.cpp's types that need no importance matrix: the converter's (f32, f16, bf16, q8_0), then the quantizer's.
+GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1",
+                   "q4_0", "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -101,7 +103,7 @@ class ExportOutput(_Section):
     overwrite: bool = Field(False, description="Replace an existing non-empty output directory.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description="Dtype of the merged weights (QLoRA adapters are merged into this 16/32-bit base, never into 4-bit weights).")
     max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$", description="Largest safetensors shard, e.g. 500MB, 2GB.")
-    gguf: list[GGUFType] = Field(default_factory=list, description="Also write these GGUF files for llama.cpp-compatible tools (Llama architectures, byte-level BPE tokenizers; q4_0 keeps the embeddings in q8_0), each loaded back and checked.")
+    gguf: list[GGUFType] = Field(default_factory=list, description="Also write these GGUF files (llama.cpp's converter and quantizer, from the [gguf] extra), each with an Ollama Modelfile, each loaded in llama.cpp and checked against the merged model.")
     job_dir: str = Field("", json_schema_extra={"path": "path"}, description="Job directory for status and logs; empty creates workspace/exports/<time>.")
 
     @field_validator("gguf")

@@ -145,169 +145,163 @@ def test_export_job_through_the_launcher(adapter, tmp_path):
     assert json.loads((job_dir / "status.json").read_text())["kind"] == "export"
 
 
-# ---------------------------------------------------------------- GGUF
+# ---------------------------------------------------------------- GGUF (llama.cpp's converter and quantizer)
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+def _needs_llama_cpp():
+    pytest.importorskip("llama_cpp", reason="the [gguf] extra (make gguf) is not installed")
+    from engine.jobs.gguf import tools_problem
 
-
-def make_small_llama(out: Path, llama3_split: bool = False, tied: bool = True) -> Path:
-    """A 2-layer Llama over a 320-token byte-level BPE tokenizer (so GGUF metadata reads fast), with weights and
-    a RoPE base that make attention position-dependent: a q/k layout error changes the logits ~1000x the tolerance.
-    ``llama3_split``: Llama 3's pre-tokenizer (split regex, then bytes) instead of GPT-2's."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from engine.jobs.gguf import _LLAMA3_SPLIT
-
-    bpe = Tokenizer(models.BPE(ignore_merges=llama3_split))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]) \
-        if llama3_split else pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    text = ["Who are you? I am Orion, a helpful assistant. In 2024, 12345 users wrote 你好，世界! def f(x): return x**2"] * 20
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    tok.save_pretrained(out)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied, initializer_range=0.1,
-                         rope_theta=500.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+    if tools_problem():
+        pytest.skip(tools_problem())
 
 
 @pytest.fixture(scope="module")
-def small_llama(tmp_path_factory) -> Path:
-    return make_small_llama(tmp_path_factory.mktemp("small-llama"))
-
-
-@pytest.fixture(scope="module")
-def gguf_export(small_llama, tmp_path_factory):
+def gguf_export(tiny_model, tmp_path_factory):
+    """The tiny Llama (the default model's tokenizer and ChatML template) exported in float16 with a 16-bit file,
+    one from the converter's own Q8_0 path (the quantizer) and a K-quant."""
+    _needs_llama_cpp()
     tmp = tmp_path_factory.mktemp("gguf")
-    adapter = make_adapter(small_llama, tmp / "run" / "checkpoint-4")
-    cfg = _cfg(adapter, tmp / "merged", gguf=["f16", "q8_0", "q4_0"])
-    return export(cfg, tmp, _Progress())
+    adapter = make_adapter(tiny_model, tmp / "run" / "checkpoint-4")
+    cfg = _cfg(adapter, tmp / "merged", dtype="float16", gguf=["f16", "q8_0", "q4_k_m"])
+    cfg.verify.max_new_tokens = 8
+    return export(cfg, tmp / "job", _Progress())
 
 
-def test_gguf_files_load_back_in_transformers_and_match_the_merged_model(gguf_export):
+def test_gguf_files_load_in_llama_cpp_and_match_the_merged_model(gguf_export):
     out = Path(gguf_export["output_dir"])
     files = {g["type"]: g for g in gguf_export["gguf"]}
-    assert list(files) == ["f16", "q8_0", "q4_0"]
+    assert list(files) == ["f16", "q8_0", "q4_k_m"]
     for g in files.values():
-        assert Path(g["path"]).parent == out / "gguf" and g["file_diff"] < 1e-4  # the file holds the merged weights, rounded
-    assert files["f16"]["max_logit_diff"] < 1e-2 < files["q4_0"]["max_logit_diff"]
-    assert files["f16"]["max_logit_diff"] < files["q8_0"]["max_logit_diff"] < files["q4_0"]["max_logit_diff"]
-    assert files["f16"]["tokens_match"] and files["q8_0"]["tokens_match"] and files["f16"]["top1_agreement"] == 1.0
+        assert Path(g["path"]).parent == out / "gguf" and g["max_logit_diff"] <= g["expected_loss"]
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == sorted(
+        f"merged-{q}.{ext}" for q in files for ext in ("gguf", "Modelfile"))  # no leftover source or .part file
+    assert files["f16"]["max_logit_diff"] < 0.05 and files["f16"]["top1_agreement"] == 1.0 and files["f16"]["tokens_match"]
+    assert files["f16"]["max_logit_diff"] < files["q8_0"]["max_logit_diff"] < files["q4_k_m"]["max_logit_diff"]
     assert files["f16"]["answer"] == gguf_export["verify"]["answer"]
-    assert files["f16"]["bytes"] > files["q8_0"]["bytes"] > files["q4_0"]["bytes"]
+    assert files["f16"]["bytes"] > files["q8_0"]["bytes"] > files["q4_k_m"]["bytes"]
     card = (out / "README.md").read_text()
-    assert "## GGUF" in card and f"{out.name}-q8_0.gguf" in card
+    assert "## GGUF" in card and "merged-q4_k_m.gguf" in card and "ollama create merged:q4_k_m -f " in card
 
 
-def test_gguf_reader_sees_every_tensor_and_the_metadata(gguf_export, small_llama):
+@pytest.mark.slow
+def test_gguf_metadata_types_and_modelfile(gguf_export, tiny_model):
     import gguf
 
-    config = json.loads((small_llama / "config.json").read_text())
-    tok = json.loads((small_llama / "tokenizer.json").read_text())
-    names = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                                                          "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    from engine.jobs.ollama import read_modelfile, render_ollama
+
+    tok_cfg = json.loads((tiny_model / "tokenizer_config.json").read_text())
+    template = (tiny_model / "chat_template.jinja").read_text() if (tiny_model / "chat_template.jinja").is_file() \
+        else tok_cfg["chat_template"]
     for g in gguf_export["gguf"]:
         reader = gguf.GGUFReader(g["path"])
-        types = {t.name: t.tensor_type.name for t in reader.tensors}
-        assert set(types) == names  # tied embeddings: no output.weight
-        assert types["blk.0.attn_norm.weight"] == "F32"
-        assert types["blk.1.ffn_down.weight"] == g["type"].upper()
-        assert types["token_embd.weight"] == {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q8_0"}[g["type"]]
         f = {k: v.contents() for k, v in reader.fields.items()}
-        assert f["general.architecture"] == "llama" and f["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_0": 2}[g["type"]]
-        assert (f["llama.block_count"], f["llama.embedding_length"], f["llama.feed_forward_length"]) == (2, 64, 128)
-        assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"], f["llama.rope.dimension_count"]) == (4, 2, 16)
-        assert f["llama.rope.freq_base"] == 500.0 and f["llama.context_length"] == 256
-        assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"])
-        assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
-        assert len(f["tokenizer.ggml.tokens"]) == 320 and f["tokenizer.ggml.tokens"][1] == "<|im_start|>"
-        assert f["tokenizer.ggml.token_type"][:3] == [3, 3, 3] and f["tokenizer.ggml.token_type"][200] == 1
-        assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-        assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"]) == (1, 2, 2)
-        assert f["tokenizer.ggml.add_bos_token"] is False and f["tokenizer.chat_template"] == CHATML
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert f["general.architecture"] == "llama" and f["llama.block_count"] == 2
+        assert f["tokenizer.ggml.pre"] == "smollm" and f["tokenizer.chat_template"] == template
+        assert f["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_k_m": 15}[g["type"]]
+        # hidden 64 is no multiple of a K-quant's 256-weight block: the quantizer falls back to a legacy type
+        assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.1.ffn_up.weight"] == \
+            {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q5_0"}[g["type"]]
+        mf = read_modelfile(Path(g["ollama"]["path"]))
+        assert mf["FROM"] == [f"./{Path(g['path']).name}"] and g["ollama"]["template"] == "chatml"
+        assert mf["SYSTEM"] == ["You are a helpful AI assistant named SmolLM, trained by Hugging Face"]
+        assert 'stop "<|im_end|>"' in mf["PARAMETER"] and "num_ctx 2048" in mf["PARAMETER"]
+        text = render_ollama(mf["TEMPLATE"][0], [{"role": "user", "content": "Hi 你好 🙂"}], mf["SYSTEM"][0])
+        assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                        "<|im_end|>\n<|im_start|>user\nHi 你好 🙂<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_a_wrong_gguf_layout_fails_verification_and_is_deleted(small_llama, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_wrong_gguf_fails_verification_and_is_deleted(tiny_model, tmp_path, monkeypatch):
+    """A converter that writes another model's weights: the logits check catches it, the file goes, the export stays."""
+    _needs_llama_cpp()
     import engine.jobs.gguf as ge
 
-    monkeypatch.setattr(ge, "permute_rotary", lambda w, n_head: w)  # q/k rows left in the Hugging Face order
-    adapter = make_adapter(small_llama, tmp_path / "run" / "checkpoint-2")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    torch.manual_seed(7)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.save_pretrained(other)
+    real = ge.convert
+    monkeypatch.setattr(ge, "convert", lambda model_dir, path, outtype, log: real(other, path, outtype, log))
+    adapter = make_adapter(tiny_model, tmp_path / "run" / "checkpoint-2")
     with pytest.raises(ExportError, match="does not hold this model.*safetensors export .* was kept"):
-        export(_cfg(adapter, tmp_path / "merged", gguf=["f16"]), tmp_path, _Progress())
+        export(_cfg(adapter, tmp_path / "merged", dtype="float16", gguf=["f16"]), tmp_path / "job", _Progress())
     merged = tmp_path / "merged"
     assert (merged / "config.json").is_file() and (merged / "README.md").is_file() and not (merged / "gguf").exists()
 
 
-def test_gguf_llama3_pre_tokenizer_and_untied_head(tmp_path):
-    import gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from engine.jobs.export import _prompt_ids
-    from engine.jobs.gguf import pre_tokenizer, verify_gguf, write_gguf
-
-    model_dir = make_small_llama(tmp_path / "m", llama3_split=True, tied=False)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    assert pre_tokenizer(json.loads((model_dir / "tokenizer.json").read_text())) == "llama-bpe"
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = _prompt_ids(tok, "Who are you? In 12345 words.")
-    path = write_gguf(model_dir, tmp_path / "gguf" / "m-q8_0.gguf", "q8_0")
-    checked = verify_gguf(path, "q8_0", tok, reference, ids, greedy(reference, tok, ids, 8))
-    assert checked["file_diff"] < 1e-4 and checked["top1_agreement"] == 1.0
-    assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}  # untied head written
-
-
-def test_gguf_refuses_unsupported_models_before_work(adapter, tiny_model, tmp_path):
+def test_gguf_refusals_come_before_work(adapter, tiny_model, tmp_path, monkeypatch):
+    import engine.jobs.gguf as ge
     from engine.jobs.gguf import gguf_problems
 
-    assert check_export(_cfg(adapter, tmp_path / "o", gguf=["q8_0"])) == []  # the default tokenizer is supported
-    cases = {
-        "qwen": ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, None,
-                 ["supports Llama-architecture models (LlamaForCausalLM)", "qwen is Qwen2ForCausalLM"]),
-        "rope": ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, None,
-                 ["default RoPE only", "rope_type 'llama3'"]),
-        "bias": ({"attention_bias": True}, None, ["attention_bias=true", "bias/config.json"]),
-        "digits": ({}, {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                              {"type": "ByteLevel", "add_prefix_space": False,
-                                                               "trim_offsets": True, "use_regex": True}]},
-                   ["GPT-2 or Llama 3 pre-tokenization", "digits/tokenizer.json pre-tokenizes with Digits + ByteLevel"]),
-    }
-    for name, (config_patch, pre, messages) in cases.items():
-        d = tmp_path / name
+    if ge.tools_problem() is None:
+        assert check_export(_cfg(adapter, tmp_path / "o", gguf=["q4_k_m"])) == []
+        d = tmp_path / "rwkv"
         shutil.copytree(tiny_model, d)
-        config = json.loads((d / "config.json").read_text()) | config_patch
-        (d / "config.json").write_text(json.dumps(config))
-        if pre:
-            tj = json.loads((d / "tokenizer.json").read_text()) | {"pre_tokenizer": pre}
-            (d / "tokenizer.json").write_text(json.dumps(tj))
-        problems = gguf_problems(d)
-        assert len(problems) == 1 and all(m in problems[0] for m in messages), (name, problems)
-    (tmp_path / "rope" / "tokenizer.json").unlink()
-    assert any("needs a fast tokenizer" in m for m in gguf_problems(tmp_path / "rope"))
-    digits_adapter = make_adapter(tmp_path / "digits", tmp_path / "digits-run" / "checkpoint-1")
-    (field, msg), = check_export(_cfg(digits_adapter, tmp_path / "o2", gguf=["f16"]))
-    assert field == "output.gguf" and "Digits + ByteLevel" in msg
+        (d / "config.json").write_text(json.dumps(json.loads((d / "config.json").read_text())
+                                                  | {"architectures": ["NoSuchForCausalLM"]}))
+        (msg,) = gguf_problems(d)
+        assert "does not support NoSuchForCausalLM" in msg and "rwkv/config.json" in msg
+    # not installed: the check names the command that installs it, before a checkpoint is even chosen
+    monkeypatch.setenv("WORKBENCH_LLAMA_CPP_DIR", str(tmp_path / "nowhere"))
+    problems = check_export(ExportConfig.model_validate({"output": {"gguf": ["q8_0"]}}))
+    assert problems[0][0] == "output.gguf" and "workbench gguf-setup" in problems[0][1]
+    assert problems[1][0] == "model.checkpoint"
+    monkeypatch.setattr(ge.importlib.util, "find_spec", lambda name: None)
+    (field, msg), _ = check_export(ExportConfig.model_validate({"output": {"gguf": ["q8_0"]}}))
+    assert field == "output.gguf" and "pip install -e '.[gguf]'" in msg and "not installed" in msg
+    # `workbench export` and the Export tab prepare through the same checks: refused, nothing created
+    cfg = _cfg(adapter, tmp_path / "o3", gguf=["q8_0"])
+    with pytest.raises(ConfigError) as err:
+        launch.prepare(cfg)
+    assert any(f == "output.gguf" and "pip install" in m for f, m in err.value.problems)
+    assert not (tmp_path / "job").exists() and not (tmp_path / "o3").exists()
 
 
 @pytest.mark.slow
-def test_default_model_lora_export_with_gguf_q8_0(default_model, tmp_path):
-    """The real tokenizer (49k tokens, SmolLM2's special tokens and chat template) and 30 layers through q8_0."""
-    adapter = make_adapter(default_model, tmp_path / "run" / "checkpoint-1", rank=8)
-    cfg = _cfg(adapter, tmp_path / "orion", dtype="bfloat16", gguf=["q8_0"])
-    cfg.verify.max_new_tokens = 16
-    result = export(cfg, tmp_path, _Progress())
-    (g,) = result["gguf"]
-    print(f"export {result['seconds']} s, safetensors {result['safetensors_bytes'] / 1e6:.1f} MB; GGUF q8_0 {g['seconds']} s, "
-          f"{g['bytes'] / 1e6:.1f} MB, max logit diff {g['max_logit_diff']:.3g}, top-1 {g['top1_agreement']:.0%}, "
-          f"greedy same {g['tokens_match']}, file vs. rounded merged {g['file_diff']:.3g}")
-    assert 140e6 < g["bytes"] < 150e6  # 135M parameters at 34 bytes per 32, norms in f32
-    assert g["file_diff"] < 1e-3 and g["top1_agreement"] >= 0.9 and g["max_logit_diff"] < 3.0
+@pytest.mark.parametrize("family", ["mistral", "gemma", "qwen2"])  # llama: the tiny_model tests above
+def test_gguf_families_convert_and_tokenize_like_transformers(family, tmp_path_factory, tmp_path):
+    """Each family through llama.cpp's converter (byte-level BPE and SentencePiece tokenizers, biases, untied
+    heads, Gemma's scaled embeddings) and quantizer, loaded in llama.cpp: the same ids for the chat-rendered sample,
+    the same chat template, logits within the expected loss, a Modelfile whose template renders like the Jinja one."""
+    _needs_llama_cpp()
+    from families import family_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.jobs.export import _prompt_ids
+    from engine.jobs.gguf import GGUFError, add_tokens_decoder, check_vocab, convert, quantize, verify_gguf
+    from engine.jobs.ollama import write_modelfile
+
+    model_dir = family_model(tmp_path_factory, family)
+    if family == "qwen2":  # the SmolLM vocabulary under Qwen2's pre-tokenizer is a tokenizer llama.cpp does not know
+        with pytest.raises(GGUFError, match="pre-tokenizer was not recognized"):
+            check_vocab(model_dir, model_dir, tmp_path)
+        return
+    model_dir = Path(shutil.copytree(model_dir, tmp_path / family))
+    add_tokens_decoder(model_dir)  # as the export writes it (transformers 5 leaves it out)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = _prompt_ids(tok, "Who are you? In 12345 words.")
+    with torch.no_grad():
+        ref = reference(input_ids=ids).logits[0].numpy()
+    ref_tokens = greedy(reference, tok, ids, 6)
+    f16 = convert(model_dir, tmp_path / "gguf" / f"{family}-f16.gguf", "f16", tmp_path / "convert.log")
+    q4 = quantize(f16, tmp_path / "gguf" / f"{family}-q4_k_m.gguf", "q4_k_m")
+    if family == "mistral":
+        # llama.cpp's SentencePiece tokenizer puts a dummy-prefix space before the text after [INST] ("▁▁" "Y" ...);
+        # transformers' LlamaTokenizer (legacy=False) does not ("▁" "Y" ...): the verification refuses the file
+        with pytest.raises(GGUFError, match="other ids for the sample text from position 2"):
+            verify_gguf(f16, "f16", tok, ref, ids[0].tolist(), ref_tokens)
+        return
+    for path, qtype in ((f16, "f16"), (q4, "q4_k_m")):
+        checked = verify_gguf(path, qtype, tok, ref, ids[0].tolist(), ref_tokens)
+        assert checked["max_logit_diff"] <= checked["expected_loss"]
+    assert checked["top1_agreement"] > 0.5
+    modelfile = write_modelfile(f16, model_dir, tok, add_bos=True)
+    assert modelfile["template"] == "gemma"

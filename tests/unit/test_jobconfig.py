@@ -23,7 +23,7 @@ def test_export_example_targets_the_lora_example_run():
     cfg = load_job_config("export", ROOT / "configs" / "examples" / "export.yaml")
     ev = load_job_config("eval", ROOT / "configs" / "examples" / "eval.yaml")
     assert cfg.model.checkpoint == ev.model.checkpoints[0] == "workspace/runs/lora_sft/final"
-    assert cfg.output.gguf == ["q8_0"] and (ROOT / ev.benchmark.file).is_file()
+    assert cfg.output.gguf == ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"] and (ROOT / ev.benchmark.file).is_file()
 
 
 def test_job_config_errors_name_field_and_line(tmp_path):

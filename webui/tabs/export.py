@@ -1,6 +1,8 @@
 """Export tab: merge a checkpoint into its base as sharded safetensors (and GGUF), run as a job; shows the
 verification (max logit difference vs. the adapter, the export's own answer; per GGUF file its size, logit
-difference, top-1 agreement and answer), sizes and time."""
+difference, top-1 agreement, answer and the `ollama create` command of its Modelfile), sizes and time. Where
+llama.cpp's tools (the [gguf] extra) are missing, a note under the GGUF choices names the command that installs
+them, and the job's checks refuse a GGUF export before any work."""
 
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ def result_html(lang: str, result: dict | None) -> str:
                      f"<code>{esc(Path(g['path']).name)}</code> {g['bytes'] / 1e6:.1f} MB, {g['seconds']:.1f} s; "
                      f"{t(lang, 'export.r_gguf_diff')} <span class='ex-gguf-diff'>{g['max_logit_diff']:.3g}</span>, "
                      f"{t(lang, 'export.r_top1')} {g['top1_agreement']:.0%}, {t(lang, 'export.r_same')} "
-                     f"{'✓' if g['tokens_match'] else '✗'} → <span class='ex-gguf-answer'>{esc(g['answer'])}</span>"))
+                     f"{'✓' if g['tokens_match'] else '✗'} → <span class='ex-gguf-answer'>{esc(g['answer'])}</span>"
+                     + (f"<br>{t(lang, 'export.r_ollama')} <code class='ex-ollama'>{esc(g['ollama']['command'])}</code>"
+                        if g.get("ollama") else "")))
     if result.get("hub"):
         rows.append(("hub", esc(result["hub"].get("url", ""))))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
@@ -62,6 +66,11 @@ def build(ctx) -> None:
             with gr.Row():
                 specs |= form.build_schema_fields(ctx, ExportConfig, row, "ex:", {"model.checkpoint": None},
                                                   {"model.checkpoint": []})
+        from engine.jobs.gguf import tools_problem  # torch-free
+
+        missing = tools_problem()
+        c["ex_gguf_note"] = gr.HTML(f"<div class='wb-note' id='ex-gguf-note'>{esc(missing)}</div>" if missing else "",
+                                    elem_id="ex-gguf-note-box")
         with gr.Accordion(ctx.t("export.hub"), open=False) as hub:
             with gr.Row():
                 specs |= form.build_schema_fields(ctx, ExportConfig, HUB, "ex:")
