@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-# llama.cpp for GGUF export (the [gguf] extra) compiles from source: a portable CPU build (AVX2/FMA/F16C, not
+# llama.cpp for GGUF export (the [gguf] extra; `make gguf`, and `make test` builds it) compiles from source: a portable CPU build (AVX2/FMA/F16C, not
 # -march=native) of just the libraries the binding loads (libllama, libggml*): no server, tools, examples, tests,
 # multimodal, BLAS, and no common library (build-aux/llama_cpp_no_common.cmake): 74 compile steps instead of 127.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF 
 
 .PHONY: setup gguf webui test test-all test-fast bench clean
 
-setup: $(STAMP) $(GGUF_STAMP) $(MODEL)/model.safetensors
+setup: $(STAMP) $(MODEL)/model.safetensors
 
 gguf: $(GGUF_STAMP)
 
@@ -41,13 +41,13 @@ $(MODEL)/model.safetensors: $(STAMP)
 webui: setup
 	$(BIN)/workbench webui --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup $(GGUF_STAMP)
 	$(BIN)/python -m pytest -m "not heavy" --durations=40 tests
 
-test-all: setup
+test-all: setup $(GGUF_STAMP)
 	$(BIN)/python -m pytest tests
 
-test-fast: setup
+test-fast: setup $(GGUF_STAMP)
 	$(BIN)/python -m pytest -m "not slow and not browser" tests
 
 bench: setup
