@@ -6,6 +6,8 @@ answers alone with the same seed, and Stop stops both."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from chat_fixtures import make_full_run, make_lora_run
@@ -75,6 +77,38 @@ def test_plans_before_any_weights_load(tiny_model, runs, tmp_path):
         origin_of(resolve(export))
 
 
+class Endless:
+    """A stream that writes until it is cancelled (or fails after its first piece); it gives up after ~10 s, so a
+    merge that never cancels it fails the test instead of hanging it."""
+
+    def __init__(self, fail: bool = False):
+        self.cancelled, self.fail = threading.Event(), fail
+
+    def __iter__(self):
+        yield "x"
+        if self.fail:
+            raise RuntimeError("out of memory on this side")
+        for _ in range(2000):
+            if self.cancelled.wait(0.005):
+                return
+            yield "y"
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def test_merge_stops_every_stream_and_raises_a_failure():
+    streams = {"left": Endless(), "right": Endless()}
+    asked = iter(range(1000))
+    pieces = list(merge(streams, lambda: next(asked) == 5, poll=0.01))  # a stop on the 5th look
+    assert {s for s, _ in pieces} == {"left", "right"} and all(s.cancelled.is_set() for s in streams.values())
+    streams = {"left": Endless(), "right": Endless(fail=True)}
+    with pytest.raises(RuntimeError, match="out of memory on this side"):
+        list(merge(streams, lambda: False))
+    assert streams["left"].cancelled.is_set()  # one side failing ends the other
+
+
+@pytest.mark.slow  # two loads, seven answers of 24 tokens: ~20 s on 2 busy cores
 def test_answers_at_once_on_one_base_repeat_each_answer_alone(runs):
     """Three answers at once on one tiny base (adapter 5, adapter 3, the base with adapters off): they take turns per
     token, each with its own adapters and its own seeded generator, and give exactly the tokens each gives alone."""
