@@ -6,6 +6,9 @@ the template's stop tokens, extra stop token ids and stop strings, which are cut
 The API server, the terminal chat and the web UI's worker process all call this one class.
 Side-by-side chat loads a second ChatModel with ``share=``: on the same base it reuses the loaded weights
 (:class:`Weights`, with each side's adapters as named peft adapters), so only a different base costs a second model.
+
+Answers may be generated at the same time, on several threads, and a seed still repeats each one exactly
+(engine.serve.concurrent: a generator of each request's own, and turns per forward step on shared weights).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from engine.run.config import ModelConfig
 from engine.data.templates import TemplateError, get_template
+from engine.serve.concurrent import Weights, sampler
 from engine.serve.sampling import (InferenceError, Result, SamplingParams, check_messages, model_shape, parse_tool_calls,
                                    resolve_target)
 
@@ -94,38 +98,6 @@ def _held_back(text: str, words: list[str]) -> int:
     return keep
 
 
-class Weights:
-    """One loaded model, shared by the chat sides that stand on the same base: each side's adapters are named peft
-    adapters on it (a side with none answers with them switched off), and its lock lets one side generate at a time."""
-
-    def __init__(self, model, key: tuple):
-        self.model, self.key, self.users, self.lock = model, key, 0, threading.Lock()
-
-    def attach(self, adapter: str, name: str) -> str:
-        from peft import PeftModel
-
-        try:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(adapter, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name)
-        except RuntimeError as err:  # size mismatch in a state dict: the adapter belongs to another base
-            raise InferenceError(f"adapter {adapter} does not fit base model {self.key[0]}: "
-                                 f"{str(err).splitlines()[-1].strip()}") from None
-        self.model.eval()
-        return name
-
-    def detach(self, names: list[str]) -> None:
-        """Drop these named adapters; the plain base comes back when none is left."""
-        if not names:
-            return
-        if not set(self.model.peft_config) - set(names):
-            self.model = self.model.unload()
-            return
-        for name in names:
-            self.model.delete_adapter(name)
-
-
 class ChatModel:
     def __init__(self):
         self.tokenizer = self.template = None
@@ -186,9 +158,8 @@ class ChatModel:
             model.generation_config.pad_token_id = self.tokenizer.pad_token_id
             self.weights = Weights(model, key)
         self.weights.users += 1
+        # several adapters of one side act together: Weights.generate switches them all on for its answers
         self.adapter_names = [self.weights.attach(a, f"{prefix}{i}") for i, a in enumerate(target.adapters)]
-        if len(self.adapter_names) > 1:  # several adapters of one side act together
-            self.model.base_model.set_adapter(self.adapter_names, inference_mode=True)
         for w in self.warnings:
             log.warning(w)
         return self
@@ -204,6 +175,8 @@ class ChatModel:
             self.weights.users -= 1
             if self.weights.users > 0:
                 self.weights.detach(self.adapter_names)
+            else:
+                self.weights.close()
         self.weights, self.adapter_names = None, []
         gc.collect()
         if not self.device.startswith("cuda"):
@@ -282,41 +255,31 @@ class ChatModel:
         eos = list(dict.fromkeys(self.stop_token_ids() + list(params.stop_token_ids)))
         words = [w for w in params.stop] + [w for w in self.template.stop_words
                                             if self.tokenizer.convert_tokens_to_ids(w) not in eos]
-        sample = params.temperature > 0
-        kwargs = dict(max_new_tokens=max_new, do_sample=sample, eos_token_id=eos or None,
-                      pad_token_id=self.tokenizer.pad_token_id, repetition_penalty=params.repetition_penalty,
-                      streamer=streamer)
-        if sample:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        # sampling is transformers' greedy search over scores where the seeded draw (sampler) left one token
+        kwargs = dict(max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
+                      eos_token_id=eos or None, pad_token_id=self.tokenizer.pad_token_id,
+                      repetition_penalty=params.repetition_penalty, streamer=streamer)
+        device = next(self.model.parameters()).device
         processors = LogitsProcessorList()
         if params.frequency_penalty or params.presence_penalty:
             processors.append(_Penalties(len(ids), params.frequency_penalty, params.presence_penalty))
-        device = next(self.model.parameters()).device
+        if params.temperature > 0:
+            processors.extend(sampler(params, device))
         input_ids = torch.tensor([ids], device=device)
         kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), logits_processor=processors,
                       stopping_criteria=StoppingCriteriaList([_StopOn(self.tokenizer, len(ids), words, event)]))
         return ids, eos, words, kwargs
 
-    def _run(self, kwargs, params: SamplingParams, use_adapter: bool):
-        with self.weights.lock, torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            model = self.weights.model
-            if not hasattr(model, "peft_config"):
-                return model.generate(**kwargs)
-            if self.adapter_names and use_adapter:
-                model.base_model.set_adapter(self.adapter_names, inference_mode=True)
-                return model.generate(**kwargs)
-            with model.disable_adapter():  # the base alone: this side has no adapter here, or asks for the base
-                return model.generate(**kwargs)
+    def _run(self, kwargs, use_adapter: bool):
+        """Generate with this side's adapters on (or none: the side has none here, or asks for the base)."""
+        with torch.inference_mode():
+            return self.weights.generate(kwargs, self.adapter_names if use_adapter else ())
 
     def generate(self, messages: list[dict], params: SamplingParams | None = None, use_adapter: bool = True,
                  tools: list[dict] | None = None) -> Result:
         params = params or SamplingParams()
         ids, eos, words, kwargs = self._setup(messages, params, None, tools=tools)
-        out = self._run(kwargs, params, use_adapter)[0, len(ids):].tolist()
+        out = self._run(kwargs, use_adapter)[0, len(ids):].tolist()
         text, hit = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), words)
         stopped = hit or (bool(out) and out[-1] in eos)
         return Result(text=text, prompt_tokens=len(ids), completion_tokens=len(out),
@@ -330,7 +293,7 @@ class ChatModel:
         event = stop_event or threading.Event()
         streamer = _CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         ids, eos, words, kwargs = self._setup(messages, params, event, streamer, tools)
-        return Stream(self, kwargs, params, use_adapter, streamer, event, ids, eos, words)
+        return Stream(self, kwargs, use_adapter, streamer, event, ids, eos, words)
 
 
 class _CountingStreamer(TextIteratorStreamer):
@@ -346,13 +309,13 @@ class _CountingStreamer(TextIteratorStreamer):
 
 
 class Stream:
-    def __init__(self, chat: ChatModel, kwargs, params, use_adapter, streamer, event, ids, eos, words):
+    def __init__(self, chat: ChatModel, kwargs, use_adapter, streamer, event, ids, eos, words):
         self.streamer, self.event, self.eos, self.words, self.prompt_len = streamer, event, eos, words, len(ids)
         self.result: Result | None = None
 
         def work():
             try:
-                chat._run(kwargs, params, use_adapter)
+                chat._run(kwargs, use_adapter)
             except BaseException as err:  # noqa: BLE001 - handed to the reader
                 streamer.error = err
                 streamer.end()

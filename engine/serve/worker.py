@@ -5,7 +5,7 @@ loads a model there, ``chat`` streams text pieces back, ``stop`` cancels the cur
 ``unload`` ends the process, so every byte of its memory (and VRAM) goes back to the system.
 
 Side by side, ``compare`` loads a right side next to the loaded (left) model as engine.serve.compare plans it, and
-``uncompare`` drops it again; ``compare_chat`` then streams both answers, tagged with their side.
+``uncompare`` drops it again; ``compare_chat`` then streams both answers at once, each piece tagged with its side.
 
 Messages (tuples over a multiprocessing Pipe):
   parent -> worker: ("load", {model, adapters, quantization, template, device}), ("compare", {model, template}),
@@ -145,34 +145,40 @@ def _drop(sides: dict, *names: str) -> None:
 
 
 def _stream(conn, sides: list, messages, params, use_adapter, tools=None) -> None:
-    """Answer with each side in turn, the same prompt, sampling and seed to each (seeded right before its own
-    generation, so a side answers as it would alone); a stop ends the current answer and skips the ones after it.
-    One at a time on purpose: sampling draws from torch's one global generator, so two answers made at once
-    would depend on thread timing and a seed would no longer repeat them."""
+    """Answer with every side at once, the same prompt, sampling and seed to each, their pieces sent as they come,
+    tagged with their side; a stop ends every answer after its current token. Each answer repeats what its side
+    answers alone: its sampling has a generator of its own, and sides on one model take turns per token with their
+    own adapters (engine.serve.concurrent)."""
+    from engine.serve.concurrent import merge
+
     convo = messages if isinstance(messages, dict) else {name: messages for name, _ in sides}
     for name, chat in sides:  # a conversation either side cannot take is refused before any answer starts
         try:
             chat.check(convo[name], tools)
         except InferenceError as err:
             raise InferenceError(f"{name} side: {err}" if len(sides) > 1 else str(err), err.kind) from None
-    results, stopped = {}, False
-    for name, chat in sides:
+    streams: dict = {}
+    try:
+        for name, chat in sides:
+            streams[name] = chat.stream(convo[name], params, use_adapter=use_adapter, tools=tools)
+    except BaseException:
+        for stream in streams.values():
+            stream.close()
+        raise
+
+    def stop_requested() -> bool:  # the parent holds the pipe while an answer runs: only stops come meanwhile
+        stop = False
         while conn.poll():
-            stopped = conn.recv()[0] == "stop" or stopped
-        if stopped:
-            results[name] = Result(text="", prompt_tokens=0, completion_tokens=0, finish_reason="cancelled").model_dump()
-            continue
-        stream = chat.stream(convo[name], params, use_adapter=use_adapter, tools=tools)
-        for piece in stream:
-            conn.send(("piece", piece, name))
-            while conn.poll():
-                if conn.recv()[0] == "stop":
-                    stream.cancel()
-                    stopped = True
-        done = stream.result.model_dump()
+            stop = conn.recv()[0] == "stop" or stop
+        return stop
+
+    for name, piece in merge(streams, stop_requested):
+        conn.send(("piece", piece, name))
+    results = {}
+    for name, chat in sides:
+        results[name] = done = streams[name].result.model_dump()
         if tools:
-            done["tool_calls"] = chat.tool_calls(stream.result)[1]
-        results[name] = done
+            done["tool_calls"] = chat.tool_calls(streams[name].result)[1]
     conn.send(("done", results))
 
 
@@ -312,9 +318,10 @@ class InferenceWorker:
 
     def compare_chat(self, messages: list[dict] | dict[str, list[dict]], params: SamplingParams,
                      tools: list[dict] | None = None) -> Iterator[tuple[str, str]]:
-        """Yields (side, piece), "left" then "right", the same sampling and seed to both; afterwards ``self.results``
-        holds each side's Result. ``messages``: one conversation for both, or {"left": …, "right": …} when each
-        side has its own earlier answers. ``stop`` ends the answer being written and skips the other."""
+        """Yields (side, piece) as the two answers are written at the same time, the same sampling and seed to both
+        (each side answers as it does alone); afterwards ``self.results`` holds each side's Result. ``messages``: one
+        conversation for both, or {"left": …, "right": …} when each side has its own earlier answers. ``stop`` ends
+        both answers."""
         if self.loaded and self.right is None:
             raise WorkerError("nothing is loaded on the right; press Load right first", "invalid_request")
         yield from self._chat(messages, params, True, tools, ["left", "right"])

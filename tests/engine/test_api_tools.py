@@ -30,7 +30,7 @@ class Scripted(ChatModel):
     script: list[str]
     prompts: list[str]
 
-    def _run(self, kwargs, params, use_adapter):
+    def _run(self, kwargs, use_adapter):
         prompt = kwargs["input_ids"][0].tolist()
         self.prompts.append(self.tokenizer.decode(prompt))
         new = self.tokenizer.encode(self.script.pop(0), add_special_tokens=False) + [self.tokenizer.eos_token_id]
