@@ -42,16 +42,15 @@ def sft_data(ctx: StageContext) -> None:
 
 
 def sft_trainer(ctx: StageContext, model):
-    from transformers import Trainer
-
     from engine.train.collate import packed_collator
+    from engine.train.loss import ChunkedLossTrainer
 
     train, evaluation = ctx.data
     # Padding-free batches: examples are concatenated into one row with restarting position_ids and
     # their boundaries (cu_seq_lens); engine.train.attention attends within each example, so no compute goes to padding,
-    # and only trained positions are projected onto the vocabulary (engine.train.collate).
+    # and only trained positions are projected onto the vocabulary, a chunk at a time (engine.train.loss).
     collator = packed_collator(model)
-    return Trainer(
+    return ChunkedLossTrainer(
         model=model,
         args=ctx.args,
         train_dataset=train,
@@ -197,10 +196,10 @@ class DocumentPieces:
 
 
 def pt_trainer(ctx: StageContext, model):
-    from transformers import Trainer
+    from engine.train.loss import ChunkedLossTrainer
 
     train, evaluation = ctx.data
-    return Trainer(model=model, args=ctx.args, train_dataset=train, eval_dataset=evaluation,
+    return ChunkedLossTrainer(model=model, args=ctx.args, train_dataset=train, eval_dataset=evaluation,
                    data_collator=DocumentPieces(model), processing_class=ctx.tokenizer, callbacks=ctx.callbacks)
 
 
