@@ -166,6 +166,12 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
             earlier = rundir.resumable_checkpoint(run_dir)
         log.info("resuming from %s", resume)
     trainer = atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier)
+    from engine.train.stages import describe_batch
+
+    batch = describe_batch(cfg)
+    log.info("training batch per device: %s", batch)
+    if trainer_is_main():
+        rundir.update_status(run_dir, batch=batch)
     if cfg.training.report_to:
         from engine.train.trackers import guard_trackers
 

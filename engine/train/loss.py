@@ -173,10 +173,36 @@ def hidden_and_run(model, inputs: dict, keep: torch.Tensor):
     return outputs, seen["h"][keep], lm.get_output_embeddings()
 
 
-class ChunkedLossTrainer(Trainer):
-    """transformers' Trainer whose causal-LM loss is :func:`token_loss_sum` over the trained positions the packed
-    collator marks (``logits_to_keep``, ``shift_labels``: engine.train.collate), divided as the model would divide
-    it; batches without those keys, and models whose logits are not a plain projection, take the usual path."""
+def example_lengths(dataset) -> list[int]:
+    """The token count of every example of a tokenized dataset (read from its Arrow column, no rows decoded)."""
+    try:
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
+    except (AttributeError, KeyError, TypeError):
+        return [len(row["input_ids"]) for row in dataset]
+
+
+class PackedTrainer(Trainer):
+    """The trainer of the packed causal-LM stages (sft, pt): transformers' Trainer whose loss is
+    :func:`token_loss_sum` over the trained positions the packed collator marks (``logits_to_keep``,
+    ``shift_labels``: engine.train.collate), divided as the model would divide it (batches without those keys, and
+    models whose logits are not a plain projection, take the usual path); with ``token_budget`` its training batches
+    are :class:`engine.train.collate.TokenBudgetBatches` of that many tokens."""
+
+    def __init__(self, *args, token_budget: int | None = None, **kwargs):
+        self.token_budget = token_budget
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.token_budget:
+            return super()._get_train_sampler(train_dataset)
+        from engine.train.collate import TokenBudgetBatches
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = example_lengths(dataset)
+        return TokenBudgetBatches(lengths, self.token_budget, seed=self.args.data_seed or self.args.seed,
+                                  rank=self.args.process_index, world=max(1, self.args.world_size))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "logits_to_keep" not in inputs or "shift_labels" not in inputs or not supports_chunked_loss(model):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from engine.train.attention import register
 from engine.train.collate import packed_collator
-from engine.train.loss import ChunkedLossTrainer, supports_chunked_loss, token_loss_sum
+from engine.train.loss import PackedTrainer, supports_chunked_loss, token_loss_sum
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -82,14 +82,14 @@ def _features():
 
 
 def test_trainer_loss_and_model_grads_equal_model_loss(tiny_model, tmp_path):
-    """ChunkedLossTrainer.compute_loss against the model's own loss on the same packed batch (tied embeddings:
+    """PackedTrainer.compute_loss against the model's own loss on the same packed batch (tied embeddings:
     the head's gradient flows into the input embedding too)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=register())
     model.config.use_cache = False
     assert supports_chunked_loss(model)
     batch = packed_collator(model)(_features())
     n = torch.tensor(int((batch["shift_labels"] != -100).sum()))
-    trainer = ChunkedLossTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+    trainer = PackedTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
 
     def grads(loss):
         model.zero_grad()
