@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ def test_lora_sft_under_deepspeed(tiny_model, tmp_path):
     status = rundir.read_status(run_dir)
     assert status.state == "completed" and status.step == 8 and status.pid and status.ended_at
     assert status.batch == "4 examples"
+    log = (run_dir / "train.log").read_text()
+    assert "gradient checkpointing (auto): off (" in log  # plenty of memory here
+    assert re.search(r"start-up: imports [\d.]+ s, data [\d.]+ s, model [\d.]+ s, trainer set-up [\d.]+ s, "
+                     r"first step [\d.]+ s", log)
     # the supervisor records the exit code once the whole process group is gone
     deadline = time.time() + 30
     while rundir.read_status(run_dir).exit_code is None and time.time() < deadline:
