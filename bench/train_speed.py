@@ -6,7 +6,8 @@ cosine, 30 steps, seed 42. Prints input tokens per second (every token we comput
 batches are padding-free) and the peak RSS of the training process.
 
     .venv/bin/python bench/train_speed.py [--quantization nf4] [--precision fp32|bf16] [--steps 30]
-        [--gradient-checkpointing] [--mmap-threshold BYTES]
+        [--gradient-checkpointing [auto|off|on]] [--activation-memory-gb GB] [--batch-by examples|tokens]
+        [--mmap-threshold BYTES]
 """
 
 from __future__ import annotations
@@ -69,7 +70,12 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--model", default=str(ROOT / DEFAULT_MODEL))
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (LLaMA-Factory's default)")
+    parser.add_argument("--gradient-checkpointing", nargs="?", const="on", default="auto", choices=["auto", "off", "on"],
+                        help="training.gradient_checkpointing (bare flag: on, every layer, LLaMA-Factory's default)")
+    parser.add_argument("--activation-memory-gb", type=float, default=0.0,
+                        help="training.activation_memory_gb: the budget gradient_checkpointing auto plans for")
+    parser.add_argument("--batch-by", default="examples", choices=["examples", "tokens"],
+                        help="training.batch_by: tokens packs each batch to cutoff x batch tokens")
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4, help="per-device batch")
     parser.add_argument("--dataset", default=None, help="alpaca-format file (default: the standard workload's)")
@@ -92,7 +98,8 @@ def main() -> int:
         "training": {"max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
                      "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "seed": 42, "logging_steps": 1,
                      "save_steps": 10_000, "precision": args.precision,
-                     "gradient_checkpointing": args.gradient_checkpointing},
+                     "gradient_checkpointing": args.gradient_checkpointing, "batch_by": args.batch_by,
+                     "activation_memory_gb": args.activation_memory_gb},
     })
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
         cfg.output.run_dir = str(Path(tmp) / "run")
@@ -117,7 +124,9 @@ def main() -> int:
         result = {
             "workload": f"LoRA r8 SFT, {args.steps} steps, batch {args.batch_size}, cutoff {args.cutoff_len}, "
                         f"{args.quantization}, {args.precision}"
-                        + (", gradient checkpointing" if args.gradient_checkpointing else "")
+                        + f", gradient checkpointing {args.gradient_checkpointing}"
+                        + (f" within {args.activation_memory_gb} GB" if args.activation_memory_gb else "")
+                        + (", token-budget batches" if args.batch_by == "tokens" else "")
                         + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""),
             "input_tokens": last["tokens"],
             "train_seconds": round(last["elapsed_s"], 1),

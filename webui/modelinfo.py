@@ -115,8 +115,9 @@ def lora_params(i: ModelInfo, rank: int) -> int:
 
 
 def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cutoff: int, lora_rank: int,
-                    freeze_layers: int, gradient_checkpointing: bool, gpu: bool) -> dict[str, float]:
-    """Rough peak memory in GiB (weights, gradients + optimizer, activations) of one training process."""
+                    freeze_layers: int, gradient_checkpointing: bool | str, gpu: bool) -> dict[str, float]:
+    """Rough peak memory in GiB (weights, gradients + optimizer, activations) of one training process
+    (gradient_checkpointing 'auto' counts as off: the most it takes)."""
     params = i.params or 0
     wbytes = 2 if gpu else 4  # dtype auto: bf16 on GPUs, fp32 on the CPU
     body = params - i.embed_params
@@ -131,8 +132,9 @@ def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cu
     # gradients in the training dtype + AdamW's two fp32 moments (+ fp32 master weights with bf16 on GPUs)
     states = trainable * (wbytes + 8 + (4 if gpu and method in ("full", "freeze") else 0))
     tokens = batch * cutoff
-    per_layer = (2 if gradient_checkpointing else 34) * i.hidden * (2 if gpu else 4) / 2
-    activations = tokens * (i.layers * per_layer + i.vocab * 8)  # + fp32 logits and their gradient
+    per_layer = (2 if gradient_checkpointing in (True, "on") else 34) * i.hidden * (2 if gpu else 4) / 2
+    # + one chunk's fp32 logits and their gradient (the loss is computed a chunk at a time: engine/train/loss.py)
+    activations = tokens * i.layers * per_layer + min(tokens, 256) * i.vocab * 8
     gib = 2 ** 30
     parts = {"weights": weights / gib, "states": states / gib, "activations": activations / gib}
     parts["total"] = sum(parts.values()) * 1.1 + (0.4 if gpu else 0.6)  # allocator slack + runtime (CUDA context)

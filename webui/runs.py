@@ -45,6 +45,7 @@ class RunInfo:
     nodes: tuple[str, ...] = ()  # several machines: each node with the slots it runs ("node-a:0,1")
     world_size: int = 1
     warnings: tuple[str, ...] = ()  # status.json: what went wrong without stopping the run (a tracker, the context)
+    batch: str = ""  # status.json: what fills a training batch ("≤ 2,048 tokens", "4 examples")
 
 
 def _node_info(cfg: RunConfig | None) -> dict:
@@ -148,6 +149,7 @@ class RunManager:
             created_at=(run_dir / rundir.CONFIG).stat().st_ctime if (run_dir / rundir.CONFIG).exists() else 0.0,
             error=status.error, error_kind=status.error_kind, warnings=tuple(status.warnings), devices=tuple(sorted(self.run_devices(cfg))),
             queue_position=queue.index(run_dir) + 1 if run_dir in queue else None,
+            batch=str(getattr(status, "batch", None) or ""),
             **_node_info(cfg),
         )
 

@@ -84,6 +84,7 @@ def run_card(lang: str, info: RunInfo | None, series: MetricSeries | None, now: 
         ("train.memory", memory_cell(latest, info.devices)),
         ("train.epoch", f"{latest['epoch']:.2f}" if isinstance(latest.get("epoch"), (int, float)) else "–"),
         ("train.points", f"{series.points if series else 0}"),
+        ("train.batch", info.batch or "–"),
     ]
     cells = "".join(f'<div class="wb-stat"><span>{esc(t(lang, k))}</span><b data-k="{k.split(".")[1]}">{esc(v)}</b></div>'
                     for k, v in stats)

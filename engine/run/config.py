@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.run.stages import ROWS, STAGE_NAMES
 
@@ -102,7 +102,14 @@ class TrainingConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="Compute precision: auto = bf16 autocast where the hardware supports it, else fp32.")
     neftune_noise_alpha: float = Field(0.0, ge=0.0, le=100.0, description="NEFTune: add uniform noise of this scale to the input embeddings while training (5 is usual; 0: off).")
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers that also receive the metrics and the run config: tensorboard (logs in the run directory), wandb, mlflow (empty: none).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30% slower.")
+    batch_by: Literal["examples", "tokens"] = Field("examples", description="sft, pt: what fills a batch: examples (per_device_train_batch_size of them, whatever their length) or tokens (examples packed up to cutoff_len × per_device_train_batch_size tokens, never more: the same peak memory every step, each example once per epoch).")
+    gradient_checkpointing: Literal["auto", "off", "on"] = Field("auto", description="Recompute activations in the backward pass (less memory, slower): on (every layer), off, or auto (sft, pt; other stages: off): every k-th layer, the fewest that keep the activations of the largest batch within activation_memory_gb.")
+    activation_memory_gb: float = Field(0.0, ge=0.0, le=100_000.0, description="gradient_checkpointing auto: the memory the activations of one batch may take, in GB (0: half the memory free when training starts).")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_switch(cls, value):
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # configs of before auto
     seed: int = Field(42, description="Random seed for data order, dropout and initialisation.")
     logging_steps: int = Field(1, ge=1, description="Write a metrics row every N optimizer steps.")
     save_steps: int = Field(100, ge=1, description="Save a checkpoint every N optimizer steps.")

@@ -117,3 +117,25 @@ class RunReporter(TrainerCallback):
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+class StartupClock(TrainerCallback):
+    """The start-up breakdown in train.log: the seconds from the process start to each ``mark`` (imports, data,
+    model, trainer set-up), then to the end of the first optimizer step, written once as one line."""
+
+    def __init__(self, log):
+        self.log, self.last = log, psutil.Process().create_time()
+        self.parts: list[tuple[str, float]] = []
+        self.started = self.last
+
+    def mark(self, name: str) -> None:
+        now = time.time()
+        self.parts.append((name, now - self.last))
+        self.last = now
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step and not any(name == "first step" for name, _ in self.parts):
+            self.mark("first step")
+            said = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.parts)
+            self.log.info("start-up: %s (%.1f s from process start to the first step's end)", said,
+                          self.last - self.started)

@@ -74,8 +74,8 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         optim=t.optim,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing=t.gradient_checkpointing == "on",  # auto: set once the model is loaded (checkpointing())
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing == "on" else None,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -120,13 +120,15 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     import torch
     from transformers import set_seed
 
-    from engine.train.callbacks import GracefulStop, RunReporter
+    from engine.train.callbacks import GracefulStop, RunReporter, StartupClock
     from engine.data.templates import get_template
     from engine.train.model_setup import (compute_dtype, load_base_model, load_tokenizer, resolve_precision,
                                           setup_finetuning)
     from engine.train.saving import atomic_saves, save_final
     from engine.train.stages import STAGES, StageContext
 
+    clock = StartupClock(log)
+    clock.mark("imports")
     stop = GracefulStop()
     _threads()
     set_seed(cfg.training.seed)
@@ -150,6 +152,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     if vocab:
         ctx.stats["vocab"] = vocab
     log.info("data: %s", json.dumps(ctx.stats, ensure_ascii=False))
+    clock.mark("data")
     if stop.requested:
         return "stopped"
 
@@ -181,17 +184,28 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         from engine.train.vocab import resize_embeddings
 
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
-    model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing, train_embeddings=bool(vocab),
+    model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing == "on", train_embeddings=bool(vocab),
                              head=stage.head)
+    if cfg.training.gradient_checkpointing == "auto":
+        from engine.train.activations import apply_auto
+
+        log.info("gradient checkpointing (auto): %s", apply_auto(ctx.args, model, cfg))
+    clock.mark("model")
     from engine.train.model_setup import keep_initial_adapter
 
     initial_adapter = keep_initial_adapter(model, cfg.method, run_dir) if trainer_is_main() else None
-    ctx.callbacks = [RunReporter(run_dir), stop]
+    ctx.callbacks = [RunReporter(run_dir), stop, clock]
     if cfg.training.report_to:
         from engine.train.trackers import tracker_env
 
         tracker_env(run_dir)
     trainer = atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier)
+    from engine.train.stages import describe_batch
+
+    batch = describe_batch(cfg)
+    log.info("training batch per device: %s", batch)
+    if trainer_is_main():
+        rundir.update_status(run_dir, batch=batch)
     if cfg.training.report_to:
         from engine.train.trackers import guard_trackers
 
@@ -200,6 +214,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         from engine.train.model_setup import loraplus_optimizer
 
         loraplus_optimizer(trainer, cfg.method.loraplus_lr_ratio)
+    clock.mark("trainer set-up")
     trainer.train(resume_from_checkpoint=resume)
     if stop.requested:
         return "stopped"

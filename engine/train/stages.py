@@ -41,17 +41,31 @@ def sft_data(ctx: StageContext) -> None:
     ctx.data, ctx.stats = (train, evaluation), stats
 
 
-def sft_trainer(ctx: StageContext, model):
-    from transformers import Trainer
+def token_budget(cfg) -> int | None:
+    """Tokens per training batch with ``training.batch_by: tokens`` (cutoff_len × per-device batch), else None."""
+    t = cfg.training
+    return cfg.data.cutoff_len * t.per_device_train_batch_size if t.batch_by == "tokens" else None
 
+
+def describe_batch(cfg) -> str:
+    """A training batch per device in words, for train.log and the run card."""
+    budget = token_budget(cfg) if STAGES[cfg.method.stage].build_trainer in (sft_trainer, pt_trainer) else None
+    if budget:
+        return f"≤ {budget:,} tokens"
+    n = cfg.training.per_device_train_batch_size
+    return f"{n} example{'s' if n != 1 else ''}"
+
+
+def sft_trainer(ctx: StageContext, model):
     from engine.train.collate import packed_collator
+    from engine.train.loss import PackedTrainer
 
     train, evaluation = ctx.data
     # Padding-free batches: examples are concatenated into one row with restarting position_ids and
     # their boundaries (cu_seq_lens); engine.train.attention attends within each example, so no compute goes to padding,
-    # and only trained positions are projected onto the vocabulary (engine.train.collate).
+    # and only trained positions are projected onto the vocabulary, a chunk at a time (engine.train.loss).
     collator = packed_collator(model)
-    return Trainer(
+    return PackedTrainer(
         model=model,
         args=ctx.args,
         train_dataset=train,
@@ -59,6 +73,7 @@ def sft_trainer(ctx: StageContext, model):
         data_collator=collator,
         processing_class=ctx.tokenizer,
         callbacks=ctx.callbacks,
+        token_budget=token_budget(ctx.cfg),
     )
 
 
@@ -197,11 +212,12 @@ class DocumentPieces:
 
 
 def pt_trainer(ctx: StageContext, model):
-    from transformers import Trainer
+    from engine.train.loss import PackedTrainer
 
     train, evaluation = ctx.data
-    return Trainer(model=model, args=ctx.args, train_dataset=train, eval_dataset=evaluation,
-                   data_collator=DocumentPieces(model), processing_class=ctx.tokenizer, callbacks=ctx.callbacks)
+    return PackedTrainer(model=model, args=ctx.args, train_dataset=train, eval_dataset=evaluation,
+                         data_collator=DocumentPieces(model), processing_class=ctx.tokenizer, callbacks=ctx.callbacks,
+                         token_budget=token_budget(ctx.cfg))
 
 
 def rm_trainer(ctx: StageContext, model):

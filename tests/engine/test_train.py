@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from pathlib import Path
@@ -58,6 +59,11 @@ def test_lora_sft_under_deepspeed(tiny_model, tmp_path):
     assert "[workbench]" in (run_dir / "train.log").read_text() and "deepspeed" in (run_dir / "train.log").read_text()
     status = rundir.read_status(run_dir)
     assert status.state == "completed" and status.step == 8 and status.pid and status.ended_at
+    assert status.batch == "4 examples"
+    log = (run_dir / "train.log").read_text()
+    assert "gradient checkpointing (auto): off (" in log  # plenty of memory here
+    assert re.search(r"start-up: imports [\d.]+ s, data [\d.]+ s, model [\d.]+ s, trainer set-up [\d.]+ s, "
+                     r"first step [\d.]+ s", log)
     # the supervisor records the exit code once the whole process group is gone
     deadline = time.time() + 30
     while rundir.read_status(run_dir).exit_code is None and time.time() < deadline:
@@ -225,10 +231,12 @@ def test_quantization_without_bitsandbytes_is_refused(tiny_model, tmp_path, monk
 @pytest.mark.slow
 def test_zero2_two_cpu_ranks(tiny_model, tmp_path):
     cfg = _cfg(tiny_model, tmp_path / "run", distributed={"num_processes": 2, "zero_stage": 2},
-               training={"max_steps": 4, "save_steps": 4})
+               training={"max_steps": 4, "save_steps": 4, "batch_by": "tokens"})
     run_dir = _run(cfg, timeout=600)
     log = (run_dir / "train.log").read_text()
     assert "dist_world_size=2" in log and "world size 2" in log
+    # token-budget batches under DeepSpeed: each rank its own batches of at most cutoff_len x batch tokens
+    assert rundir.read_status(run_dir).batch == "≤ 1,024 tokens" and log.count("batch per device: ≤ 1,024 tokens") == 2
     assert len(_losses(run_dir)) == 4
     assert (run_dir / "checkpoint-4" / "adapter_model.safetensors").is_file()
 

@@ -96,9 +96,10 @@ def test_run_card_exposes_progress_for_people_and_tests(tmp_path):
     series = MetricSeries(tmp_path)
     series.update()
     info = RunInfo(id="r1", path=tmp_path, state="running", step=2, total_steps=8, last_loss=1.5, started_at=100.0,
-                   model="m", datasets=["identity"], method="lora", devices=("cpu",))
+                   model="m", datasets=["identity"], method="lora", devices=("cpu",), batch="≤ 2,048 tokens")
     html = views.run_card("en", info, series, now=160.0)
-    for attr in ('data-state="running"', 'data-step="2"', 'data-total="8"', 'data-points="1"', "width:25.00%"):
+    for attr in ('data-state="running"', 'data-step="2"', 'data-total="8"', 'data-points="1"', "width:25.00%",
+                 '<b data-k="batch">≤ 2,048 tokens</b>'):
         assert attr in html
     assert "1:00" in html and "1.5000" in html  # elapsed, loss
     failed = views.run_card("zh", RunInfo(id="r1", path=tmp_path, state="failed", error="boom <x>",

@@ -1,0 +1,79 @@
+"""gradient_checkpointing: auto checkpoints the fewest layers that keep a batch's activations within the budget."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments
+
+from engine.run.config import RunConfig
+from engine.train.activations import apply_auto, estimate, plan, probe, saved_bytes
+from engine.train.attention import register
+
+TOKENS = 384
+
+
+def test_plan_takes_the_fewest_checkpointed_layers_that_fit():
+    per_layer, hidden, layers = 1000.0, 100, 12
+    full = estimate(per_layer, hidden, layers, TOKENS, 0)
+    assert plan(per_layer, hidden, layers, TOKENS, full).every_n_layers == 0  # fits: no checkpointing
+    assert plan(per_layer, hidden, layers, TOKENS, 1).every_n_layers == 1  # nothing fits: every layer
+    budget = int(full * 0.85)
+    middle = plan(per_layer, hidden, layers, TOKENS, budget)
+    assert middle.every_n_layers == 3 and middle.estimate <= budget  # layers 0, 3, 6, 9
+    assert estimate(per_layer, hidden, layers, TOKENS, 4) > budget  # three checkpointed layers would not fit
+
+
+@pytest.fixture(scope="module")
+def six_layers(tiny_model):
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_hidden_layers, config.use_cache = 6, False
+    config._attn_implementation = register()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _activations(model, every: int) -> int:
+    """Bytes saved for the backward pass by a training forward of TOKENS tokens, checkpointing every ``every``-th layer."""
+    if every:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every)
+    else:
+        model.gradient_checkpointing_disable()
+    model.train()
+    ids = torch.randint(0, 1000, (1, TOKENS), generator=torch.Generator().manual_seed(1))
+    try:
+        return saved_bytes(model, lambda: model.model(input_ids=ids, position_ids=torch.arange(TOKENS)[None]))
+    finally:
+        model.gradient_checkpointing_disable()
+
+
+def test_auto_plan_stays_under_the_budget_on_the_tiny_model(six_layers):
+    model = six_layers
+    per_layer = probe(model)
+    layers, hidden_bytes = 6, model.config.hidden_size * 4
+    full = _activations(model, 0)
+    assert per_layer * TOKENS * layers == pytest.approx(full, rel=0.05)  # the one-layer probe predicts the whole
+    for share in (1.0, 0.8, 0.45, 0.25):
+        budget = int(full * share)
+        chosen = plan(per_layer, hidden_bytes, layers, TOKENS, budget)
+        assert _activations(model, chosen.every_n_layers) <= budget, (share, chosen)
+    assert plan(per_layer, hidden_bytes, layers, TOKENS, int(full * 0.8)).every_n_layers > 1  # selective, not all
+
+
+def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path):
+    per_token = probe(six_layers) * 6
+    cfg = RunConfig.model_validate({"data": {"cutoff_len": 64}, "training": {
+        "per_device_train_batch_size": 2, "activation_memory_gb": per_token * 128 * 0.5 / 2**30}})
+    assert cfg.training.gradient_checkpointing == "auto"
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    said = apply_auto(args, six_layers, cfg)
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs["use_reentrant"] is False
+    assert args.gradient_checkpointing_kwargs["every_n_layers"] >= 1 and "budget" in said
+    roomy = cfg.model_copy(update={"training": cfg.training.model_copy(update={"activation_memory_gb": 50.0})})
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    assert apply_auto(args, six_layers, roomy).startswith("off") and not args.gradient_checkpointing
+    assert RunConfig.model_validate({"training": {"gradient_checkpointing": True}}).training.gradient_checkpointing == "on"
+    dpo = RunConfig.model_validate({"method": {"stage": "dpo"}})
+    assert apply_auto(SimpleNamespace(), six_layers, dpo).startswith("off (planned for sft, pt")
