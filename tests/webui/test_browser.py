@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from engine.run import rundir
-from webui_server import MARKS, Server, open_page, wait_code_text
+from webui_server import MARKS, Server, choose_model, open_page, wait_code_text
 
 pytestmark = MARKS
 
@@ -61,10 +61,7 @@ def test_start_watch_stop_restart_resume(tiny_model, tmp_path):
             page.wait_for_selector("#tabs")
 
             # 2. a tiny model, a demo dataset, LoRA
-            path_box = page.locator("#f-model-path input")
-            path_box.fill(str(tiny_model))
-            path_box.press("Enter")
-            page.locator("#model-info-box").get_by_text(tiny_model.name).wait_for()
+            choose_model(page, tiny_model)
             page.locator("#f-method-finetuning_type").get_by_text("LoRA", exact=True).click()
             shot(page, "model")
             page.get_by_role("tab", name="Data").click()

@@ -11,7 +11,7 @@ import time
 from engine.run import rundir
 from engine.run.config import load_config
 from engine.data import load_registry
-from webui_server import MARKS, Server, open_page, pick
+from webui_server import MARKS, Server, choose_model, open_page, pick
 
 pytestmark = MARKS
 
@@ -32,10 +32,7 @@ def test_upload_map_preview_save_and_train(tiny_model, tmp_path):
         with sync_playwright() as p:
             browser, page = open_page(p, server.url, height=1400)
             page.wait_for_selector("#tabs")
-            path_box = page.locator("#f-model-path input")
-            path_box.fill(str(tiny_model))
-            path_box.press("Enter")
-            page.locator("#model-info-box").get_by_text(tiny_model.name).wait_for()
+            choose_model(page, tiny_model)
 
             # upload: the format cannot be told from question/answer, and the page says so
             page.get_by_role("tab", name="Data").click()

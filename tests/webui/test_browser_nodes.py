@@ -10,7 +10,7 @@ import pytest
 from engine.run import rundir
 from tests.engine.loopback import cluster, missing
 from tests.engine.test_nodes import _wait_gone
-from webui_server import MARKS, Server, open_page, wait_code_text
+from webui_server import MARKS, Server, choose_model, open_page, wait_code_text
 
 # heavy: 255 s measured on the 2 shared cores (load ~14), past the ~90 s a test of `make test` may take; `make test-all`
 # runs it (a DeepSpeed launch through pdsh on two "nodes", then Stop on both)
@@ -49,10 +49,7 @@ def test_several_machines_from_the_page(tiny_model, tmp_path, monkeypatch):
             with sync_playwright() as p:
                 browser, page = open_page(p, server.url, height=1400)
                 page.wait_for_selector("#tabs")
-                path_box = page.locator("#f-model-path input")
-                path_box.fill(str(tiny_model))
-                path_box.press("Enter")
-                page.locator("#model-info-box").get_by_text(tiny_model.name).wait_for()
+                choose_model(page, tiny_model)
 
                 page.get_by_role("tab", name="Hyperparameters").click()
                 steps = page.locator("#f-training-max_steps input")

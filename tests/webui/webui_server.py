@@ -66,6 +66,14 @@ def open_page(playwright, url: str, height: int = 1000):
     return browser, page
 
 
+def choose_model(page, model) -> None:
+    """Type a model folder into the Model tab's path box, as a user does, and wait for its info box."""
+    path_box = page.locator("#f-model-path input")
+    path_box.fill(str(model))
+    path_box.press("Enter")
+    page.locator("#model-info-box").get_by_text(model.name).wait_for()
+
+
 def pick(page, dropdown: str, option: str) -> None:
     """Open a dropdown and click the option with exactly this label."""
     page.locator(f"{dropdown} input").first.click()
