@@ -72,12 +72,12 @@ def test_evaluate_export_and_chat_with_the_export(server):
         out = tmp / "exported"
         page.locator("#ex-dir input, #ex-dir textarea").first.fill(str(out))
         pick(page, "#ex-dtype", "float32")
-        page.locator("#ex-gguf").get_by_label("f16").check()
+        page.locator("#ex-gguf").get_by_label("f16", exact=True).check()  # not bf16
         page.locator("#btn-export").click()
         expect(page.locator("#ex-status .wb-job")).to_have_attribute("data-state", "completed", timeout=240_000)
         expect(page.locator("#ex-result")).to_be_visible(timeout=10_000)
         assert float(page.locator("#ex-diff").inner_text()) < 1e-4  # merged fp32 vs. adapter model
-        assert float(page.locator(".ex-gguf-diff").inner_text()) < 0.05  # the f16 GGUF loaded back with transformers
+        assert float(page.locator(".ex-gguf-diff").inner_text()) < 0.05  # the f16 GGUF loaded in llama.cpp
         expect(page.locator("#ex-result")).to_contain_text("exported-f16.gguf")
         assert (out / "model.safetensors").is_file() and (out / "gguf" / "exported-f16.gguf").is_file()
         page.screenshot(path=shots / "2-export.png", full_page=True)
