@@ -13,7 +13,7 @@ import pytest
 
 from webui_server import MARKS, Server, ask, open_page
 
-pytestmark = [*MARKS, pytest.mark.slow]
+pytestmark = [*MARKS, pytest.mark.slow, pytest.mark.heavy]  # the default model: five minutes; make test-all
 
 
 def test_default_run_then_chat_knows_its_new_name(default_model, tmp_path):
