@@ -6,7 +6,7 @@ cosine, 30 steps, seed 42. Prints input tokens per second (every token we comput
 batches are padding-free) and the peak RSS of the training process.
 
     .venv/bin/python bench/train_speed.py [--quantization nf4] [--precision fp32|bf16] [--steps 30]
-        [--gradient-checkpointing [auto|off|on]] [--activation-memory-gb GB] [--batch-by examples|tokens]
+        [--gradient-checkpointing [auto|off|on]] [--memory-gb GB] [--batch-by examples|tokens]
         [--mmap-threshold BYTES]
 """
 
@@ -46,6 +46,7 @@ class PeakRSS(threading.Thread):
     def __init__(self, run_dir: Path, budget: float | None = None):
         super().__init__(daemon=True)
         self.run_dir, self.peak, self.done = run_dir, 0, threading.Event()
+        self.cpu: dict[int, float] = {}  # pid -> user + system CPU seconds, last sampled
         self.budget, self.over = budget, False
 
     def run(self):
@@ -56,6 +57,8 @@ class PeakRSS(threading.Thread):
                     for p in psutil.Process(status.pid).children(recursive=True):
                         if "engine.train" in " ".join(p.cmdline()):
                             self.peak = max(self.peak, p.memory_info().rss)
+                            times = p.cpu_times()
+                            self.cpu[p.pid] = times.user + times.system
                 except psutil.Error:
                     pass
                 if self.budget and self.peak > self.budget and not self.over:
@@ -72,8 +75,8 @@ def main() -> int:
     parser.add_argument("--model", default=str(ROOT / DEFAULT_MODEL))
     parser.add_argument("--gradient-checkpointing", nargs="?", const="on", default="auto", choices=["auto", "off", "on"],
                         help="training.gradient_checkpointing (bare flag: on, every layer, LLaMA-Factory's default)")
-    parser.add_argument("--activation-memory-gb", type=float, default=0.0,
-                        help="training.activation_memory_gb: the budget gradient_checkpointing auto plans for")
+    parser.add_argument("--memory-gb", type=float, default=0.0,
+                        help="training.memory_gb: the budget gradient_checkpointing auto plans for")
     parser.add_argument("--batch-by", default="examples", choices=["examples", "tokens"],
                         help="training.batch_by: tokens packs each batch to cutoff x batch tokens")
     parser.add_argument("--cutoff-len", type=int, default=512)
@@ -99,7 +102,7 @@ def main() -> int:
                      "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "seed": 42, "logging_steps": 1,
                      "save_steps": 10_000, "precision": args.precision,
                      "gradient_checkpointing": args.gradient_checkpointing, "batch_by": args.batch_by,
-                     "activation_memory_gb": args.activation_memory_gb},
+                     "memory_gb": args.memory_gb},
     })
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp:
         cfg.output.run_dir = str(Path(tmp) / "run")
@@ -125,13 +128,15 @@ def main() -> int:
             "workload": f"LoRA r8 SFT, {args.steps} steps, batch {args.batch_size}, cutoff {args.cutoff_len}, "
                         f"{args.quantization}, {args.precision}"
                         + f", gradient checkpointing {args.gradient_checkpointing}"
-                        + (f" within {args.activation_memory_gb} GB" if args.activation_memory_gb else "")
+                        + (f" within {args.memory_gb} GB" if args.memory_gb else "")
                         + (", token-budget batches" if args.batch_by == "tokens" else "")
                         + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""),
             "input_tokens": last["tokens"],
             "train_seconds": round(last["elapsed_s"], 1),
             "tokens_per_s": round(last["tokens"] / last["elapsed_s"], 1),
             "peak_rss_gb": round(sampler.peak / 1e9, 2),
+            # CPU seconds of the training ranks (load, start-up included): less sensitive to other jobs than tokens/s
+            "rank_cpu_s": round(sum(sampler.cpu.values()), 1),
             "wall_seconds_incl_launch": round(wall, 1),
             "first_loss": round(rows[0]["loss"], 4),
             "last_loss": round(last["loss"], 4),

@@ -103,8 +103,8 @@ class TrainingConfig(Section):
     neftune_noise_alpha: float = Field(0.0, ge=0.0, le=100.0, description="NEFTune: add uniform noise of this scale to the input embeddings while training (5 is usual; 0: off).")
     report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers that also receive the metrics and the run config: tensorboard (logs in the run directory), wandb, mlflow (empty: none).")
     batch_by: Literal["examples", "tokens"] = Field("examples", description="sft, pt: what fills a batch: examples (per_device_train_batch_size of them, whatever their length) or tokens (examples packed up to cutoff_len × per_device_train_batch_size tokens, never more: the same peak memory every step, each example once per epoch).")
-    gradient_checkpointing: Literal["auto", "off", "on"] = Field("auto", description="Recompute activations in the backward pass (less memory, slower): on (every layer), off, or auto (sft, pt; other stages: off): every k-th layer, the fewest that keep the activations of the largest batch within activation_memory_gb.")
-    activation_memory_gb: float = Field(0.0, ge=0.0, le=100_000.0, description="gradient_checkpointing auto: the memory the activations of one batch may take, in GB (0: half the memory free when training starts).")
+    gradient_checkpointing: Literal["auto", "off", "on"] = Field("auto", description="Recompute activations in the backward pass (less memory, slower): on (every layer), off, or auto (sft, pt; other stages: off): every k-th layer, the fewest that keep the largest batch within memory_gb.")
+    memory_gb: float = Field(0.0, ge=0.0, le=100_000.0, description="The memory one training process may take, in GB (RSS on a CPU, allocated memory on a GPU: weights, optimizer state, activations); gradient_checkpointing auto plans for it (0: the activations may take half the memory free when training starts).")
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -2,11 +2,18 @@
 
 A CPU without bf16 matrix units (no avx512_bf16 / amx_bf16 flag, e.g. an AVX2-only one) emulates bf16
 matmuls, which makes bf16 training there many times slower than fp32.
+
+Training on a CPU preloads tcmalloc or jemalloc where one is installed, as PyTorch's own CPU launcher
+(``torch.backends.xeon.run_cpu``) does: glibc's malloc keeps the freed blocks of steps of changing sizes
+fragmented in its heap, so a run's RSS grows well past what it holds live (README: Speed on the CPU).
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import sys
+import sysconfig
 from pathlib import Path
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -44,3 +51,60 @@ def slow_bf16_on_cpu(flags: set[str] | None = None, gpu: bool | None = None) -> 
     flags = cpu_flags() if flags is None else flags
     gpu = has_gpu() if gpu is None else gpu
     return not gpu and bool(flags) and not cpu_has_bf16(flags)
+
+
+# PyTorch's CPU launcher's order and jemalloc setting (torch/backends/xeon/run_cpu.py), with the versioned names
+# the runtime packages install (Debian: libtcmalloc-minimal4, libjemalloc2) besides the development links.
+ALLOCATORS = {"tcmalloc": ("libtcmalloc.so", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc_minimal.so.4"),
+              "jemalloc": ("libjemalloc.so", "libjemalloc.so.2")}
+JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto"
+ALLOCATOR_ENV = "WORKBENCH_CPU_ALLOCATOR"  # auto (default), tcmalloc, jemalloc or system (glibc's own)
+
+
+def _library_dirs() -> list[str]:
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    dirs = [os.environ.get("CONDA_PREFIX", ""), sys.prefix, os.environ.get("VIRTUAL_ENV", "")]
+    out = [f"{d}/lib" for d in dirs if d]
+    out += [os.path.expanduser("~/.local/lib"), "/usr/local/lib", "/usr/local/lib64"]
+    out += [f"/usr/lib/{multiarch}", f"/lib/{multiarch}"] if multiarch else []
+    return out + ["/usr/lib", "/usr/lib64"]
+
+
+def find_allocator(name: str) -> str | None:
+    """The path of the ``name`` allocator's shared library (tcmalloc, jemalloc), or None."""
+    for folder in _library_dirs():
+        for lib in ALLOCATORS[name]:
+            found = glob.glob(os.path.join(folder, lib))
+            if found:
+                return found[0]
+    return None
+
+
+def allocator_env(gpu: bool | None = None, environ: dict | None = None) -> dict[str, str]:
+    """Environment additions that make CPU ranks use tcmalloc or jemalloc (LD_PRELOAD), as chosen by
+    WORKBENCH_CPU_ALLOCATOR (auto: the first found; system: none). Nothing on a GPU machine, nothing when the
+    environment already preloads one."""
+    environ = os.environ if environ is None else environ
+    wanted = environ.get(ALLOCATOR_ENV, "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "system", *ALLOCATORS):
+        raise ValueError(f"{ALLOCATOR_ENV}={wanted!r}: expected auto, system, tcmalloc or jemalloc")
+    preload = environ.get("LD_PRELOAD", "")
+    if wanted == "system" or (has_gpu() if gpu is None else gpu) or any(n in preload for n in ALLOCATORS):
+        return {}
+    for name in ALLOCATORS if wanted == "auto" else (wanted,):
+        path = find_allocator(name)
+        if path:
+            env = {"LD_PRELOAD": os.pathsep.join(filter(None, [path, preload]))}
+            if name == "jemalloc" and "MALLOC_CONF" not in environ:
+                env["MALLOC_CONF"] = JEMALLOC_CONF
+            return env
+    return {}
+
+
+def allocator_in_use() -> str:
+    """The malloc this process runs on (read from its mapped libraries): tcmalloc, jemalloc or glibc."""
+    try:
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown"
+    return next((name for name in ALLOCATORS if f"lib{name}" in maps), "glibc")

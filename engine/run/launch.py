@@ -263,6 +263,20 @@ def _group_members() -> list[psutil.Process]:
     return out
 
 
+def _allocator(cfg: RunConfig) -> dict[str, str]:
+    """tcmalloc or jemalloc for the ranks of a CPU run on this machine (hardware.allocator_env); a multi-node run's
+    nodes keep their own."""
+    if _multinode(cfg):
+        return {}
+    from engine.run.hardware import allocator_env
+
+    try:
+        return allocator_env()
+    except ValueError as err:
+        print(f"[workbench] {err}; the system allocator is used", flush=True)
+        return {}
+
+
 def supervise(run_dir: Path) -> int:
     # The stop signal goes to the whole group: the supervisor itself keeps waiting for the workers.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -276,7 +290,7 @@ def supervise(run_dir: Path) -> int:
     else:
         cmd = [sys.executable, "-m", kind.module, str(run_dir / rundir.CONFIG)]
     print(f"[workbench] {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, **nodes.launcher_env(cfg, run_dir)) if cfg is not None else None
+    env = dict(os.environ, **nodes.launcher_env(cfg, run_dir), **_allocator(cfg)) if cfg is not None else None
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
     code = proc.wait()
     if cfg is not None and _multinode(cfg):

@@ -11,6 +11,11 @@ input (hidden_size values per token) and recomputes the rest in the backward pas
 
 transformers checkpoints every ``every_n_layers``-th layer (TrainingArguments.gradient_checkpointing_kwargs); the plan
 is the largest such step that fits, 0 when nothing needs checkpointing, 1 (every layer) when nothing fits.
+
+The budget is the whole training process's (``training.memory_gb``: RSS on a CPU, allocated memory on a GPU): what
+the process holds when the plan is made (libraries, weights, adapters) and what the first step adds besides the
+activations (gradients and optimizer state of the trained parameters, one chunk of the loss's logits) are taken
+off it first, and on a CPU a share is kept for the allocator's slack.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ log = logging.getLogger("engine.train.activations")
 PROBE_TOKENS = 64
 PLANNED_STAGES = ("sft", "pt")  # the stages trained by engine.train.loss.PackedTrainer
 BUDGET_SHARE = 0.5  # of the memory free at start, when no budget is given: the rest is left for allocator slack
+CPU_SLACK = 1.25  # bytes the CPU allocator holds per byte of live activations at the peak (measured: README)
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
+                         "adafactor": 4, "sgd": 0}  # per trained parameter, besides its gradient
 
 
 class _Probed(Exception):
@@ -91,10 +99,11 @@ def probe(model, tokens: int = PROBE_TOKENS) -> float:
 class Plan:
     every_n_layers: int  # 0: no checkpointing
     estimate: int  # bytes of activations of the largest batch under this plan
-    budget: int
+    budget: int  # bytes the activations may take
+    whole: str = ""  # how the budget was made, in words
 
     def describe(self) -> str:
-        gb = f"{self.estimate / 2**30:.2f} GiB of activations, budget {self.budget / 2**30:.2f} GiB"
+        gb = f"{self.estimate / 1e9:.2f} GB of activations, {self.budget / 1e9:.2f} GB left for them{self.whole}"
         if self.every_n_layers == 0:
             return f"off ({gb})"
         if self.every_n_layers == 1:
@@ -124,18 +133,59 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def auto_plan(model, tokens: int, budget_gb: float = 0.0) -> Plan:
-    """The checkpointing plan for batches of at most ``tokens`` tokens within ``budget_gb`` (0: half the free memory)."""
+def held_now(device: torch.device) -> int:
+    """What this process holds now: its RSS on a CPU, the memory allocated on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return psutil.Process().memory_info().rss
+
+
+def step_extras(model, optim: str, vocab: int) -> int:
+    """Bytes the first step adds besides the activations: gradients and optimizer state of the trained
+    parameters, and one chunk of the loss's logits (with its softmax and gradient)."""
+    from engine.train.loss import CHUNK_BYTES
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trained)
+    state = sum(p.numel() for p in trained) * OPTIMIZER_STATE_BYTES.get(optim, 8)
+    return grads + state + 3 * CHUNK_BYTES
+
+
+def activation_budget(model, memory_gb: float, optim: str, device: torch.device) -> tuple[int, str]:
+    """Bytes the activations of one batch may take within ``memory_gb`` for the whole process (0: half the memory
+    free now), and how that was made, in words."""
+    ranks_here = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if memory_gb <= 0:
+        budget = int(BUDGET_SHARE * free_memory(device) / ranks_here)
+        return budget, f" (half the {free_memory(device) / 1e9:.1f} GB free at start)"
+    held = held_now(device)
+    extras = step_extras(model, optim, unwrap_vocab(model))
+    slack = CPU_SLACK if device.type != "cuda" else 1.0
+    left = max(0, int((memory_gb * 1e9 - held - extras) / slack))
+    words = (f" of memory_gb {memory_gb:g}: {held / 1e9:.2f} GB held at start, {extras / 1e9:.2f} GB for gradients,"
+             f" optimizer state and the loss" + (f", allocator slack x{slack:g}" if slack != 1.0 else ""))
+    return left, words
+
+
+def unwrap_vocab(model) -> int:
+    from engine.train.loss import unwrap_causal_lm
+
+    return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
+
+
+def auto_plan(model, tokens: int, memory_gb: float = 0.0, optim: str = "adamw_torch") -> Plan:
+    """The checkpointing plan for batches of at most ``tokens`` tokens within ``memory_gb`` for the whole process
+    (0: the activations may take half the free memory)."""
     from engine.train.loss import unwrap_causal_lm
 
     lm = unwrap_causal_lm(model)
     text = lm.config.get_text_config()
     device = next(p for p in lm.parameters()).device
-    ranks_here = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    budget = int(budget_gb * 2**30) if budget_gb > 0 else int(BUDGET_SHARE * free_memory(device) / ranks_here)
+    budget, words = activation_budget(model, memory_gb, optim, device)
     dtype_bytes = torch.finfo(lm.get_input_embeddings().weight.dtype).bits // 8
     per_layer = probe(model)
     chosen = plan(per_layer, text.hidden_size * dtype_bytes, text.num_hidden_layers, tokens, budget)
+    chosen = Plan(chosen.every_n_layers, chosen.estimate, chosen.budget, words)
     log.info("activation checkpointing: %s; %.0f KiB per token per layer measured, %d tokens per batch at most",
              chosen.describe(), per_layer / 1024, tokens)
     return chosen
@@ -153,7 +203,7 @@ def apply_auto(args, model, cfg) -> str:
     else:
         tokens = cfg.data.cutoff_len * cfg.training.per_device_train_batch_size  # the largest batch either way
         try:
-            chosen = auto_plan(model, tokens, cfg.training.activation_memory_gb)
+            chosen = auto_plan(model, tokens, cfg.training.memory_gb, cfg.training.optim)
         except (AttributeError, TypeError, ValueError, NotImplementedError, RuntimeError) as err:
             return f"off (this model's activations could not be measured: {err})"
         every, said = chosen.every_n_layers, chosen.describe()

@@ -175,6 +175,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
 
     attn = register()
     log.info("attention for packed batches: %s", attn)
+    from engine.run.hardware import allocator_in_use
+
+    log.info("memory allocator: %s", allocator_in_use())
     model = load_base_model(cfg.model, compute, attn=attn, head=stage.head)
     qcfg = getattr(model.config, "quantization_config", None)
     log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s, compute dtype=%s", cfg.model.path,

@@ -62,6 +62,11 @@ def test_lora_sft_under_deepspeed(tiny_model, tmp_path):
     assert status.batch == "4 examples"
     log = (run_dir / "train.log").read_text()
     assert "gradient checkpointing (auto): off (" in log  # plenty of memory here
+    from engine.run.hardware import find_allocator
+
+    # the supervisor preloads tcmalloc (else jemalloc) for CPU ranks where one is installed (.ci/run installs it)
+    expected = "tcmalloc" if find_allocator("tcmalloc") else "jemalloc" if find_allocator("jemalloc") else "glibc"
+    assert f"memory allocator: {expected}" in log
     assert re.search(r"start-up: imports [\d.]+ s, data [\d.]+ s, model [\d.]+ s, trainer set-up [\d.]+ s, "
                      r"first step [\d.]+ s", log)
     # the supervisor records the exit code once the whole process group is gone

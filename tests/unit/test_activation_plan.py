@@ -62,16 +62,30 @@ def test_auto_plan_stays_under_the_budget_on_the_tiny_model(six_layers):
     assert plan(per_layer, hidden_bytes, layers, TOKENS, int(full * 0.8)).every_n_layers > 1  # selective, not all
 
 
-def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path):
+def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path, monkeypatch):
+    from engine.train import activations
+
+    monkeypatch.setattr(activations, "held_now", lambda device: 10**9)  # RSS moves under pytest: the plan's input is fixed
     per_token = probe(six_layers) * 6
+    extras = activations.step_extras(six_layers, "adamw_torch", six_layers.config.vocab_size)
+    from engine.train.loss import CHUNK_BYTES
+
+    # every parameter of this model trains: an fp32 gradient and AdamW's two fp32 moments each, and a loss chunk
+    assert extras == sum(p.numel() * 12 for p in six_layers.parameters()) + 3 * CHUNK_BYTES
+    most = per_token * 128 * 0.8  # 80% of the activations of a 2 x 64-token batch
+    memory_gb = (10**9 + extras + activations.CPU_SLACK * most) / 1e9
     cfg = RunConfig.model_validate({"data": {"cutoff_len": 64}, "training": {
-        "per_device_train_batch_size": 2, "activation_memory_gb": per_token * 128 * 0.5 / 2**30}})
+        "per_device_train_batch_size": 2, "memory_gb": memory_gb}})
     assert cfg.training.gradient_checkpointing == "auto"
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
     said = apply_auto(args, six_layers, cfg)
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs["use_reentrant"] is False
-    assert args.gradient_checkpointing_kwargs["every_n_layers"] >= 1 and "budget" in said
-    roomy = cfg.model_copy(update={"training": cfg.training.model_copy(update={"activation_memory_gb": 50.0})})
+    assert args.gradient_checkpointing_kwargs["every_n_layers"] > 1, said  # selective: most of the activations fit
+    assert "1.00 GB held at start" in said and f"memory_gb {memory_gb:g}" in said
+    tight = cfg.model_copy(update={"training": cfg.training.model_copy(update={"memory_gb": 0.5})})
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    assert apply_auto(args, six_layers, tight).startswith("every layer")  # less than what is held: all it can do
+    roomy = cfg.model_copy(update={"training": cfg.training.model_copy(update={"memory_gb": 50.0})})
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
     assert apply_auto(args, six_layers, roomy).startswith("off") and not args.gradient_checkpointing
     assert RunConfig.model_validate({"training": {"gradient_checkpointing": True}}).training.gradient_checkpointing == "on"

@@ -30,7 +30,7 @@ def _changed_config() -> RunConfig:
         "training": {"num_train_epochs": 1.5, "max_steps": 30, "per_device_train_batch_size": 8,
                      "gradient_accumulation_steps": 3, "learning_rate": 2.5e-5, "lr_scheduler_type": "linear",
                      "warmup_ratio": 0.25, "weight_decay": 0.01, "max_grad_norm": 0.5, "optim": "sgd",
-                     "precision": "fp32", "gradient_checkpointing": True, "activation_memory_gb": 3.5, "batch_by": "tokens", "seed": 7, "logging_steps": 2,
+                     "precision": "fp32", "gradient_checkpointing": True, "memory_gb": 3.5, "batch_by": "tokens", "seed": 7, "logging_steps": 2,
                      "save_steps": 9, "eval_steps": 4, "save_total_limit": 2, "neftune_noise_alpha": 5.0,
                      "report_to": ["tensorboard", "mlflow"]},
         "distributed": {"devices": "0,2", "num_processes": 2, "zero_stage": 2, "offload": True,
