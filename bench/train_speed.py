@@ -114,9 +114,12 @@ def main() -> int:
         sampler.done.set()
         wall = time.time() - t0
         rows = [r for r in rundir.read_metrics(run_dir) if "loss" in r]
+        said = [line.split("gradient checkpointing ", 1)[1] for line in rundir.log_tail(run_dir, 400).splitlines()
+                if "engine.train: gradient checkpointing " in line]
+        planned = {"checkpointing": said[-1]} if said else {}
         if sampler.over:
             print(json.dumps({"out_of_budget": True, "rss_budget_gb": args.rss_budget_gb, "cutoff_len": args.cutoff_len,
-                              "peak_rss_gb": round(sampler.peak / 1e9, 2), "steps_done": len(rows)}, indent=1))
+                              "peak_rss_gb": round(sampler.peak / 1e9, 2), "steps_done": len(rows), **planned}, indent=1))
             return 0
         if status is None or status.state != "completed" or not rows:
             print(rundir.log_tail(run_dir, 30), file=sys.stderr)
@@ -140,6 +143,7 @@ def main() -> int:
             "wall_seconds_incl_launch": round(wall, 1),
             "first_loss": round(rows[0]["loss"], 4),
             "last_loss": round(last["loss"], 4),
+            **planned,
         }
     print(json.dumps(result, indent=1))
     return 0

@@ -133,10 +133,17 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def held_now(device: torch.device) -> int:
-    """What this process holds now: its RSS on a CPU, the memory allocated on a GPU."""
+def held_now(device: torch.device, model=None) -> int:
+    """What this process holds now: its RSS on a CPU, the memory allocated on a GPU. Weights loaded from
+    safetensors on a CPU are mapped from the file and count in the RSS only once read: one value per page of
+    each CPU parameter is read first, as the first step will."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
+    if model is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.device.type == "cpu" and p.numel():
+                    p.detach().reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
     return psutil.Process().memory_info().rss
 
 
@@ -158,7 +165,7 @@ def activation_budget(model, memory_gb: float, optim: str, device: torch.device)
     if memory_gb <= 0:
         budget = int(BUDGET_SHARE * free_memory(device) / ranks_here)
         return budget, f" (half the {free_memory(device) / 1e9:.1f} GB free at start)"
-    held = held_now(device)
+    held = held_now(device, model)
     extras = step_extras(model, optim, unwrap_vocab(model))
     slack = CPU_SLACK if device.type != "cuda" else 1.0
     left = max(0, int((memory_gb * 1e9 - held - extras) / slack))

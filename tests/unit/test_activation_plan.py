@@ -65,7 +65,7 @@ def test_auto_plan_stays_under_the_budget_on_the_tiny_model(six_layers):
 def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path, monkeypatch):
     from engine.train import activations
 
-    monkeypatch.setattr(activations, "held_now", lambda device: 10**9)  # RSS moves under pytest: the plan's input is fixed
+    monkeypatch.setattr(activations, "held_now", lambda device, model=None: 10**9)  # RSS moves under pytest: the plan's input is fixed
     per_token = probe(six_layers) * 6
     extras = activations.step_extras(six_layers, "adamw_torch", six_layers.config.vocab_size)
     from engine.train.loss import CHUNK_BYTES
@@ -91,3 +91,18 @@ def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path, monkeypatch
     assert RunConfig.model_validate({"training": {"gradient_checkpointing": True}}).training.gradient_checkpointing == "on"
     dpo = RunConfig.model_validate({"method": {"stage": "dpo"}})
     assert apply_auto(SimpleNamespace(), six_layers, dpo).startswith("off (planned for sft, pt")
+
+
+def test_held_now_counts_weights_mapped_from_their_file(tmp_path):
+    """safetensors weights on a CPU are mapped from the file: the plan counts them before the first step reads them."""
+    import psutil
+    from safetensors.torch import load_file, save_file
+
+    from engine.train.activations import held_now
+
+    save_file({"w": torch.ones(64 * 2**20 // 4)}, str(tmp_path / "w.safetensors"))  # 64 MiB
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(load_file(str(tmp_path / "w.safetensors"))["w"], requires_grad=False)
+    before = psutil.Process().memory_info().rss
+    assert held_now(torch.device("cpu")) - before < 16 * 2**20  # not read yet: not in the RSS
+    assert held_now(torch.device("cpu"), model) - before > 48 * 2**20
