@@ -11,7 +11,8 @@ template and a generation config that fit the family:
                eos ``<|im_end|>``, pad ``<|endoftext|>``, generation stopping at either.
 - ``mistral``: MistralConfig: untied head, a sliding-window attention config (4096, as Mistral 7B v0.1), grouped
                KV heads. A SentencePiece BPE tokenizer (byte fallback, Llama-style ``<unk>``/``<s>``/``</s>`` and
-               the ``[INST]``/``[/INST]`` control tokens of tokenizer v3) wrapped as LlamaTokenizer, and the
+               the ``[INST]``/``[/INST]`` control tokens of tokenizer v3) wrapped as LlamaTokenizer with
+               ``legacy=False`` (no "▁" added after a special token: Mistral 7B v0.3's behaviour), and the
                ``[INST] ...[/INST] answer</s>`` template (the system prompt opens the first instruction, as the
                ``mistral`` registry template and LLaMA-Factory's put it; Mistral's own v0.3 Jinja moves it to the
                last instruction, which is not prefix-stable).

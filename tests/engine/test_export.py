@@ -287,12 +287,18 @@ def test_gguf_families_convert_load_and_verify(family, tmp_path_factory, tmp_pat
     from engine.jobs.ollama import read_modelfile, render_ollama, write_modelfile
 
     real = family != "gemma"
-    if real and test_vocab({"qwen2": "qwen2", "mistral": "llama-spm"}[family]) is None:
+    vocab = test_vocab({"qwen2": "qwen2", "mistral": "llama-spm"}[family]) if real else None
+    if real and vocab is None:
         pytest.skip("llama.cpp's test vocabularies are not unpacked (workbench gguf-setup unpacks them)")
     model_dir = Path(shutil.copytree(family_model(tmp_path_factory, family, real_vocab=real), tmp_path / family))
     add_tokens_decoder(model_dir)  # as the export writes it (transformers 5 leaves it out)
     check_vocab(model_dir, model_dir, tmp_path)  # Qwen2's pre-tokenizer is one llama.cpp's converter knows
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if real:  # the ids the real model's own tokenizer gives llama.cpp's test texts (spaces, digits, CJK, emoji, code)
+        texts = Path(f"{vocab}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+        expected = Path(f"{vocab}.out").read_text(encoding="utf-8").splitlines()
+        assert len(expected) > 40 and [t for t, e in zip(texts, expected) if tok(
+            t, add_special_tokens=False).input_ids != [int(i) for i in e.split()]] == []
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = _prompt_ids(tok, "Who are you? In 12345 words.")
     with torch.no_grad():
@@ -349,7 +355,7 @@ def test_gguf_of_a_mistral_v03_style_tokenizer_verifies_with_a_note(tmp_path_fac
     assert checked["max_logit_diff"] <= checked["expected_loss"]
 
 
-def test_unknown_pre_tokenizer_is_refused_before_weights_load(tmp_path_factory, tmp_path):
+def test_gguf_refuses_an_unknown_pre_tokenizer_before_weights_load(tmp_path_factory, tmp_path):
     """The small qwen2 family (the SmolLM vocabulary under Qwen2's pre-tokenizer) is a tokenizer llama.cpp's
     converter does not know: the vocabulary pass refuses it with the converter's reason, no weights read."""
     _needs_llama_cpp()
