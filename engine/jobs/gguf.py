@@ -121,7 +121,7 @@ def gguf_problems(model_dir: str | Path, tokenizer_dir: str | Path | None = None
 TEST_VOCABS = ("qwen2", "llama-spm")
 
 
-def test_vocab(name: str) -> Path | None:
+def tokenizer_test_vocab(name: str) -> Path | None:
     """``models/ggml-vocab-<name>.gguf`` as ``workbench gguf-setup`` unpacked it (None: not unpacked)."""
     path = converter_dir() / "models" / f"ggml-vocab-{name}.gguf"
     return path if path.is_file() else None

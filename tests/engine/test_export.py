@@ -283,11 +283,11 @@ def test_gguf_families_convert_load_and_verify(family, tmp_path_factory, tmp_pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.jobs.export import _prompt_ids
-    from engine.jobs.gguf import add_tokens_decoder, check_vocab, convert, quantize, test_vocab, verify_gguf
+    from engine.jobs.gguf import add_tokens_decoder, check_vocab, convert, quantize, tokenizer_test_vocab, verify_gguf
     from engine.jobs.ollama import read_modelfile, render_ollama, write_modelfile
 
     real = family != "gemma"
-    vocab = test_vocab({"qwen2": "qwen2", "mistral": "llama-spm"}[family]) if real else None
+    vocab = tokenizer_test_vocab({"qwen2": "qwen2", "mistral": "llama-spm"}[family]) if real else None
     if real and vocab is None:
         pytest.skip("llama.cpp's test vocabularies are not unpacked (workbench gguf-setup unpacks them)")
     model_dir = Path(shutil.copytree(family_model(tmp_path_factory, family, real_vocab=real), tmp_path / family))
