@@ -31,11 +31,11 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def keep_legacy(tok):
-    """``tok``, saving its ``legacy`` flag again. transformers 5 reads a SentencePiece tokenizer's ``legacy`` (Llama 2,
-    Mistral 7B v0.1/v0.2: true) from tokenizer_config.json but no longer writes it, and rebuilds the tokenizer from
-    that flag when it loads: a checkpoint, final/ or an export of such a model would reload as legacy=False and
-    tokenize the text after a special token without its leading "▁" ("<s>[INST]" as "[" instead of "▁["), unlike
-    the base model, mistral_common and llama.cpp."""
+    """``tok``, saving its ``legacy`` flag again. transformers 5 reads a LlamaTokenizer's ``legacy`` (Llama 2's
+    tokenizer_config.json says true) but no longer writes it, and rebuilds that tokenizer's pre-tokenizer from the
+    flag when it loads: a checkpoint, final/ or an export of such a model would reload as legacy=False and tokenize
+    the text after a special token without its leading "▁" ("<s>[INST]" as "[" instead of "▁["), unlike the base
+    model, sentencepiece and llama.cpp. (A ``mistral`` model's tokenizer.json is loaded as it is, flag or not.)"""
     if isinstance(getattr(tok, "legacy", None), bool):
         tok.init_kwargs["legacy"] = tok.legacy
     return tok
