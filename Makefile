@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-GGUF_STAMP := $(VENV)/.gguf-installed
+# -2: gguf-setup also unpacks llama.cpp's test vocabularies (tests/families.py); an older venv runs it again
+GGUF_STAMP := $(VENV)/.gguf-installed-2
 MODEL := models/SmolLM2-135M-Instruct
 TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1

@@ -11,7 +11,8 @@ template and a generation config that fit the family:
                eos ``<|im_end|>``, pad ``<|endoftext|>``, generation stopping at either.
 - ``mistral``: MistralConfig: untied head, a sliding-window attention config (4096, as Mistral 7B v0.1), grouped
                KV heads. A SentencePiece BPE tokenizer (byte fallback, Llama-style ``<unk>``/``<s>``/``</s>`` and
-               the ``[INST]``/``[/INST]`` control tokens of tokenizer v3) wrapped as LlamaTokenizer, and the
+               the ``[INST]``/``[/INST]`` control tokens of tokenizer v3) wrapped as LlamaTokenizer with
+               ``legacy=False`` (no "▁" added after a special token: Mistral 7B v0.3's behaviour), and the
                ``[INST] ...[/INST] answer</s>`` template (the system prompt opens the first instruction, as the
                ``mistral`` registry template and LLaMA-Factory's put it; Mistral's own v0.3 Jinja moves it to the
                last instruction, which is not prefix-stable).
@@ -25,6 +26,17 @@ template and a generation config that fit the family:
 Each SentencePiece family keeps its ``tokenizer.model`` next to ``tokenizer.json`` (llama.cpp's converter reads
 it). The SentencePiece models are trained at build time (tens of milliseconds) on a few KB of the repository's
 English/Chinese demo data plus code and digits. Vocabulary size == embedding rows for every family.
+
+``real_vocab=True`` gives ``qwen2`` and ``mistral`` a real vocabulary instead, from llama.cpp's own tokenizer test
+vocabularies (``workbench gguf-setup`` unpacks them: ``engine.jobs.gguf.tokenizer_test_vocab``), for the GGUF tests: llama.cpp
+knows those tokenizers as it knows a user's model (the small ones above are, to its converter, unknown tokenizers):
+
+- ``qwen2``:   Qwen2's byte-level BPE (151,936 ids, its pre-tokenizer: the converter's "qwen2" hash), read by
+               transformers from ``ggml-vocab-qwen2.gguf``, with the same Qwen2-Instruct template and special tokens.
+- ``mistral``: the 32,000-piece Llama/Mistral-v0.1 SentencePiece BPE (byte fallback, dummy prefix) rebuilt as a
+               ``tokenizer.model`` from ``ggml-vocab-llama-spm.gguf``, set up as Mistral 7B Instruct v0.1/v0.2 ship
+               theirs: ``[INST]``/``[/INST]`` are plain text, not tokens, and ``legacy: true`` (the text after a
+               special token starts with "▁", as sentencepiece, mistral_common and llama.cpp tokenize it).
 
 Use ``family_model(tmp_path_factory, name)`` in a session fixture to build each family once per session.
 """
@@ -139,16 +151,93 @@ def train_sentencepiece(specials: dict[str, int], user_defined: list[str], add_d
     return out.getvalue()
 
 
+def llama_cpp_vocab(name: str) -> Path:
+    """llama.cpp's test vocabulary for ``real_vocab`` family ``name`` (qwen2, mistral), as gguf-setup unpacked it."""
+    from engine.jobs.gguf import tokenizer_test_vocab
+
+    vocab = {"qwen2": "qwen2", "mistral": "llama-spm"}[name]
+    path = tokenizer_test_vocab(vocab)
+    if path is None:
+        raise FileNotFoundError(f"llama.cpp's test vocabulary ggml-vocab-{vocab}.gguf is not unpacked; "
+                                "run: workbench gguf-setup")
+    return path
+
+
+def sentencepiece_from_gguf(path: Path) -> bytes:
+    """A serialized SentencePiece model of the vocabulary in the GGUF ``path`` (llama.cpp's "llama" tokenizer:
+    pieces, scores and types, which GGUF numbers as SentencePiece does), as the Llama/Mistral tokenizer.model:
+    BPE with byte fallback, digits split, the dummy prefix, no normalization."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    meta, _ = read_gguf_metadata(str(path), ("tokenizer.ggml.tokens",))
+    model = pb.ModelProto()
+    for piece, score, kind in zip(*(meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))):
+        model.pieces.add(piece=piece, score=score, type=kind)
+    special = {k: meta[f"tokenizer.ggml.{k}_token_id"] for k in ("unknown", "bos", "eos")}
+    model.trainer_spec.MergeFrom(pb.TrainerSpec(
+        model_type=pb.TrainerSpec.BPE, vocab_size=len(model.pieces), byte_fallback=True, split_digits=True,
+        allow_whitespace_only_pieces=True, unk_id=special["unknown"], bos_id=special["bos"], eos_id=special["eos"],
+        pad_id=-1))
+    model.normalizer_spec.MergeFrom(pb.NormalizerSpec(name="identity", add_dummy_prefix=True,
+                                                      remove_extra_whitespaces=False, escape_whitespaces=True))
+    return model.SerializeToString()
+
+
+def _tokenizer_from_gguf(path: Path):
+    """The Hugging Face tokenizer of a Qwen2 GGUF's vocabulary, as ``AutoTokenizer.from_pretrained(gguf_file=...)`` builds
+    it, through transformers' fast GGUF metadata reader (seconds; the public path parses every field with gguf-py's
+    reader, a minute for Qwen2's 151k tokens and merges on 2 cores)."""
+    from transformers import Qwen2Tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    architecture, vocab, config = get_gguf_tokenizer(str(path))
+    assert architecture == "qwen2", f"{path} is a {architecture} vocabulary"
+    backend, _ = convert_gguf_tokenizer(architecture, vocab)
+    return Qwen2Tokenizer(tokenizer_object=backend, **{k: v for k, v in config.items() if k != "chat_template"})
+
+
+def _real_sentencepiece_tokenizer(dest: Path, model: bytes):
+    """The tokenizer of a real SentencePiece ``model`` as Mistral 7B v0.1/v0.2's own tokenizer.json has it (written
+    by transformers 4's converter): BPE merges in the order of the merged pieces' scores, as sentencepiece merges
+    (transformers 5, converting a tokenizer.model alone, orders them by piece id, and Llama/Mistral give whitespace
+    runs like "▁▁" the lowest score: "a  b" would become "▁▁" "b", not sentencepiece's "▁" "▁b"), and the "▁" put
+    before every text between special tokens by a normalizer (Prepend, Replace), as sentencepiece encodes each piece
+    of text; ``legacy: true`` in tokenizer_config.json. transformers 5 loads a ``mistral`` model's tokenizer.json as
+    it is (TokenizersBackend)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import normalizers
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    (dest / "tokenizer.model").write_bytes(model)
+    proto = pb.ModelProto.FromString(model)
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = generate_merges(vocab, {p.piece: p.score for p in proto.pieces})
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=True, add_bos_token=True, add_eos_token=False)
+    tok.init_kwargs["legacy"] = True  # written to tokenizer_config.json, as Mistral's own says it
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.backend_tokenizer.pre_tokenizer = None
+    return tok
+
+
 def _sentencepiece_tokenizer(cls, dest: Path, model: bytes, **kwargs):
     (dest / "tokenizer.model").write_bytes(model)
     return cls.from_pretrained(str(dest), **kwargs)
 
 
-def _tokenizer(name: str, dest: Path):
+def _tokenizer(name: str, dest: Path, real_vocab: bool = False):
     from transformers import AutoTokenizer, GemmaTokenizer, LlamaTokenizer
 
+    if real_vocab and name == "mistral":
+        tok = _real_sentencepiece_tokenizer(dest, sentencepiece_from_gguf(llama_cpp_vocab(name)))
+        tok.chat_template = MISTRAL_TEMPLATE
+        return tok
     if name in ("llama", "qwen2"):
-        tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+        if real_vocab and name == "qwen2":
+            tok = _tokenizer_from_gguf(llama_cpp_vocab(name))
+        else:
+            tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
         if name == "qwen2":
             tok.bos_token = None
             tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
@@ -193,16 +282,19 @@ def _generation_config(name: str, tok, config) -> dict:
             "pad_token_id": config.pad_token_id}
 
 
-def build_family(name: str, dest: Path, seed: int = 0) -> Path:
-    """Save a tiny random ``name`` model (one of FAMILIES) with its tokenizer and chat template into ``dest``."""
+def build_family(name: str, dest: Path, seed: int = 0, real_vocab: bool = False) -> Path:
+    """Save a tiny random ``name`` model (one of FAMILIES) with its tokenizer and chat template into ``dest``
+    (``real_vocab``: qwen2 and mistral with a real vocabulary, see the module docstring)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if name not in FAMILIES:
         raise ValueError(f"unknown model family '{name}' (known: {', '.join(FAMILIES)})")
+    if real_vocab and name not in ("qwen2", "mistral"):
+        raise ValueError(f"no real vocabulary for the '{name}' family (only qwen2 and mistral)")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(name, dest)
+    tok = _tokenizer(name, dest, real_vocab)
     config = _config(name, tok)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -218,11 +310,11 @@ def build_family(name: str, dest: Path, seed: int = 0) -> Path:
     return dest
 
 
-def family_model(tmp_path_factory, name: str) -> Path:
+def family_model(tmp_path_factory, name: str, real_vocab: bool = False) -> Path:
     """``build_family`` once per pytest session (cached in the session's base temp directory)."""
-    dest = tmp_path_factory.getbasetemp() / f"family-{name}"
+    dest = tmp_path_factory.getbasetemp() / f"family-{name}{'-real-vocab' if real_vocab else ''}"
     if not (dest / "config.json").is_file():
         tmp = tmp_path_factory.mktemp(f"family-{name}-build")
-        build_family(name, tmp)
+        build_family(name, tmp, real_vocab=real_vocab)
         shutil.move(str(tmp), str(dest))
     return dest

@@ -23,10 +23,21 @@ def load_tokenizer(model_cfg: ModelConfig):
     web UI's previews and token counts load it here too, on first use: transformers is imported only then."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    tok = keep_legacy(AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
+    return tok
+
+
+def keep_legacy(tok):
+    """``tok``, saving its ``legacy`` flag again. transformers 5 reads a LlamaTokenizer's ``legacy`` (Llama 2's
+    tokenizer_config.json says true) but no longer writes it, and rebuilds that tokenizer's pre-tokenizer from the
+    flag when it loads: a checkpoint, final/ or an export of such a model would reload as legacy=False and tokenize
+    the text after a special token without its leading "▁" ("<s>[INST]" as "[" instead of "▁["), unlike the base
+    model, sentencepiece and llama.cpp. (A ``mistral`` model's tokenizer.json is loaded as it is, flag or not.)"""
+    if isinstance(getattr(tok, "legacy", None), bool):
+        tok.init_kwargs["legacy"] = tok.legacy
     return tok
 
 

@@ -80,7 +80,8 @@ def summary(kind: str, result: dict) -> str:
         lines += [f"GGUF {g['type']}: {g['path']} ({g['bytes'] / 1e6:.1f} MB, {g['seconds']} s); max logit difference "
                   f"{g['max_logit_diff']:.3g}, top-1 agreement {g['top1_agreement']:.0%}, same greedy answer: "
                   f"{'yes' if g['tokens_match'] else 'no'}"
-                  + (f"\n  Ollama: {g['ollama']['command']}" if g.get("ollama") else "") for g in result.get("gguf", [])]
+                  + (f"\n  Ollama: {g['ollama']['command']}" if g.get("ollama") else "")
+                  + (f"\n  Note: {g['tokenizer_note']}" if g.get("tokenizer_note") else "") for g in result.get("gguf", [])]
         return "\n".join(lines)
     keys = ("loss", "perplexity", "bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy")
     harness = dict.fromkeys(f"{t} {m}" for r in result["rows"] for t, ms in (r.get("harness") or {}).items()

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine.data.encode import keep_legacy
 from engine.run import jobs, rundir
 from engine.run.checkpoint import load_for_eval, resolve
 from engine.run.jobchecks import ExportError, check_export, output_dir
@@ -95,6 +96,8 @@ def model_card(cfg: ExportConfig, ckpt, n_params: int, verify: dict, gguf: list[
         lines += [f"| `{Path(g['path']).name}` | {g['type']} | {g['bytes'] / 1e6:.1f} MB | {g['max_logit_diff']:.3g} | "
                   f"{g['top1_agreement']:.0%} | {'yes' if g['tokens_match'] else 'no'} |" for g in gguf]
         lines += ["", "```bash", *(g["ollama"]["command"] for g in gguf), "```"]
+        notes = dict.fromkeys(g["tokenizer_note"] for g in gguf if g.get("tokenizer_note"))
+        lines += [""] + [f"Note: {n}." for n in notes] if notes else []
         lines.append("")
     return "\n".join(lines)
 
@@ -194,7 +197,7 @@ def export(cfg: ExportConfig, job_dir: Path, progress) -> dict:
 
     progress.phase("loading the checkpoint")
     tok_dir = ckpt.path if (ckpt.path / "tokenizer_config.json").is_file() else ckpt.base
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = keep_legacy(AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=cfg.model.trust_remote_code))
     model = _load_source(ckpt, cfg.model.trust_remote_code, tokenizer)
     ids = _prompt_ids(tokenizer, cfg.verify.prompt)
     ref = _logits(model, ids)

@@ -115,9 +115,22 @@ def gguf_problems(model_dir: str | Path, tokenizer_dir: str | Path | None = None
     return []
 
 
+# llama.cpp's own tokenizer test vocabularies (vocabulary-only GGUFs of real models, with the ids the model's Hugging
+# Face tokenizer gives for the .inp texts in .out): the real Qwen2 and Llama/Mistral SentencePiece vocabularies the
+# tests build their tiny Qwen2 and Mistral from (tests/families.py), so that llama.cpp knows them as it knows a user's.
+TEST_VOCABS = ("qwen2", "llama-spm")
+
+
+def tokenizer_test_vocab(name: str) -> Path | None:
+    """``models/ggml-vocab-<name>.gguf`` as ``workbench gguf-setup`` unpacked it (None: not unpacked)."""
+    path = converter_dir() / "models" / f"ggml-vocab-{name}.gguf"
+    return path if path.is_file() else None
+
+
 def setup_converter(sdist: str | Path | None = None, version: str | None = None) -> Path:
     """Unpack convert_hf_to_gguf.py, its ``conversion`` package and ``gguf-py`` from llama-cpp-python's source
-    distribution (downloaded with pip, the same file pip builds the binding from) into ``converter_dir()``."""
+    distribution (downloaded with pip, the same file pip builds the binding from) into ``converter_dir()``, with
+    llama.cpp's test vocabularies ``TEST_VOCABS`` (7 MB)."""
     import shutil
     import tarfile
     import tempfile
@@ -129,7 +142,8 @@ def setup_converter(sdist: str | Path | None = None, version: str | None = None)
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q", f"llama-cpp-python=={version}", "-d", tmp], check=True)
             sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE") + tuple(
+            f"models/ggml-vocab-{v}.gguf" for v in TEST_VOCABS)  # with their .inp/.out
         staging = Path(tmp) / "out"
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)
@@ -273,16 +287,50 @@ def sample_text(tokenizer) -> str:
         if tokenizer.chat_template else SAMPLE_MESSAGES[1]["content"]
 
 
-def check_tokenizer(llm, tokenizer, name: str) -> None:
+def llama_cpp_cut(tokenizer, text: str, space_prefix: bool) -> list[int]:
+    """The model tokenizer's ids for ``text`` cut the way llama.cpp's SentencePiece tokenizer cuts it: at the added
+    tokens, each piece of text in between tokenized on its own, after a space when it follows an added token (or
+    starts the text) and the vocabulary asks for SentencePiece's dummy prefix (``add_space_prefix``)."""
+    import re
+
+    added = sorted((t.content for t in tokenizer.added_tokens_decoder.values()), key=len, reverse=True)
+    ids: list[int] = []
+    prev_special = True
+    for piece in re.split(f"({'|'.join(map(re.escape, added))})", text) if added else [text]:
+        if not piece:
+            continue
+        if piece in added:
+            ids.append(tokenizer.convert_tokens_to_ids(piece))
+            prev_special = True
+        else:
+            ids += tokenizer((" " if space_prefix and prev_special else "") + piece, add_special_tokens=False).input_ids
+            prev_special = False
+    return ids
+
+
+def check_tokenizer(llm, tokenizer, name: str) -> str | None:
     """The file's tokenizer gives the model's ids for the chat-rendered sample, adds the same special tokens to a
-    plain text, and its metadata carries the model's chat template."""
+    plain text, and its metadata carries the model's chat template. Returns a note where llama.cpp tokenizes the
+    sample otherwise only by SentencePiece's dummy prefix: llama.cpp starts the text after every special token with
+    a space (as sentencepiece itself and mistral_common do), transformers' Metaspace only the text's start (a
+    ``legacy=False`` tokenizer) or only where the text has no space already (Mistral v0.3's "[INST] Hi"). That is
+    how llama.cpp tokenizes every prompt of such a model (its own Mistral templates included), not a fault of the
+    file: its ids are checked against the model's tokenizer cut the same way (``llama_cpp_cut``)."""
     sample = sample_text(tokenizer)
     want = tokenizer(sample, add_special_tokens=False).input_ids
     got = llm.tokenize(sample.encode("utf-8"), add_bos=False, special=True)
+    note = None
     if want != got:
+        spm = llm.metadata.get("tokenizer.ggml.model") == "llama"
+        space_prefix = llm.metadata.get("tokenizer.ggml.add_space_prefix", "true" if spm else "false") == "true"
         first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-        raise GGUFError(f"{name}: llama.cpp's tokenizer gives other ids for the sample text from position {first} "
-                        f"({want[first:first + 3]} vs {got[first:first + 3]})")
+        if not (spm and got == llama_cpp_cut(tokenizer, sample, space_prefix)):
+            raise GGUFError(f"{name}: llama.cpp's tokenizer gives other ids for the sample text from position {first} "
+                            f"({want[first:first + 3]} vs {got[first:first + 3]})")
+        note = (f"llama.cpp tokenizes the chat-rendered sample with SentencePiece's dummy-prefix space after special "
+                f"tokens, which this model's tokenizer does not add: {len(got)} ids instead of {len(want)}, the "
+                f"first different at position {first} ({tokenizer.convert_ids_to_tokens(want[first:first + 2])} vs "
+                f"{tokenizer.convert_ids_to_tokens(got[first:first + 2])}); the vocabulary is the model's")
     plain = "Hello 42"
     want, got = tokenizer(plain).input_ids, llm.tokenize(plain.encode("utf-8"), add_bos=True, special=False)
     if want != got:
@@ -290,6 +338,7 @@ def check_tokenizer(llm, tokenizer, name: str) -> None:
                         f"the model's tokenizer {want})")
     if (llm.metadata.get("tokenizer.chat_template") or None) != (tokenizer.chat_template or None):
         raise GGUFError(f"{name}: its tokenizer.chat_template differs from the model's chat template")
+    return note
 
 
 def verify_gguf(path: Path, qtype: str, tokenizer, ref_logits, ids: list[int], ref_tokens: list[int]) -> dict:
@@ -301,7 +350,7 @@ def verify_gguf(path: Path, qtype: str, tokenizer, ref_logits, ids: list[int], r
     ref = np.asarray(ref_logits, dtype=np.float32)
     llm = load(path, n_ctx=max(256, len(ids) + len(ref_tokens) + 8, len(tokenizer(sample_text(tokenizer)).input_ids) + 8))
     try:
-        check_tokenizer(llm, tokenizer, path.name)
+        note = check_tokenizer(llm, tokenizer, path.name)
         out = llama_logits(llm, ids)[:, :ref.shape[-1]]
         diff = float(np.abs(out - ref).max())
         bound = EXPECTED_LOSS[qtype] * max(1.0, float(np.abs(ref).max()))
@@ -317,7 +366,7 @@ def verify_gguf(path: Path, qtype: str, tokenizer, ref_logits, ids: list[int], r
     return {"type": qtype, "path": str(path), "bytes": path.stat().st_size, "max_logit_diff": diff,
             "expected_loss": bound, "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
             "tokens_match": tokens == ref_tokens, "answer": tokenizer.decode(tokens, skip_special_tokens=True),
-            "add_bos": add_bos}
+            "add_bos": add_bos, "tokenizer_note": note}
 
 
 def plan(qtypes: list[str], export_dtype: str) -> tuple[str, bool]:

@@ -264,28 +264,41 @@ def test_gguf_refusals_come_before_work(adapter, tiny_model, tmp_path, monkeypat
     assert not (tmp_path / "job").exists() and not (tmp_path / "o3").exists()
 
 
+def _gguf_metadata(path: Path) -> dict:
+    from transformers.integrations.gguf.reader import read_gguf_metadata  # fast on a 151k vocabulary; gguf-py is not
+
+    return read_gguf_metadata(str(path))[0]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mistral", "gemma", "qwen2"])  # llama: the tiny_model tests above
-def test_gguf_families_convert_and_tokenize_like_transformers(family, tmp_path_factory, tmp_path):
-    """Each family through llama.cpp's converter (byte-level BPE and SentencePiece tokenizers, biases, untied
-    heads, Gemma's scaled embeddings) and quantizer, loaded in llama.cpp: the same ids for the chat-rendered sample,
-    the same chat template, logits within the expected loss, a Modelfile whose template renders like the Jinja one."""
+@pytest.mark.parametrize("family", ["gemma", "qwen2", "mistral"])  # llama: the tiny_model tests above
+def test_gguf_families_convert_load_and_verify(family, tmp_path_factory, tmp_path):
+    """Each family through llama.cpp's converter (byte-level BPE and SentencePiece tokenizers, biases, untied heads,
+    Gemma's scaled embeddings) and quantizer, loaded in llama.cpp: the same ids for the chat-rendered sample, the same
+    chat template, logits within the expected loss, a Modelfile whose template renders like the Jinja one. Qwen2 and
+    Mistral have real vocabularies (llama.cpp's test vocabularies: Qwen2's, and the Llama/Mistral 7B v0.1
+    SentencePiece set up as Mistral 7B Instruct v0.1/v0.2 ship it), which llama.cpp knows as it knows a user's."""
     _needs_llama_cpp()
     from families import family_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.jobs.export import _prompt_ids
-    from engine.jobs.gguf import GGUFError, add_tokens_decoder, check_vocab, convert, quantize, verify_gguf
-    from engine.jobs.ollama import write_modelfile
+    from engine.jobs.gguf import add_tokens_decoder, check_vocab, convert, quantize, tokenizer_test_vocab, verify_gguf
+    from engine.jobs.ollama import read_modelfile, render_ollama, write_modelfile
 
-    model_dir = family_model(tmp_path_factory, family)
-    if family == "qwen2":  # the SmolLM vocabulary under Qwen2's pre-tokenizer is a tokenizer llama.cpp does not know
-        with pytest.raises(GGUFError, match="pre-tokenizer was not recognized"):
-            check_vocab(model_dir, model_dir, tmp_path)
-        return
-    model_dir = Path(shutil.copytree(model_dir, tmp_path / family))
+    real = family != "gemma"
+    vocab = tokenizer_test_vocab({"qwen2": "qwen2", "mistral": "llama-spm"}[family]) if real else None
+    if real and vocab is None:
+        pytest.skip("llama.cpp's test vocabularies are not unpacked (workbench gguf-setup unpacks them)")
+    model_dir = Path(shutil.copytree(family_model(tmp_path_factory, family, real_vocab=real), tmp_path / family))
     add_tokens_decoder(model_dir)  # as the export writes it (transformers 5 leaves it out)
+    check_vocab(model_dir, model_dir, tmp_path)  # Qwen2's pre-tokenizer is one llama.cpp's converter knows
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if real:  # the ids the real model's own tokenizer gives llama.cpp's test texts (spaces, digits, CJK, emoji, code)
+        texts = Path(f"{vocab}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+        expected = Path(f"{vocab}.out").read_text(encoding="utf-8").splitlines()
+        assert len(expected) > 40 and [t for t, e in zip(texts, expected) if tok(
+            t, add_special_tokens=False).input_ids != [int(i) for i in e.split()]] == []
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = _prompt_ids(tok, "Who are you? In 12345 words.")
     with torch.no_grad():
@@ -293,15 +306,62 @@ def test_gguf_families_convert_and_tokenize_like_transformers(family, tmp_path_f
     ref_tokens = greedy(reference, tok, ids, 6)
     f16 = convert(model_dir, tmp_path / "gguf" / f"{family}-f16.gguf", "f16", tmp_path / "convert.log")
     q4 = quantize(f16, tmp_path / "gguf" / f"{family}-q4_k_m.gguf", "q4_k_m")
-    if family == "mistral":
-        # llama.cpp's SentencePiece tokenizer puts a dummy-prefix space before the text after [INST] ("▁▁" "Y" ...);
-        # transformers' LlamaTokenizer (legacy=False) does not ("▁" "Y" ...): the verification refuses the file
-        with pytest.raises(GGUFError, match="other ids for the sample text from position 2"):
-            verify_gguf(f16, "f16", tok, ref, ids[0].tolist(), ref_tokens)
-        return
+    meta = _gguf_metadata(f16)
+    assert meta["tokenizer.ggml.model"] == {"gemma": "llama", "qwen2": "gpt2", "mistral": "llama"}[family]
+    assert meta["tokenizer.ggml.pre"] == {"gemma": "default", "qwen2": "qwen2", "mistral": "default"}[family]
+    assert meta["tokenizer.chat_template"] == tok.chat_template
     for path, qtype in ((f16, "f16"), (q4, "q4_k_m")):
         checked = verify_gguf(path, qtype, tok, ref, ids[0].tolist(), ref_tokens)
-        assert checked["max_logit_diff"] <= checked["expected_loss"]
-    assert checked["top1_agreement"] > 0.5
-    modelfile = write_modelfile(f16, model_dir, tok, add_bos=True)
-    assert modelfile["template"] == "gemma"
+        assert checked["max_logit_diff"] <= checked["expected_loss"] and checked["tokenizer_note"] is None, checked
+        if qtype == "f16":
+            assert checked["top1_agreement"] == 1.0 and checked["tokens_match"], checked
+    add_bos = checked["add_bos"]
+    assert add_bos == (family != "qwen2")
+    info = write_modelfile(f16, model_dir, tok, add_bos=add_bos)
+    assert info["template"] == {"gemma": "gemma", "qwen2": "chatml", "mistral": "mistral"}[family]
+    mf = read_modelfile(Path(info["path"]))
+    conv = [{"role": "user", "content": "Hi 你好 🙂"}, {"role": "assistant", "content": "Hello! 42"},
+            {"role": "user", "content": "def f(x): return x"}]
+    jinja = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    jinja = jinja[len(tok.bos_token):] if add_bos else jinja  # llama.cpp adds the BOS itself
+    assert render_ollama(mf["TEMPLATE"][0], conv, (mf.get("SYSTEM") or [""])[0]) == jinja
+
+
+@pytest.mark.slow
+def test_gguf_of_a_mistral_v03_style_tokenizer_verifies_with_a_note(tmp_path_factory, tmp_path):
+    """[INST]/[/INST] as control tokens and legacy=False (Mistral v0.3's tokenizer; the small mistral family):
+    llama.cpp starts the text after each special token with SentencePiece's dummy-prefix space ("[INST] Who" as
+    "▁▁Who"), transformers does not ("▁Who", as mistral_common encodes a v3 instruction). The file's vocabulary is
+    the model's, so the verification passes and says so, instead of refusing every Mistral v0.3 export."""
+    _needs_llama_cpp()
+    from families import family_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.jobs.export import _prompt_ids
+    from engine.jobs.gguf import add_tokens_decoder, convert, verify_gguf
+
+    model_dir = Path(shutil.copytree(family_model(tmp_path_factory, "mistral"), tmp_path / "mistral"))
+    add_tokens_decoder(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert tok.added_tokens_encoder.keys() >= {"[INST]", "[/INST]"}
+    assert json.loads((model_dir / "tokenizer.json").read_text())["pre_tokenizer"]["prepend_scheme"] == "first"
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = _prompt_ids(tok, "Who are you?")
+    with torch.no_grad():
+        ref = reference(input_ids=ids).logits[0].numpy()
+    f16 = convert(model_dir, tmp_path / "mistral-f16.gguf", "f16", tmp_path / "convert.log")
+    checked = verify_gguf(f16, "f16", tok, ref, ids[0].tolist(), greedy(reference, tok, ids, 4))
+    assert "dummy-prefix space after special tokens" in checked["tokenizer_note"], checked
+    assert checked["max_logit_diff"] <= checked["expected_loss"]
+
+
+def test_gguf_refuses_an_unknown_pre_tokenizer_before_weights_load(tmp_path_factory, tmp_path):
+    """The small qwen2 family (the SmolLM vocabulary under Qwen2's pre-tokenizer) is a tokenizer llama.cpp's
+    converter does not know: the vocabulary pass refuses it with the converter's reason, no weights read."""
+    _needs_llama_cpp()
+    from families import family_model
+
+    from engine.jobs.gguf import GGUFError, check_vocab
+
+    with pytest.raises(GGUFError, match="pre-tokenizer was not recognized"):
+        check_vocab(family_model(tmp_path_factory, "qwen2"), family_model(tmp_path_factory, "qwen2"), tmp_path)

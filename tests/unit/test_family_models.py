@@ -203,3 +203,28 @@ def test_chat_stops_at_the_models_own_end_tokens(name, end, tmp_path_factory):
     chat.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
     result = chat.generate([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_new_tokens=8))
     assert (result.completion_tokens, result.finish_reason, result.text) == (1, "stop", "")
+
+
+def test_a_legacy_sentencepiece_tokenizer_keeps_its_flag_when_saved(tmp_path):
+    """Llama 2's tokenizer_config.json says legacy: true (the text after a special token starts with "▁", as
+    sentencepiece and llama.cpp tokenize it); transformers 5 reads the flag but no longer writes it. A tokenizer loaded
+    by the engine writes it back, so a checkpoint, final/ or export tokenizes like its base."""
+    import json
+
+    from families import train_sentencepiece
+
+    from engine.data.encode import load_tokenizer
+    from engine.run.config import ModelConfig
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "tokenizer.model").write_bytes(train_sentencepiece(
+        {"unk": ("<unk>", 0), "bos": ("<s>", 1), "eos": ("</s>", 2)}, [], add_dummy_prefix=True))
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": True, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    text = "<s>[INST] What is 2 + 2? [/INST]"
+    base = load_tokenizer(ModelConfig(path=str(tmp_path / "base")))
+    want = base(text, add_special_tokens=False).input_ids
+    assert base.convert_ids_to_tokens(want[1]).startswith("▁")  # legacy: "▁[" after <s>
+    base.save_pretrained(tmp_path / "saved")
+    saved = load_tokenizer(ModelConfig(path=str(tmp_path / "saved")))
+    assert saved.legacy is True and saved(text, add_special_tokens=False).input_ids == want

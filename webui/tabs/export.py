@@ -50,7 +50,8 @@ def result_html(lang: str, result: dict | None) -> str:
                      f"{t(lang, 'export.r_top1')} {g['top1_agreement']:.0%}, {t(lang, 'export.r_same')} "
                      f"{'✓' if g['tokens_match'] else '✗'} → <span class='ex-gguf-answer'>{esc(g['answer'])}</span>"
                      + (f"<br>{t(lang, 'export.r_ollama')} <code class='ex-ollama'>{esc(g['ollama']['command'])}</code>"
-                        if g.get("ollama") else "")))
+                        if g.get("ollama") else "")
+                     + (f"<br><small class='ex-gguf-note'>{esc(g['tokenizer_note'])}</small>" if g.get("tokenizer_note") else "")))
     if result.get("hub"):
         rows.append(("hub", esc(result["hub"].get("url", ""))))
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
