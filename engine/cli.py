@@ -57,12 +57,13 @@ def _api(args) -> int:
 
 
 def _gguf_setup(args) -> int:
-    from engine.jobs.gguf import converter_dir, installed_version, setup_converter
+    from engine.jobs.gguf import TEST_VOCABS, converter_dir, installed_version, setup_converter, tokenizer_test_vocab
 
     if installed_version() is None:
         print("error: llama-cpp-python is not installed; install it first with: pip install -e '.[gguf]'", file=sys.stderr)
         return 2
-    if (converter_dir() / "convert_hf_to_gguf.py").is_file() and not args.force:
+    complete = (converter_dir() / "convert_hf_to_gguf.py").is_file() and all(map(tokenizer_test_vocab, TEST_VOCABS))
+    if complete and not args.force:
         print(f"llama.cpp's converter is already in {converter_dir()}")
         return 0
     print(f"unpacking llama.cpp's converter into {setup_converter(args.sdist)}")
