@@ -25,8 +25,11 @@ import math
 import os
 from dataclasses import dataclass
 
+import types
+
 import psutil
 import torch
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger("engine.train.activations")
 PROBE_TOKENS = 64
@@ -93,6 +96,41 @@ def probe(model, tokens: int = PROBE_TOKENS) -> float:
     finally:
         model.train(was_training)
     return total / tokens
+
+
+GATED_MLP_NAMES = ("down_proj", "act_fn", "gate_proj", "up_proj")
+
+
+def _act_times_up(act, gate, up):
+    return act(gate) * up
+
+
+def _gated_mlp_forward(self, x):
+    # as the model's own MLP (down(act(gate(x)) * up(x))), with act(gate) recomputed in the backward pass: only
+    # gate(x) and up(x) are kept, not act(gate(x)) (the product is kept anyway, as down_proj's input)
+    if not torch.is_grad_enabled():
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(checkpoint(_act_times_up, self.act_fn, self.gate_proj(x), self.up_proj(x), use_reentrant=False))
+
+
+def recompute_gated_activations(model) -> int:
+    """Keep one [tokens x intermediate] tensor less per decoder layer of a gated MLP (Llama, Qwen2, Mistral, Gemma:
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``): the activation function's output is recomputed from
+    gate_proj's in the backward pass (elementwise, next to nothing against the layer's matmuls). Returns how many
+    MLPs now do so; a model whose MLP is built otherwise is left as it is."""
+    from engine.train.loss import unwrap_causal_lm
+    from engine.train.model_setup import decoder_layers
+
+    patched = 0
+    for layer in decoder_layers(unwrap_causal_lm(model)):
+        mlp = getattr(layer, "mlp", None)
+        forward = getattr(type(mlp), "forward", None)
+        # the transformers MLP classes of that form name exactly these four (LlamaMLP, Qwen2MLP, GemmaMLP, ...)
+        if getattr(getattr(forward, "__code__", None), "co_names", ()) != GATED_MLP_NAMES:
+            continue
+        mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
+        patched += 1
+    return patched
 
 
 @dataclass(frozen=True)

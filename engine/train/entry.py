@@ -189,6 +189,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing == "on", train_embeddings=bool(vocab),
                              head=stage.head)
+    from engine.train.activations import recompute_gated_activations
+
+    log.info("gated MLP activations recomputed in the backward pass: %d layers", recompute_gated_activations(model))
     if cfg.training.gradient_checkpointing == "auto":
         from engine.train.activations import apply_auto
 

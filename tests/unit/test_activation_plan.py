@@ -106,3 +106,34 @@ def test_held_now_counts_weights_mapped_from_their_file(tmp_path):
     before = psutil.Process().memory_info().rss
     assert held_now(torch.device("cpu")) - before < 16 * 2**20  # not read yet: not in the RSS
     assert held_now(torch.device("cpu"), model) - before > 48 * 2**20
+
+
+def test_gated_mlp_recompute_keeps_less_and_changes_nothing(tiny_model):
+    """act(gate) is recomputed in the backward pass: one [tokens x intermediate] tensor less per layer, the same
+    loss and gradients (Llama here; the Qwen2, Mistral and Gemma runs of tests/engine/test_family_runs.py train so)."""
+    import copy
+
+    from engine.train.activations import recompute_gated_activations
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_hidden_layers, config.use_cache = 2, False
+    config._attn_implementation = register()
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config).train()
+    patched = copy.deepcopy(plain)
+    assert recompute_gated_activations(patched) == 2 and recompute_gated_activations(patched) == 2  # again: same
+    ids = torch.randint(0, config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(2))
+
+    def run(model):
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (loss_a, grads_a), (loss_b, grads_b) = run(plain), run(patched)
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    saved = [saved_bytes(m, lambda m=m: m.model(input_ids=ids, position_ids=torch.arange(TOKENS)[None]))
+             for m in (plain, patched)]
+    assert saved[0] - saved[1] == 2 * TOKENS * config.intermediate_size * 4  # act(gate) of each layer, fp32
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, patched(input_ids=ids).logits)
