@@ -116,7 +116,7 @@ def _deepspeed_launcher() -> list[str]:
 def _local_launch(ranks: list[int], master_port: int) -> list[str]:
     """DeepSpeed's per-node launcher (``deepspeed.launcher.launch``), started directly for a run on this machine:
     the ``deepspeed`` runner only encodes the world (``{"localhost": [device ids]}``) and starts this same command,
-    one Python process (and one import of deepspeed, about 1.5 s) later. ``--world_info`` is that world as the runner
+    one Python process (importing DeepSpeed and torch: about as long as the launcher itself takes) later. ``--world_info`` is that world as the runner
     passes it: base64 of its JSON."""
     world = base64.urlsafe_b64encode(json.dumps({"localhost": ranks}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info", world,
