@@ -91,15 +91,6 @@ def test_preview_shows_the_multi_node_launch_line(tiny_model, tmp_path):
     assert f"--hostfile {run_dir}/hostfile --include node-a:0,1@node-b:1 --master_addr 10.0.0.1 --master_port AUTO" in cmd
 
 
-def test_train_tab_polls_fast_only_while_the_first_step_trains():
-    from webui.tabs.train import FIRST_POINT_TICK_S, TICK_S, tick_interval
-
-    assert FIRST_POINT_TICK_S < TICK_S
-    assert tick_interval("running", 0) == FIRST_POINT_TICK_S
-    for state, points in (("starting", 0), ("queued", 0), ("running", 1), ("completed", 0), ("failed", 0)):
-        assert tick_interval(state, points) == TICK_S, state
-
-
 def test_run_card_exposes_progress_for_people_and_tests(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "loss": 1.5, "tokens_per_s": 99.0, "eta_s": 30, "time": 0}\n')
     series = MetricSeries(tmp_path)

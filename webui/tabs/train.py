@@ -20,16 +20,9 @@ from ..views import log_html, message, run_card
 from . import curveview
 
 TICK_S = 1.5
-# While the watched run trains its first step (state running, no loss point yet: the trainer has begun), the page
-# polls faster, so the first loss shows within ~0.3 s of being written rather than ~1.5 s; then back to TICK_S. Not
-# earlier: each tick costs the server and the browser CPU (measured: +0.07 of a core at 0.3 s), which the launcher,
-# imports and model load, on the same cores, would pay for seconds longer.
+# While the watched run has no loss point yet, the page polls faster, so its first loss shows within ~0.3 s of being
+# written rather than ~1.5 s; then back to TICK_S (each tick reads the run's files).
 FIRST_POINT_TICK_S = 0.3
-
-
-def tick_interval(state: str, points: int) -> float:
-    """Seconds between the Train tab's polls of the watched run: fast while its first step trains, else TICK_S."""
-    return FIRST_POINT_TICK_S if state == "running" and not points else TICK_S
 
 
 def with_project_paths(cfg: RunConfig) -> RunConfig:
@@ -173,7 +166,7 @@ def wire(ctx) -> None:
             out[c["stop"]] = gr.update(interactive=active or info.state == "queued")
             out[c["force"]] = gr.update(visible=info.state == "stopping")
             out[c["resume"]] = gr.update(interactive=bool(ckpts) and not active and info.state != "queued")
-        interval = tick_interval(info.state, series.points)
+        interval = FIRST_POINT_TICK_S if info.state in ("starting", "running") and not series.points else TICK_S
         if view.get("tick") != interval:  # a fresh view (a run just chosen or started) sets it either way
             out[c["timer"]] = interval
         out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls, "stage": (info.stage, lang_),
