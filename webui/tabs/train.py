@@ -20,9 +20,6 @@ from ..views import log_html, message, run_card
 from . import curveview
 
 TICK_S = 1.5
-# While the watched run has no loss point yet, the page polls faster, so its first loss shows within ~0.3 s of being
-# written rather than ~1.5 s; then back to TICK_S (each tick reads the run's files).
-FIRST_POINT_TICK_S = 0.3
 
 
 def with_project_paths(cfg: RunConfig) -> RunConfig:
@@ -113,7 +110,7 @@ def wire(ctx) -> None:
     lang = c["lang"]
     fields = set(ctx.fields.values())
     outputs = [c["card"], c["loss_plot"], c["lr_plot"], c["log"], c["ckpt"], c["stop"], c["force"], c["resume"], c["view"],
-               c["metric"], c["timer"]]
+               c["metric"]]
 
     def run_choices():
         return [r.path.name for r in m.runs()]
@@ -129,8 +126,8 @@ def wire(ctx) -> None:
                 out.update({c["card"]: card, c["loss_plot"]: curveview.loss_update(None, lang_, smoothing, x, show),
                             c["lr_plot"]: curveview.metric_update(None, lang_, metric, x), c["log"]: log_html(""),
                             c["stop"]: gr.update(interactive=False), c["resume"]: gr.update(interactive=False),
-                            c["ckpt"]: gr.update(choices=[], value=None), c["timer"]: TICK_S})
-                view = {"card": card, "tick": TICK_S}
+                            c["ckpt"]: gr.update(choices=[], value=None)})
+                view = {"card": card}
             out[c["view"]] = view
             return out
         try:
@@ -166,11 +163,7 @@ def wire(ctx) -> None:
             out[c["stop"]] = gr.update(interactive=active or info.state == "queued")
             out[c["force"]] = gr.update(visible=info.state == "stopping")
             out[c["resume"]] = gr.update(interactive=bool(ckpts) and not active and info.state != "queued")
-        interval = FIRST_POINT_TICK_S if info.state in ("starting", "running") and not series.points else TICK_S
-        if view.get("tick") != interval:  # a fresh view (a run just chosen or started) sets it either way
-            out[c["timer"]] = interval
-        out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls, "stage": (info.stage, lang_),
-                          "tick": interval}
+        out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls, "stage": (info.stage, lang_)}
         return out
 
     inputs = [c["run"], lang, c["view"], c["smoothing"], c["x_axis"], c["metric"], c["series"]]
