@@ -37,6 +37,12 @@ def cpu_has_bf16(flags: set[str]) -> bool:
     return any(f in flags for f in BF16_FLAGS)
 
 
+def gpu_count() -> int:
+    """How many NVIDIA GPUs the driver lists on this machine (0 without a driver); CUDA_VISIBLE_DEVICES aside."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0
+
+
 def has_gpu() -> bool:
     """Whether an NVIDIA GPU is visible to a run started from here (its driver's device list, CUDA_VISIBLE_DEVICES)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -10,7 +10,10 @@ Imports no torch.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -110,6 +113,16 @@ def _deepspeed_launcher() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
+def _local_launch(ranks: list[int], master_port: int) -> list[str]:
+    """DeepSpeed's per-node launcher (``deepspeed.launcher.launch``), started directly for a run on this machine:
+    the ``deepspeed`` runner only encodes the world (``{"localhost": [device ids]}``) and starts this same command,
+    one Python process (importing DeepSpeed and torch: about as long as the launcher itself takes) later. ``--world_info`` is that world as the runner
+    passes it: base64 of its JSON."""
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": ranks}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info", world,
+            "--master_addr", "127.0.0.1", "--master_port", str(master_port)]
+
+
 def _multinode(cfg: RunConfig) -> bool:
     try:
         return nodes.selection(cfg.distributed) is not None
@@ -120,17 +133,13 @@ def _multinode(cfg: RunConfig) -> bool:
 def build_command(cfg: RunConfig, run_dir: str | Path, node_rank: int = 0) -> list[str]:
     """The DeepSpeed launcher command for a prepared run (pure: no side effects); node_rank: no_ssh mode's node."""
     d = cfg.distributed
-    cmd = _deepspeed_launcher()
     if _multinode(cfg):
-        cmd += nodes.launcher_args(cfg, run_dir, d.master_port or free_port(), node_rank)
+        cmd = _deepspeed_launcher() + nodes.launcher_args(cfg, run_dir, d.master_port or free_port(), node_rank)
         return cmd + ["--no_local_rank", "--module", "engine.train", str(Path(run_dir) / rundir.CONFIG)]
-    if d.devices:
-        cmd += ["--include", f"localhost:{d.devices.replace(' ', '')}"]
-    else:
-        cmd += ["--num_gpus", str(d.num_processes)]
-    cmd += ["--master_port", str(d.master_port or free_port())]
-    cmd += ["--no_local_rank", "--module", "engine.train", str(Path(run_dir) / rundir.CONFIG)]
-    return cmd
+    # devices that are not a list of ids are check()'s to name; a preview still shows a command
+    ranks = [int(i) for i in re.findall(r"\d+", d.devices)] if d.devices else list(range(d.num_processes))
+    cmd = _local_launch(ranks, d.master_port or free_port())
+    return cmd + ["--no_local_rank", "--module", "engine.train", str(Path(run_dir) / rundir.CONFIG)]
 
 
 def start(cfg, workspace: str | Path | None = None) -> Path:
@@ -285,6 +294,8 @@ def supervise(run_dir: Path) -> int:
     cfg = jobs.load_config(run_dir, kind.name) if kind.deepspeed else None
     if cfg is not None and not _universal_for_resume(cfg, run_dir):
         return 2
+    if cfg is not None and not _devices_present(cfg, run_dir):
+        return 2
     if cfg is not None:
         cmd = build_command(cfg, run_dir)
     else:
@@ -317,6 +328,24 @@ def supervise(run_dir: Path) -> int:
         print(f"[workbench] status.json not updated: {err}", flush=True)
     print(f"[workbench] run ended: {changes.get('state', status.state)} (exit code {code})", flush=True)
     return code
+
+
+def _devices_present(cfg: RunConfig, run_dir: Path) -> bool:
+    """On one machine with GPUs, every id in ``distributed.devices`` is one of them (the ``deepspeed`` runner checked
+    this before the launcher was started directly); False (and the run failed, with the reason) when one is not."""
+    from engine.run.hardware import gpu_count
+
+    count = gpu_count()
+    if not cfg.distributed.devices or not count or _multinode(cfg):
+        return True
+    missing = [i for i in re.findall(r"\d+", cfg.distributed.devices) if int(i) >= count]
+    if not missing:
+        return True
+    error = (f"distributed.devices: GPU {', '.join(missing)} is not on this machine, which has {count} "
+             f"(ids 0–{count - 1})")
+    rundir.update_status(run_dir, state="failed", ended_at=time.time(), exit_code=2, error=error, error_kind="config")
+    print(f"[workbench] run ended: failed ({error})", flush=True)
+    return False
 
 
 def _universal_for_resume(cfg: RunConfig, run_dir: Path) -> bool:

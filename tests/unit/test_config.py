@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -102,15 +103,24 @@ def test_shipped_deepspeed_configs_parse():
     assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
+def _world(cmd: list[str]) -> dict:
+    return json.loads(base64.urlsafe_b64decode(cmd[cmd.index("--world_info") + 1]))
+
+
 def test_build_command_devices_and_processes(tmp_path):
+    """One machine: DeepSpeed's per-node launcher itself, with the world the `deepspeed` runner would give it."""
     cfg = RunConfig()
     cmd = build_command(cfg, tmp_path)
-    assert cmd[0].endswith("deepspeed") or "deepspeed.launcher.runner" in cmd
-    assert cmd[cmd.index("--num_gpus") + 1] == "1"
-    assert cmd[-3:] == ["--module", "engine.train", str(tmp_path / "config.yaml")][-3:] or cmd[-2:] == ["engine.train", str(tmp_path / "config.yaml")]
-    cfg.distributed.devices, cfg.distributed.num_processes = "0,1", 2
+    assert cmd[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert _world(cmd) == {"localhost": [0]} and cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+    assert cmd[-4:] == ["--no_local_rank", "--module", "engine.train", str(tmp_path / "config.yaml")]
+    cfg.distributed.devices, cfg.distributed.num_processes = "0,2", 2
+    assert _world(build_command(cfg, tmp_path)) == {"localhost": [0, 2]}
+    cfg.distributed.devices = ""
+    assert _world(build_command(cfg, tmp_path)) == {"localhost": [0, 1]}
+    cfg.distributed.master_port = 29611
     cmd = build_command(cfg, tmp_path)
-    assert cmd[cmd.index("--include") + 1] == "localhost:0,1" and "--num_gpus" not in cmd
+    assert cmd[cmd.index("--master_port") + 1] == "29611"
 
 
 def test_distributed_checks(default_model):
@@ -167,3 +177,21 @@ def test_checkpoints_sorted_by_step(tmp_path):
     (tmp_path / "checkpoint-x").mkdir()
     assert [s for s, _ in rundir.checkpoints(tmp_path)] == [2, 10, 100]
     assert rundir.latest_checkpoint(tmp_path).name == "checkpoint-100"
+
+
+def test_supervisor_names_a_gpu_the_machine_lacks(tmp_path, monkeypatch):
+    """The runner refused a device id beyond the machine's GPUs; launching directly, the supervisor says so itself."""
+    from engine.run import hardware, launch
+
+    cfg = RunConfig()
+    cfg.distributed.devices, cfg.distributed.num_processes = "0,3", 2
+    monkeypatch.setattr(hardware, "gpu_count", lambda: 2)
+    assert not launch._devices_present(cfg, tmp_path)
+    status = rundir.read_status_raw(tmp_path)
+    assert (status.state, status.error_kind) == ("failed", "config")
+    assert status.error == "distributed.devices: GPU 3 is not on this machine, which has 2 (ids 0–1)"
+    cfg.distributed.devices = "0,1"
+    assert launch._devices_present(cfg, tmp_path)
+    monkeypatch.setattr(hardware, "gpu_count", lambda: 0)  # no GPU: the ranks run on the CPU, as before
+    cfg.distributed.devices = "0,3"
+    assert launch._devices_present(cfg, tmp_path)
