@@ -73,7 +73,7 @@ def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path, monkeypatch
     # every parameter of this model trains: an fp32 gradient and AdamW's two fp32 moments each, and a loss chunk
     assert extras == sum(p.numel() * 12 for p in six_layers.parameters()) + 3 * CHUNK_BYTES
     most = per_token * 128 * 0.8  # 80% of the activations of a 2 x 64-token batch
-    memory_gb = (10**9 + extras + activations.CPU_SLACK * most) / 1e9
+    memory_gb = (10**9 + extras + activations.CPU_FIXED + activations.CPU_SLACK * most) / 1e9
     cfg = RunConfig.model_validate({"data": {"cutoff_len": 64}, "training": {
         "per_device_train_batch_size": 2, "memory_gb": memory_gb}})
     assert cfg.training.gradient_checkpointing == "auto"
@@ -82,7 +82,7 @@ def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path, monkeypatch
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs["use_reentrant"] is False
     assert args.gradient_checkpointing_kwargs["every_n_layers"] > 1, said  # selective: most of the activations fit
     assert "1.00 GB held at start" in said and f"memory_gb {memory_gb:g}" in said
-    tight = cfg.model_copy(update={"training": cfg.training.model_copy(update={"memory_gb": 0.5})})
+    tight = cfg.model_copy(update={"training": cfg.training.model_copy(update={"memory_gb": 1.5})})
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
     assert apply_auto(args, six_layers, tight).startswith("every layer")  # less than what is held: all it can do
     roomy = cfg.model_copy(update={"training": cfg.training.model_copy(update={"memory_gb": 50.0})})
