@@ -50,7 +50,7 @@ def main() -> int:
                                                     *theirs])):
                 result = run(cmd + steps)
                 results.setdefault((name, project), []).append(result)
-                print(json.dumps({"workload": name, "project": project, "load": round(os.getloadavg()[0], 1),
+                print(json.dumps({"row": name, "project": project, "load": round(os.getloadavg()[0], 1),
                                   **result}), flush=True)
 
     def med(name, project, key):
