@@ -9,6 +9,7 @@ This module imports no torch, so the UI and the checks stay light.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -135,6 +136,11 @@ class DistributedConfig(Section):
     master_addr: str = Field("", description="Several machines: the address every node reaches the first node at; empty uses the first node's name.")
     master_port: int | None = Field(None, ge=1024, le=65535, description="Rendezvous port; None picks a free one.")
     timeout: int = Field(600, ge=10, le=86_400, description="Seconds a rank waits for the others in a collective; a rank lost on another node fails the run after at most this.")
+
+    @property
+    def device_ids(self) -> list[int]:
+        """The ids in ``devices`` (what is not an id is check()'s to name)."""
+        return [int(i) for i in re.findall(r"\d+", self.devices)]
 
 
 class OutputConfig(Section):

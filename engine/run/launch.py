@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -137,7 +136,7 @@ def build_command(cfg: RunConfig, run_dir: str | Path, node_rank: int = 0) -> li
         cmd = _deepspeed_launcher() + nodes.launcher_args(cfg, run_dir, d.master_port or free_port(), node_rank)
         return cmd + ["--no_local_rank", "--module", "engine.train", str(Path(run_dir) / rundir.CONFIG)]
     # devices that are not a list of ids are check()'s to name; a preview still shows a command
-    ranks = [int(i) for i in re.findall(r"\d+", d.devices)] if d.devices else list(range(d.num_processes))
+    ranks = d.device_ids if d.devices else list(range(d.num_processes))
     cmd = _local_launch(ranks, d.master_port or free_port())
     return cmd + ["--no_local_rank", "--module", "engine.train", str(Path(run_dir) / rundir.CONFIG)]
 
@@ -338,7 +337,7 @@ def _devices_present(cfg: RunConfig, run_dir: Path) -> bool:
     count = gpu_count()
     if not cfg.distributed.devices or not count or _multinode(cfg):
         return True
-    missing = [i for i in re.findall(r"\d+", cfg.distributed.devices) if int(i) >= count]
+    missing = [str(i) for i in cfg.distributed.device_ids if i >= count]
     if not missing:
         return True
     error = (f"distributed.devices: GPU {', '.join(missing)} is not on this machine, which has {count} "

@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
-
 import types
+from dataclasses import dataclass, replace
 
 import psutil
 import torch
@@ -190,7 +189,7 @@ def held_now(device: torch.device, model=None) -> int:
     return psutil.Process().memory_info().rss
 
 
-def step_extras(model, optim: str, vocab: int) -> int:
+def step_extras(model, optim: str) -> int:
     """Bytes the first step adds besides the activations: gradients and optimizer state of the trained
     parameters, and one chunk of the loss's logits (with its softmax and gradient)."""
     from engine.train.loss import CHUNK_BYTES
@@ -206,22 +205,16 @@ def activation_budget(model, memory_gb: float, optim: str, device: torch.device)
     free now), and how that was made, in words."""
     ranks_here = 1 if device.type == "cuda" else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if memory_gb <= 0:
-        budget = int(BUDGET_SHARE * free_memory(device) / ranks_here)
-        return budget, f" (half the {free_memory(device) / 1e9:.1f} GB free at start)"
+        free = free_memory(device)
+        return int(BUDGET_SHARE * free / ranks_here), f" (half the {free / 1e9:.1f} GB free at start)"
     held = held_now(device, model)
-    extras = step_extras(model, optim, unwrap_vocab(model))
+    extras = step_extras(model, optim)
     fixed, slack = (0.0, 1.0) if device.type == "cuda" else (CPU_FIXED, CPU_SLACK)
     left = max(0, int((memory_gb * 1e9 - held - extras - fixed) / slack))
     words = (f" of memory_gb {memory_gb:g}: {held / 1e9:.2f} GB held at start, {extras / 1e9:.2f} GB for gradients,"
              f" optimizer state and the loss" + (f", {fixed / 1e9:.1f} GB for the libraries' working memory and"
                                                  f" allocator slack x{slack:g}" if device.type != "cuda" else ""))
     return left, words
-
-
-def unwrap_vocab(model) -> int:
-    from engine.train.loss import unwrap_causal_lm
-
-    return unwrap_causal_lm(model).get_input_embeddings().weight.shape[0]
 
 
 def auto_plan(model, tokens: int, memory_gb: float = 0.0, optim: str = "adamw_torch") -> Plan:
@@ -235,8 +228,7 @@ def auto_plan(model, tokens: int, memory_gb: float = 0.0, optim: str = "adamw_to
     budget, words = activation_budget(model, memory_gb, optim, device)
     dtype_bytes = torch.finfo(lm.get_input_embeddings().weight.dtype).bits // 8
     per_layer = probe(model)
-    chosen = plan(per_layer, text.hidden_size * dtype_bytes, text.num_hidden_layers, tokens, budget)
-    chosen = Plan(chosen.every_n_layers, chosen.estimate, chosen.budget, words)
+    chosen = replace(plan(per_layer, text.hidden_size * dtype_bytes, text.num_hidden_layers, tokens, budget), whole=words)
     log.info("activation checkpointing: %s; %.0f KiB per token per layer measured, %d tokens per batch at most",
              chosen.describe(), per_layer / 1024, tokens)
     return chosen

@@ -67,7 +67,7 @@ def test_apply_auto_sets_the_trainer_arguments(six_layers, tmp_path, monkeypatch
 
     monkeypatch.setattr(activations, "held_now", lambda device, model=None: 10**9)  # RSS moves under pytest: the plan's input is fixed
     per_token = probe(six_layers) * 6
-    extras = activations.step_extras(six_layers, "adamw_torch", six_layers.config.vocab_size)
+    extras = activations.step_extras(six_layers, "adamw_torch")
     from engine.train.loss import CHUNK_BYTES
 
     # every parameter of this model trains: an fp32 gradient and AdamW's two fp32 moments each, and a loss chunk
