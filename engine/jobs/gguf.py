@@ -291,8 +291,6 @@ def llama_cpp_cut(tokenizer, text: str, space_prefix: bool) -> list[int]:
     """The model tokenizer's ids for ``text`` cut the way llama.cpp's SentencePiece tokenizer cuts it: at the added
     tokens, each piece of text in between tokenized on its own, after a space when it follows an added token (or
     starts the text) and the vocabulary asks for SentencePiece's dummy prefix (``add_space_prefix``)."""
-    import re
-
     added = sorted((t.content for t in tokenizer.added_tokens_decoder.values()), key=len, reverse=True)
     ids: list[int] = []
     prev_special = True
