@@ -118,21 +118,28 @@ def set_max_new_tokens(page, n: int) -> None:
 
 
 def ask(page, text: str, timeout: float = 120) -> tuple[str, set[int]]:
-    """Send a chat message and wait for the usage line; returns the answer and the answer lengths seen while
-    it streamed (more than one non-zero length means it streamed)."""
-    import time
-
+    """Send a chat message and wait for the usage line; returns the answer and the answer lengths the page showed
+    while it streamed (more than one non-zero length means it streamed). A MutationObserver records every change
+    of the last answer's text, so a fast machine that streams a short answer within one poll still shows it."""
     from playwright.sync_api import expect
 
+    bot = page.locator("#chat-bot")
+    page.evaluate("""() => {
+        const box = document.querySelector('#chat-bot');
+        const sel = '.message.bot, [data-testid=bot]';
+        const before = box.querySelectorAll(sel).length;  // earlier answers in this chat are not this one
+        window.__wbLengths = new Set();
+        if (window.__wbObserver) window.__wbObserver.disconnect();
+        window.__wbObserver = new MutationObserver(() => {
+            const answers = box.querySelectorAll(sel);
+            if (answers.length > before) window.__wbLengths.add(answers[answers.length - 1].innerText.length);
+        });
+        window.__wbObserver.observe(box, {subtree: true, childList: true, characterData: true});
+    }""")
     page.locator("#chat-msg textarea").fill(text)
     page.locator("#btn-chat-send").click()
-    bot = page.locator("#chat-bot")
     expect(bot).to_contain_text(text, timeout=30_000)
+    expect(page.locator("#chat-usage")).to_contain_text("generated", timeout=timeout * 1000)
+    seen = page.evaluate("() => { window.__wbObserver.disconnect(); return [...window.__wbLengths]; }")
     answer = bot.locator(".message.bot, [data-testid=bot]").last
-    seen = set()
-    deadline = time.time() + timeout
-    while time.time() < deadline and not page.locator("#chat-usage").count():
-        seen.add(len(answer.inner_text()) if answer.count() else 0)
-        time.sleep(0.05)
-    expect(page.locator("#chat-usage")).to_contain_text("generated", timeout=30_000)
     return answer.inner_text(), {n for n in seen if n > 0}
