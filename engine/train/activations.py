@@ -20,10 +20,12 @@ off it first, and on a CPU a share is kept for the allocator's slack.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import types
+import weakref
 from dataclasses import dataclass, replace
 
 import psutil
@@ -58,7 +60,7 @@ def saved_bytes(model, forward, within=None) -> int:
     def pack(t):
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if counting[0] and ptr not in skip and storage.device.type != "meta":
+        if counting[0] and ptr not in skip and storage.device.type != "meta" and recipe_for(t) is None:
             seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
         return t
 
@@ -70,7 +72,7 @@ def saved_bytes(model, forward, within=None) -> int:
 
     hooks = [within.register_forward_pre_hook(start), within.register_forward_hook(stop)] if within is not None else []
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with registering(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             forward()
     except _Probed:
         pass
@@ -105,36 +107,134 @@ def probe(model, tokens: int = PROBE_TOKENS) -> float:
 GATED_MLP_NAMES = ("down_proj", "act_fn", "gate_proj", "up_proj")
 
 
+class _Recipe:
+    """How to recompute one cheap tensor (a norm's output, an MLP's act(gate) * up) from tensors the backward pass
+    keeps anyway; the recomputed value is shared by every node that saved the tensor, while any of them still
+    holds it."""
+
+    __slots__ = ("fn", "args", "nbytes", "value")
+
+    def __init__(self, fn, args, nbytes):
+        self.fn, self.args, self.nbytes, self.value = fn, args, nbytes, None
+
+    def __call__(self):
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.fn(*self.args)
+        return self.value
+
+
+_recipes: dict[int, tuple[weakref.ref, _Recipe]] = {}  # storage address -> (the tensor, its recipe)
+_registering = [False]
+
+
+def _cheap(out, fn, *args):
+    """Note that ``out`` (just computed as ``fn(*args)``) can be recomputed from ``args`` in the backward pass."""
+    if not (_registering[0] and isinstance(out, torch.Tensor) and out.is_contiguous()):
+        return out
+    storage = out.untyped_storage()
+    ptr, recipe = storage.data_ptr(), _Recipe(fn, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                                               storage.nbytes())
+    _recipes[ptr] = entry = (weakref.ref(out), recipe)
+    weakref.finalize(out, lambda: _recipes.get(ptr) is entry and _recipes.pop(ptr))
+    return out
+
+
+def recipe_for(t: torch.Tensor):
+    """The recipe of the tensor whose storage ``t`` views (``t`` itself or a reshape of it), if it has one."""
+    storage = t.untyped_storage()
+    entry = _recipes.get(storage.data_ptr())
+    if entry is None or entry[0]() is None or entry[1].nbytes != storage.nbytes():
+        return None
+    return entry[1]
+
+
+def _pack(t):
+    recipe = recipe_for(t)
+    return t if recipe is None else (recipe, t.shape, t.stride(), t.storage_offset())
+
+
+def _unpack(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    recipe, shape, stride, offset = packed
+    return recipe().as_strided(shape, stride, offset)
+
+
+@contextlib.contextmanager
+def registering():
+    """Note the cheap tensors computed within (without saving them differently)."""
+    before, _registering[0] = _registering[0], True
+    try:
+        yield
+    finally:
+        _registering[0] = before
+
+
+@contextlib.contextmanager
+def cheap_recompute():
+    """A training forward pass within keeps, instead of the cheap tensors of the layers
+    :func:`recompute_cheap_parts` patched, their recipes; the backward pass recomputes them."""
+    with registering(), torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        yield
+
+
 def _act_times_up(act, gate, up):
     return act(gate) * up
 
 
 def _gated_mlp_forward(self, x):
-    # as the model's own MLP (down(act(gate(x)) * up(x))), with act(gate) recomputed in the backward pass: only
-    # gate(x) and up(x) are kept, not act(gate(x)) (the product is kept anyway, as down_proj's input)
+    # as the model's own MLP (down(act(gate(x)) * up(x))), with act(gate) and the product recomputed in the
+    # backward pass: only gate(x) and up(x) are kept
     if not torch.is_grad_enabled():
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-    return self.down_proj(checkpoint(_act_times_up, self.act_fn, self.gate_proj(x), self.up_proj(x), use_reentrant=False))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(_cheap(checkpoint(_act_times_up, self.act_fn, gate, up, use_reentrant=False),
+                                 _act_times_up, self.act_fn, gate, up))
 
 
-def recompute_gated_activations(model) -> int:
-    """Keep one [tokens x intermediate] tensor less per decoder layer of a gated MLP (Llama, Qwen2, Mistral, Gemma:
-    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``): the activation function's output is recomputed from
-    gate_proj's in the backward pass (elementwise, next to nothing against the layer's matmuls). Returns how many
-    MLPs now do so; a model whose MLP is built otherwise is left as it is."""
+def _norm_forward(forward):
+    def norm(hidden_states, *args, **kwargs):
+        out = forward(hidden_states, *args, **kwargs)
+        if args or kwargs or not torch.is_grad_enabled():
+            return out
+        return _cheap(out, forward, hidden_states)  # the norm keeps its input for its own backward pass anyway
+    norm.__wrapped__ = forward
+    return norm
+
+
+def _is_norm(module) -> bool:
+    name = type(module).__name__
+    return name.endswith(("RMSNorm", "LayerNorm")) and not list(module.children())
+
+
+def recompute_cheap_parts(model, norms: bool = True) -> tuple[int, int]:
+    """Keep less for the backward pass in each decoder layer, at next to no cost against its matmuls (elementwise
+    work recomputed), and change no value: a norm's output (kept by the projections that read it) is recomputed from
+    its input, which the norm keeps anyway; in a gated MLP (Llama, Qwen2, Mistral, Gemma:
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``) only gate_proj's and up_proj's outputs are kept and
+    act(gate) * up is recomputed from them. The saving applies to forward passes within :func:`cheap_recompute`.
+    Returns how many norms and MLPs now do so; modules built otherwise are left as they are. ``norms=False`` leaves
+    the norms (ZeRO-3: a norm's weight is gathered for its own backward pass, after the projections' that recompute
+    its output)."""
     from engine.train.loss import unwrap_causal_lm
     from engine.train.model_setup import decoder_layers
 
-    patched = 0
+    with_norms, norms, mlps = norms, 0, 0
     for layer in decoder_layers(unwrap_causal_lm(model)):
+        for module in layer.modules() if with_norms else ():
+            if _is_norm(module) and module is not layer:
+                if not hasattr(module.forward, "__wrapped__"):
+                    module.forward = _norm_forward(module.forward)
+                norms += 1
         mlp = getattr(layer, "mlp", None)
         forward = getattr(type(mlp), "forward", None)
         # the transformers MLP classes of that form name exactly these four (LlamaMLP, Qwen2MLP, GemmaMLP, ...)
         if getattr(getattr(forward, "__code__", None), "co_names", ()) != GATED_MLP_NAMES:
             continue
         mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
-        patched += 1
-    return patched
+        mlps += 1
+    return norms, mlps
 
 
 @dataclass(frozen=True)

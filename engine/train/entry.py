@@ -189,9 +189,12 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         resize_embeddings(model, len(tokenizer), known=vocab["base_size"])
     model = setup_finetuning(model, cfg.method, cfg.training.gradient_checkpointing == "on", train_embeddings=bool(vocab),
                              head=stage.head)
-    from engine.train.activations import recompute_gated_activations
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    log.info("gated MLP activations recomputed in the backward pass: %d layers", recompute_gated_activations(model))
+    from engine.train.activations import recompute_cheap_parts
+
+    log.info("recomputed in the backward pass instead of kept: the outputs of %d norms and %d gated MLPs' act(gate) * up",
+             *recompute_cheap_parts(model, norms=not is_deepspeed_zero3_enabled()))
     if cfg.training.gradient_checkpointing == "auto":
         from engine.train.activations import apply_auto
 

@@ -103,7 +103,7 @@ def test_lora_sft_all_linear_with_extended_vocabulary(trained):
     log = (run_dir / "train.log").read_text()
     vocab = json.loads(next(l for l in log.splitlines() if "engine.train: vocabulary: " in l).split("vocabulary: ", 1)[1])
     assert vocab["base_size"] == base_size and vocab["size"] == len(tok)
-    assert "gated MLP activations recomputed in the backward pass: 2 layers" in log  # each family's MLP is gated
+    assert "the outputs of 4 norms and 2 gated MLPs" in log  # each family's MLP is gated, two norms a layer
 
 
 def test_merge_and_export_with_verification(trained, tmp_path):

@@ -108,12 +108,14 @@ def test_held_now_counts_weights_mapped_from_their_file(tmp_path):
     assert held_now(torch.device("cpu"), model) - before > 48 * 2**20
 
 
-def test_gated_mlp_recompute_keeps_less_and_changes_nothing(tiny_model):
-    """act(gate) is recomputed in the backward pass: one [tokens x intermediate] tensor less per layer, the same
-    loss and gradients (Llama here; the Qwen2, Mistral and Gemma runs of tests/engine/test_family_runs.py train so)."""
+def test_cheap_recompute_keeps_less_and_changes_nothing(tiny_model):
+    """Within cheap_recompute the norms' outputs and the gated MLP's act(gate) * up are recomputed in the backward
+    pass: 2 x hidden + 2 x intermediate values less per token per layer (act(gate) and the product), the same loss
+    and gradients to the bit (Llama here, full fine-tuning; the Qwen2, Mistral and Gemma runs of
+    tests/engine/test_family_runs.py train so)."""
     import copy
 
-    from engine.train.activations import recompute_gated_activations
+    from engine.train.activations import cheap_recompute, recompute_cheap_parts
 
     config = AutoConfig.from_pretrained(tiny_model)
     config.num_hidden_layers, config.use_cache = 2, False
@@ -121,12 +123,13 @@ def test_gated_mlp_recompute_keeps_less_and_changes_nothing(tiny_model):
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(config).train()
     patched = copy.deepcopy(plain)
-    assert recompute_gated_activations(patched) == 2 and recompute_gated_activations(patched) == 2  # again: same
+    assert recompute_cheap_parts(patched) == (4, 2) and recompute_cheap_parts(patched) == (4, 2)  # again: same
     ids = torch.randint(0, config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(2))
 
     def run(model):
         model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
+        with cheap_recompute():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -134,6 +137,26 @@ def test_gated_mlp_recompute_keeps_less_and_changes_nothing(tiny_model):
     assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
     saved = [saved_bytes(m, lambda m=m: m.model(input_ids=ids, position_ids=torch.arange(TOKENS)[None]))
              for m in (plain, patched)]
-    assert saved[0] - saved[1] == 2 * TOKENS * config.intermediate_size * 4  # act(gate) of each layer, fp32
+    per_layer = 2 * config.hidden_size + 2 * config.intermediate_size  # fp32 values
+    assert saved[0] - saved[1] == 2 * TOKENS * per_layer * 4
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, patched(input_ids=ids).logits)
+
+    # and the tensors are really let go: after the forward pass (the graph alive) no norm output and no input of
+    # down_proj is left, where the plain model keeps every one
+    def alive_after_forward(model):
+        import weakref
+
+        refs = []
+        hooks = [m.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+                 for n, m in model.named_modules() if n.endswith("norm") and ".layers." in n]
+        hooks += [m.register_forward_pre_hook(lambda m, i: refs.append(weakref.ref(i[0])))
+                  for n, m in model.named_modules() if n.endswith("down_proj")]
+        with cheap_recompute():
+            loss = model(input_ids=ids, labels=ids).loss
+        for hook in hooks:
+            hook.remove()
+        alive = sum(r() is not None for r in refs)
+        loss.backward()
+        return alive, len(refs)
+    assert alive_after_forward(plain) == (6, 6) and alive_after_forward(patched) == (0, 6)
