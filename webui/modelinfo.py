@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.run.checkpoint import safetensors_params
+from engine.run.hardware import CPU_FIXED, CPU_LIBRARIES, CPU_SLACK
 from engine.run.paths import exists
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,10 +115,20 @@ def lora_params(i: ModelInfo, rank: int) -> int:
     return i.layers * sum(rank * (a + b) for a, b in shapes)
 
 
+def kept_per_token_layer(i: ModelInfo) -> int:
+    """Values one decoder layer keeps for the backward pass per token, as the engine trains
+    (engine.train.activations: norm outputs and the MLP's act(gate) * up are recomputed): the two norms' inputs,
+    attention's q, k, v and output, the MLP's gate and up projections."""
+    q, kv = i.heads * i.head_dim, i.kv_heads * i.head_dim
+    return 2 * i.hidden + 2 * q + 2 * kv + 2 * i.intermediate
+
+
 def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cutoff: int, lora_rank: int,
-                    freeze_layers: int, gradient_checkpointing: bool | str, gpu: bool) -> dict[str, float]:
-    """Rough peak memory in GiB (weights, gradients + optimizer, activations) of one training process
-    (gradient_checkpointing 'auto' counts as off: the most it takes)."""
+                    freeze_layers: int, gradient_checkpointing: bool | str, gpu: bool,
+                    memory_gb: float = 0.0) -> dict[str, float]:
+    """Peak memory in GiB (weights, gradients + optimizer, activations of the largest batch, and the total with the
+    runtime's own) of one training process. ``gradient_checkpointing`` 'auto' checkpoints as many layers as
+    ``memory_gb`` needs (0: none, the most it takes), as the engine plans it."""
     params = i.params or 0
     wbytes = 2 if gpu else 4  # dtype auto: bf16 on GPUs, fp32 on the CPU
     body = params - i.embed_params
@@ -132,12 +143,20 @@ def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cu
     # gradients in the training dtype + AdamW's two fp32 moments (+ fp32 master weights with bf16 on GPUs)
     states = trainable * (wbytes + 8 + (4 if gpu and method in ("full", "freeze") else 0))
     tokens = batch * cutoff
-    per_layer = (2 if gradient_checkpointing in (True, "on") else 34) * i.hidden * (2 if gpu else 4) / 2
-    # + one chunk's fp32 logits and their gradient (the loss is computed a chunk at a time: engine/train/loss.py)
-    activations = tokens * i.layers * per_layer + min(tokens, 256) * i.vocab * 8
+    # + one chunk's fp32 logits, softmax and gradient (the loss is computed a chunk at a time: engine/train/loss.py)
+    loss = min(tokens, 256) * i.vocab * 12
+    full = tokens * i.layers * kept_per_token_layer(i) * wbytes
+    every = tokens * (i.layers * i.hidden + kept_per_token_layer(i)) * wbytes  # checkpointed: each layer's input
+    fixed, slack = (0.4 * 2**30, 1.0) if gpu else (CPU_FIXED + CPU_LIBRARIES, CPU_SLACK)
+    if gradient_checkpointing in (True, "on"):
+        activations = every
+    elif gradient_checkpointing == "auto" and memory_gb > 0:
+        activations = min(full, max(every, (memory_gb * 1e9 - weights - states - loss - fixed) / slack))
+    else:
+        activations = full
     gib = 2 ** 30
-    parts = {"weights": weights / gib, "states": states / gib, "activations": activations / gib}
-    parts["total"] = sum(parts.values()) * 1.1 + (0.4 if gpu else 0.6)  # allocator slack + runtime (CUDA context)
+    parts = {"weights": weights / gib, "states": states / gib, "activations": (activations + loss) / gib}
+    parts["total"] = (weights + states + loss + activations * slack + fixed) / gib
     return parts
 
 

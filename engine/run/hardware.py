@@ -16,6 +16,16 @@ import sys
 import sysconfig
 from pathlib import Path
 
+# What a CPU training process holds besides its weights, trained parameters' states and activations. The first
+# step's peak RSS, measured with tcmalloc on the default model (README: Speed on the CPU), was what the process held
+# before it + the gradients, optimizer state and loss chunk + about 0.6 GB whatever the length (the libraries' working
+# memory) + 1.1 to 1.2 x the planned activations, at 1k to 16k tokens, with and without checkpointing; the imported
+# libraries held 0.56 GB before the first step (1.10 GB held, 0.54 GB of it weights). The checkpointing plan
+# (engine.train.activations) and the Model tab's estimate (webui.modelinfo) keep these margins.
+CPU_FIXED = 0.6e9
+CPU_SLACK = 1.25
+CPU_LIBRARIES = 0.56e9
+
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

@@ -32,16 +32,12 @@ import psutil
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from engine.run.hardware import CPU_FIXED, CPU_SLACK
+
 log = logging.getLogger("engine.train.activations")
 PROBE_TOKENS = 64
 PLANNED_STAGES = ("sft", "pt")  # the stages trained by engine.train.loss.PackedTrainer
 BUDGET_SHARE = 0.5  # of the memory free at start, when no budget is given: the rest is left for allocator slack
-# On a CPU the first step's peak RSS, measured with tcmalloc on the default model (README: Speed on the CPU), was
-# what the process held before it + the gradients, optimizer state and loss chunk + about 0.6 GB whatever the length
-# (the libraries' working memory) + 1.1 to 1.2 x the planned activations, at 1k to 16k tokens, with and without
-# checkpointing: the plan keeps that margin.
-CPU_FIXED = 0.6e9
-CPU_SLACK = 1.25
 OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
                          "adafactor": 4, "sgd": 0}  # per trained parameter, besides its gradient
 
@@ -84,20 +80,25 @@ def saved_bytes(model, forward, within=None) -> int:
 
 def probe(model, tokens: int = PROBE_TOKENS) -> float:
     """Activation bytes per token of one decoder layer of ``model`` in training mode, measured on its first layer
-    (the forward pass stops there)."""
+    (the forward pass stops there) with the recomputation of :func:`recompute_cheap_parts` where it is applied."""
     from engine.train.loss import unwrap_causal_lm
     from engine.train.model_setup import decoder_layers
 
     lm = unwrap_causal_lm(model)
     device = next(p for p in lm.parameters()).device
-    vocab = lm.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    embed = lm.get_input_embeddings()
+    ids = torch.randint(0, embed.weight.shape[0], (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
     positions = torch.arange(tokens, device=device)[None]
     was_training = model.training
     model.train()
     try:
         decoder = lm.get_decoder()
-        total = saved_bytes(model, lambda: decoder(input_ids=ids, position_ids=positions, use_cache=False),
+        # the first layer as every later one sees its input: one that needs a gradient (a frozen embedding's does
+        # not, and the first norm would keep nothing)
+        with torch.no_grad():
+            embeds = embed(ids)
+        embeds.requires_grad_(True)
+        total = saved_bytes(model, lambda: decoder(inputs_embeds=embeds, position_ids=positions, use_cache=False),
                             within=decoder_layers(lm)[0])
     finally:
         model.train(was_training)

@@ -46,6 +46,28 @@ def test_memory_estimate_orders_the_methods(default_model):
     assert modelinfo.lora_params(info, 8) == 2_442_240  # what peft reports for all-linear r=8 on this model
 
 
+def test_memory_estimate_keeps_what_training_keeps(default_model):
+    """The Model tab's activations per token and layer are what the engine's probe measures on the model as it trains
+    (LoRA, cheap parts recomputed; the probe also counts the LoRA outputs and the rotary tables); with 'auto' and a
+    budget the total is the budget, between checkpointing nothing and every layer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.train.activations import probe, recompute_cheap_parts
+
+    info = modelinfo.inspect_model(default_model)
+    model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    recompute_cheap_parts(model)
+    assert modelinfo.kept_per_token_layer(info) * 4 == pytest.approx(probe(model), rel=0.04)
+    args = (info, "lora", "none", 4, 512, 8, 2)
+    off, on = (modelinfo.estimate_memory(*args, gc, False)["total"] for gc in ("off", "on"))
+    assert on < off == modelinfo.estimate_memory(*args, "auto", False)["total"]
+    assert modelinfo.estimate_memory(*args, "auto", False, memory_gb=3.0)["total"] * 2**30 / 1e9 == pytest.approx(3.0)
+    assert modelinfo.estimate_memory(*args, "auto", False, memory_gb=0.5)["total"] == on  # nothing fits: every layer
+
+
 def test_model_path_validation(tmp_path):
     with pytest.raises(modelinfo.ModelPathError, match="not found"):
         modelinfo.resolve_model_path(str(tmp_path / "nope"))

@@ -33,7 +33,7 @@ def model_choices(ctx) -> list[str]:
 
 
 def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff, rank, freeze, gc, gpu: bool,
-              policy=None) -> str:
+              policy=None, memory_gb=0.0) -> str:
     try:
         path = resolve_model_path(path_text, policy)
         info = inspect_model(path)
@@ -55,7 +55,8 @@ def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff,
         if m == "qlora" and q == "none":
             q = "nf4"
         try:
-            est = estimate_memory(info, m, q, int(batch or 1), int(cutoff or 512), int(rank or 8), int(freeze or 1), bool(gc), gpu)
+            est = estimate_memory(info, m, q, int(batch or 1), int(cutoff or 512), int(rank or 8), int(freeze or 1), gc, gpu,
+                                  float(memory_gb or 0))
         except (TypeError, ValueError):
             continue
         cls = ' class="wb-current"' if m == method else ""
@@ -144,10 +145,10 @@ def wire(ctx) -> None:
     gpu = bool(ctx.manager.gpus)
     est_inputs = [lang, f["model.path"], f["method.finetuning_type"], f["model.quantization"],
                   f["training.per_device_train_batch_size"], f["data.cutoff_len"], f["method.lora_rank"],
-                  f["method.freeze_trainable_layers"], f["training.gradient_checkpointing"]]
+                  f["method.freeze_trainable_layers"], f["training.gradient_checkpointing"], f["training.memory_gb"]]
 
-    def refresh_info(lg, path, method, quant, batch, cutoff, rank, freeze, gc):
-        return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu, ctx.policy)
+    def refresh_info(lg, path, method, quant, batch, cutoff, rank, freeze, gc, memory_gb):
+        return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu, ctx.policy, memory_gb)
 
     ctx.on_load.append((refresh_info, est_inputs, c["model_info"], [comp.change for comp in est_inputs[1:]]))
     ctx.on_lang.append((refresh_info, est_inputs, c["model_info"]))
