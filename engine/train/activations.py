@@ -180,6 +180,20 @@ def cheap_recompute():
         yield
 
 
+class _RecomputingLoss:
+    def compute_loss(self, *args, **kwargs):
+        with cheap_recompute():
+            return super().compute_loss(*args, **kwargs)
+
+
+def recompute_within(trainer):
+    """Run the loss's forward passes of ``trainer`` (any stage's Trainer class) within :func:`cheap_recompute`;
+    returns it."""
+    cls = type(trainer)
+    trainer.__class__ = type(f"Recomputing{cls.__name__}", (_RecomputingLoss, cls), {})
+    return trainer
+
+
 def _act_times_up(act, gate, up):
     return act(gate) * up
 

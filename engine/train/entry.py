@@ -208,7 +208,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         from engine.train.trackers import tracker_env
 
         tracker_env(run_dir)
-    trainer = atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier)
+    from engine.train.activations import recompute_within
+
+    trainer = recompute_within(atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier))
     from engine.train.stages import describe_batch
 
     batch = describe_batch(cfg)

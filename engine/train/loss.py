@@ -205,12 +205,6 @@ class PackedTrainer(Trainer):
                                   rank=self.args.process_index, world=max(1, self.args.world_size))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from engine.train.activations import cheap_recompute
-
-        with cheap_recompute():  # the cheap tensors engine.train.activations.recompute_cheap_parts names
-            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "logits_to_keep" not in inputs or "shift_labels" not in inputs or not supports_chunked_loss(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
