@@ -189,9 +189,9 @@ class _RecomputingLoss:
 def recompute_within(trainer):
     """Run the loss's forward passes of ``trainer`` (any stage's Trainer class) within :func:`cheap_recompute`;
     returns it."""
-    cls = type(trainer)
-    trainer.__class__ = type(f"Recomputing{cls.__name__}", (_RecomputingLoss, cls), {})
-    return trainer
+    from engine.train.saving import mix_in
+
+    return mix_in(trainer, _RecomputingLoss, "Recomputing")
 
 
 def _act_times_up(act, gate, up):
@@ -235,21 +235,21 @@ def recompute_cheap_parts(model, norms: bool = True) -> tuple[int, int]:
     from engine.train.loss import unwrap_causal_lm
     from engine.train.model_setup import decoder_layers
 
-    with_norms, norms, mlps = norms, 0, 0
+    patched_norms = patched_mlps = 0
     for layer in decoder_layers(unwrap_causal_lm(model)):
-        for module in layer.modules() if with_norms else ():
+        for module in layer.modules() if norms else ():
             if _is_norm(module) and module is not layer:
                 if not hasattr(module.forward, "__wrapped__"):
                     module.forward = _norm_forward(module.forward)
-                norms += 1
+                patched_norms += 1
         mlp = getattr(layer, "mlp", None)
         forward = getattr(type(mlp), "forward", None)
         # the transformers MLP classes of that form name exactly these four (LlamaMLP, Qwen2MLP, GemmaMLP, ...)
         if getattr(getattr(forward, "__code__", None), "co_names", ()) != GATED_MLP_NAMES:
             continue
         mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
-        mlps += 1
-    return norms, mlps
+        patched_mlps += 1
+    return patched_norms, patched_mlps
 
 
 @dataclass(frozen=True)

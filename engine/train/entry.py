@@ -191,13 +191,11 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
                              head=stage.head)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from engine.train.activations import recompute_cheap_parts
+    from engine.train.activations import apply_auto, recompute_cheap_parts, recompute_within
 
     log.info("recomputed in the backward pass instead of kept: the outputs of %d norms and %d gated MLPs' act(gate) * up",
              *recompute_cheap_parts(model, norms=not is_deepspeed_zero3_enabled()))
     if cfg.training.gradient_checkpointing == "auto":
-        from engine.train.activations import apply_auto
-
         log.info("gradient checkpointing (auto): %s", apply_auto(ctx.args, model, cfg))
     clock.mark("model")
     from engine.train.model_setup import keep_initial_adapter
@@ -208,8 +206,6 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
         from engine.train.trackers import tracker_env
 
         tracker_env(run_dir)
-    from engine.train.activations import recompute_within
-
     trainer = recompute_within(atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier))
     from engine.train.stages import describe_batch
 

@@ -56,10 +56,16 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
 
 
+def mix_in(trainer, mixin: type, prefix: str):
+    """Put ``mixin`` before the class of ``trainer`` (any stage's Trainer class) in its method order; returns it."""
+    cls = type(trainer)
+    trainer.__class__ = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+    return trainer
+
+
 def atomic_saves(trainer, config_text: str, protected: Path | None = None):
     """Give ``trainer`` (of any stage's Trainer class) atomic checkpoint saves; returns it."""
-    cls = type(trainer)
-    trainer.__class__ = type(f"Atomic{cls.__name__}", (AtomicCheckpoints, cls), {})
+    mix_in(trainer, AtomicCheckpoints, "Atomic")
     trainer.workbench_config_text = config_text
     trainer.workbench_protected = str(protected) if protected else None
     return trainer
