@@ -116,9 +116,9 @@ def _local_launch(ranks: list[int], master_port: int) -> list[str]:
     """DeepSpeed's per-node launcher (``deepspeed.launcher.launch``), started directly for a run on this machine:
     the ``deepspeed`` runner only encodes the world (``{"localhost": [device ids]}``) and starts this same command,
     one Python process (importing DeepSpeed and torch: about as long as the launcher itself takes) later. ``--world_info`` is that world as the runner
-    passes it: base64 of its JSON."""
+    passes it: base64 of its JSON. ``engine.run.dslaunch`` runs that launcher as it is, imported without mlflow."""
     world = base64.urlsafe_b64encode(json.dumps({"localhost": ranks}).encode()).decode()
-    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", "--world_info", world,
+    return [sys.executable, "-u", "-m", "engine.run.dslaunch", "--world_info", world,
             "--master_addr", "127.0.0.1", "--master_port", str(master_port)]
 
 

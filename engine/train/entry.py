@@ -126,7 +126,9 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
                                           setup_finetuning)
     from engine.train.saving import atomic_saves, save_final
     from engine.train.stages import STAGES, StageContext
+    from engine.run.dslaunch import import_deepspeed
 
+    import_deepspeed()  # every rank runs under DeepSpeed; imported here once, without its autotuner's mlflow
     clock = StartupClock(log)
     clock.mark("imports")
     stop = GracefulStop()

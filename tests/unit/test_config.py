@@ -111,7 +111,7 @@ def test_build_command_devices_and_processes(tmp_path):
     """One machine: DeepSpeed's per-node launcher itself, with the world the `deepspeed` runner would give it."""
     cfg = RunConfig()
     cmd = build_command(cfg, tmp_path)
-    assert cmd[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert cmd[:4] == [sys.executable, "-u", "-m", "engine.run.dslaunch"]
     assert _world(cmd) == {"localhost": [0]} and cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
     assert cmd[-4:] == ["--no_local_rank", "--module", "engine.train", str(tmp_path / "config.yaml")]
     cfg.distributed.devices, cfg.distributed.num_processes = "0,2", 2

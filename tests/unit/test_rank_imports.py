@@ -1,4 +1,5 @@
-"""The rank's start-up: bitsandbytes stays out of a run that does not use it, and LoRA builds without it."""
+"""The rank's start-up: bitsandbytes stays out of a run that does not use it, and LoRA builds without it; DeepSpeed
+imports without mlflow, which stays importable for a run that reports to it."""
 
 from __future__ import annotations
 
@@ -63,3 +64,17 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_deepspeed_imports_without_mlflow_which_stays_importable():
+    """The launcher (engine.run.dslaunch) and the rank import DeepSpeed so: its autotuner would import mlflow."""
+    code = """
+import sys
+from engine.run.dslaunch import import_deepspeed
+import_deepspeed()
+assert "deepspeed.autotuning.autotuner" in sys.modules and "mlflow" not in sys.modules
+import mlflow.tracking
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1:] == ["ok"], out.stderr[-3000:]
