@@ -108,12 +108,19 @@ def set_max_new_tokens(page, n: int) -> None:
     number = page.locator("#chat-max-new-tokens input[type=number]")
     slider = page.locator("#chat-max-new-tokens input[type=range]")
     expect(number).to_be_visible()
-    for _ in range(5):  # the accordion renders its contents as it opens; a value typed too early is lost
-        number.fill(str(n))
-        number.press("Tab")
-        if slider.input_value() == str(n):
-            break
+    # The accordion renders its contents as it opens, and a re-render can put the initial value back a moment
+    # later (seen once on a loaded machine: the slider showed 40, the answer had 512 tokens): the value has to
+    # stay put over two checks half a second apart.
+    steady = 0
+    for _ in range(12):
+        if slider.input_value() != str(n) or number.input_value() != str(n):
+            steady = 0
+            number.fill(str(n))
+            number.press("Tab")
         page.wait_for_timeout(500)
+        steady = steady + 1 if slider.input_value() == number.input_value() == str(n) else 0
+        if steady == 2:
+            break
     expect(slider).to_have_value(str(n))
 
 
