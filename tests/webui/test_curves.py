@@ -106,3 +106,16 @@ def test_data_preview_shows_the_rows_a_mix_takes_per_dataset():
     assert 'data-rows="90,314"' in concat
     assert 'id="data-mix"' not in preview_html("en", "sft", ["identity", "instruct_demo"], registry, "interleave",
                                                "0.5, 0.4", "first_exhausted", None, 42)
+
+
+def test_every_plot_names_its_y_axis(tmp_path):
+    """An empty y_title makes the chart print the table's column name ("y") beside the axis."""
+    from webui.tabs import curveview
+
+    _, series = _run(tmp_path)
+    assert curveview.loss_update(series, "en", 0.6, "step")["y_title"] == "Loss"
+    lr = curveview.metric_update(series, "en", "learning_rate", "step")
+    assert lr["y_title"] == curveview.words("en")["lr"] and lr["y_title"] not in ("", "y")
+    assert curveview.metric_update(None, "zh", "learning_rate", "step")["y_title"] == curveview.words("zh")["lr"]
+    assert curveview.metric_update(series, "en", "rewards/chosen,rewards/rejected", "step")["y_title"] == \
+        "rewards/chosen, rewards/rejected"

@@ -80,7 +80,8 @@ def metric_update(series, lang: str, metric: str, x: str) -> dict:
     keys = [k for k in (metric or "learning_rate").split(",") if k]
     rows = curves.metric_rows(series, keys)
     title = words(lang)["lr"] if keys == ["learning_rate"] else ", ".join(keys)
-    return _update(rows, curves.metric_colors(keys), x, title if rows else words(lang)["waiting"], lang)
+    # the y axis says what it shows (an empty y_title makes the chart print the column's name, "y")
+    return _update(rows, curves.metric_colors(keys), x, title if rows else words(lang)["waiting"], lang, title)
 
 
 def overlay_update(runs, lang: str, smoothing: float, x: str) -> dict:
