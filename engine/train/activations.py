@@ -189,7 +189,7 @@ class _RecomputingLoss:
 def recompute_within(trainer):
     """Run the loss's forward passes of ``trainer`` (any stage's Trainer class) within :func:`cheap_recompute`;
     returns it."""
-    from engine.train.saving import mix_in
+    from engine.train.stages import mix_in
 
     return mix_in(trainer, _RecomputingLoss, "Recomputing")
 

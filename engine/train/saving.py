@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from engine.run import rundir
+from engine.train.stages import mix_in
 
 log = logging.getLogger("engine.train")
 
@@ -54,13 +55,6 @@ class AtomicCheckpoints:
                                best_model_checkpoint=self.state.best_model_checkpoint or self.workbench_protected,
                                use_mtime=True)
         self.accelerator.wait_for_everyone()
-
-
-def mix_in(trainer, mixin: type, prefix: str):
-    """Put ``mixin`` before the class of ``trainer`` (any stage's Trainer class) in its method order; returns it."""
-    cls = type(trainer)
-    trainer.__class__ = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
-    return trainer
 
 
 def atomic_saves(trainer, config_text: str, protected: Path | None = None):

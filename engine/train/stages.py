@@ -22,6 +22,13 @@ from engine.run.stages import STAGE_KINDS
 REWARD_NAME = "reward_model"  # GRPO logs the reward model's mean as rewards/<REWARD_NAME>/mean
 
 
+def mix_in(trainer, mixin: type, prefix: str):
+    """Put ``mixin`` before the class of ``trainer`` (any stage's Trainer class) in its method order; returns it."""
+    cls = type(trainer)
+    trainer.__class__ = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
+    return trainer
+
+
 @dataclass
 class StageContext:
     cfg: Any  # RunConfig
