@@ -175,6 +175,22 @@ def test_chinese_covers_every_english_text_and_every_field():
     assert i18n.field_info("en", "method.lora_rank") == "LoRA rank r."  # English help is the schema's description
     assert i18n.t("zh", "train.started", run="r1") == "已开始运行 r1。"
     assert i18n.choice_label("zh", "distributed.zero_stage", 0) == "0（关闭）"
+    assert "node-a:0,1@node-b:0" in i18n.field_info("zh", "distributed.include")
+
+
+def test_no_locale_text_is_cut_at_a_comma():
+    """A comma in an unquoted value of a YAML flow mapping ({label: ..., info: ...}) ends the value there and
+    makes the rest a key of its own with no text."""
+    for lang in ("en", "zh"):
+        table = i18n.table(lang)
+        for key, entry in table["fields"].items():
+            assert set(entry) <= {"label", "info"}, (lang, key, entry)
+
+        def leaves(d):
+            for v in d.values():
+                yield from leaves(v) if isinstance(v, dict) else [v]
+
+        assert all(isinstance(v, str) and v for v in leaves(table)), lang
 
 
 def test_an_empty_optional_number_shown_as_zero_means_none():
