@@ -70,6 +70,23 @@ def _update(rows: list[dict], colors: dict[str, str], x: str, title: str, lang: 
                      title=title, x_title=w[x], y_title=y_title)
 
 
+def staged(update: dict, shown: dict, plot: str) -> tuple[dict, bool]:
+    """Send a plot's new table in two steps when its series change. Gradio's chart (6.31) rebuilds itself when a
+    setting such as the colour map or a title changes before the new rows reach it, and takes its colour domain from
+    the rows it had: a series new to the chart (an eval that appears, a series switched back on, another language's
+    names, one more run to compare) is drawn without colour, for good. A chart emptied first builds itself from the
+    rows it then gets, so when the series differ from those ``shown[plot]`` records, this returns an emptied plot
+    instead, and False: the caller sends the update again (the next tick, or an event's ``.then``). ``shown`` is
+    updated with what the chart holds after the returned update."""
+    rows = update.get("value")
+    series = sorted(set(rows["series"])) if rows is not None else []
+    if shown.get(plot) and series and series != shown[plot]:
+        shown[plot] = []
+        return gr.update(value=None), False
+    shown[plot] = series
+    return update, True
+
+
 def loss_update(series, lang: str, smoothing: float, x: str, show=curves.LOSS_SERIES) -> dict:
     w = words(lang)
     rows = curves.loss_rows(series, w, smoothing, show)

@@ -106,85 +106,116 @@ def build(ctx) -> None:
         c["runs_tab"] = tab
         c["runs_timer"] = gr.Timer(REFRESH_S)
         c["runs_sig"] = gr.State(None)
+        c["runs_shown"] = gr.State({})  # plot -> the series its chart holds (curveview.staged)
 
 
 def wire(ctx) -> None:
     c, m, lang = ctx.shared, ctx.manager, ctx.shared["lang"]
 
-    def on_compare(lg, ids, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
+    def compare(lg, ids, shown: dict, smoothing, x):
+        """The overlay of the runs ``ids``, the TensorBoard line, and False where the chart was only emptied."""
         runs = []
         for run_id in ids or []:
             try:
                 runs.append((run_id, m.series(m.run_dir(run_id))))
             except RunError:
                 continue
-        plot = curveview.overlay_update(runs, lg, smoothing, x)
+        plot, whole = curveview.staged(curveview.overlay_update(runs, lg, smoothing, x), shown, "overlay")
         plot["visible"] = bool(runs)
-        return plot, tensorboard_command(m, [name for name, _ in runs], lg)
+        return plot, tensorboard_command(m, [name for name, _ in runs], lg), whole
 
-    def refresh(lg, sig, open_id, compare, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
+    def on_compare(lg, ids, shown, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
+        shown = dict(shown or {})
+        return *compare(lg, ids, shown, smoothing, x)[:2], shown
+
+    def open_plot(lg, run_id, shown, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
+        """The open run's curve (after an event that may only have emptied it)."""
+        shown = dict(shown or {})
+        if not run_id:
+            return gr.skip(), shown
+        try:
+            plot, _ = curveview.staged(run_figure(m, m.run_dir(run_id), lg, smoothing, x), shown, "run")
+        except RunError:
+            return gr.skip(), shown
+        return plot, shown
+
+    def refresh(lg, sig, open_id, compared, shown, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
         """The table, and the open run's curve and checkpoints and the overlay, when anything changed."""
         rows = table(ctx, lg)
         new_sig = (lg, repr(rows))
         if new_sig == sig:
-            return (gr.skip(),) * 3 + (sig,) + (gr.skip(),) * 4
+            return (gr.skip(),) * 3 + (sig,) + (gr.skip(),) * 4 + (shown,)
+        shown = dict(shown or {})
         ids = [r[0] for r in rows]
         keep_open = open_id if open_id in ids else None
-        keep_compare = [x for x in (compare or []) if x in ids]
+        keep_compare = [r for r in (compared or []) if r in ids]
         plot = ckpts = gr.skip()
+        whole = True
         if keep_open:
             try:
                 run_dir = m.run_dir(keep_open)
-                plot, ckpts = run_figure(m, run_dir, lg, smoothing, x), checkpoint_rows(ctx, run_dir)
+                plot, whole = curveview.staged(run_figure(m, run_dir, lg, smoothing, x), shown, "run")
+                ckpts = checkpoint_rows(ctx, run_dir)
             except RunError:  # deleted between the listing and now
                 keep_open = None
+        overlay, tb = gr.skip(), gr.skip()
+        if keep_compare:
+            overlay, tb, whole_overlay = compare(lg, keep_compare, shown, smoothing, x)
+            whole = whole and whole_overlay
+        # a chart only emptied (curveview.staged) is drawn by the next refresh
         return (gr.update(value=rows, headers=headers(lg)), gr.update(choices=ids, value=keep_open),
-                gr.update(choices=ids, value=keep_compare), new_sig,
-                *(on_compare(lg, keep_compare, smoothing, x) if keep_compare else (gr.skip(), gr.skip())), plot, ckpts)
+                gr.update(choices=ids, value=keep_compare), new_sig if whole else None, overlay, tb, plot, ckpts, shown)
 
     view = [c["runs_smoothing"], c["runs_x_axis"]]
-    refresh_io = ([lang, c["runs_sig"], c["open"], c["compare"], *view],
+    refresh_io = ([lang, c["runs_sig"], c["open"], c["compare"], c["runs_shown"], *view],
                   [c["runs_table"], c["open"], c["compare"], c["runs_sig"], c["overlay"], c["tb_command"], c["run_plot"],
-                   c["ckpt_table"]])
+                   c["ckpt_table"], c["runs_shown"]])
     forced = refresh_io[0][:1] + refresh_io[0][2:]
 
-    def refresh_now(lg, o, cm, smoothing, x):
-        return refresh(lg, None, o, cm, smoothing, x)
+    def refresh_now(lg, o, cm, shown, smoothing, x):
+        return refresh(lg, None, o, cm, shown, smoothing, x)
 
     c["runs_timer"].tick(refresh, *refresh_io, show_progress="hidden", queue=False)
-    c["runs_refresh"].click(refresh_now, forced, refresh_io[1])
-    c["runs_tab"].select(refresh_now, forced, refresh_io[1])
+    for event in (c["runs_refresh"].click, c["runs_tab"].select, *(w.input for w in view)):
+        event(refresh_now, forced, refresh_io[1], show_progress="hidden").then(
+            refresh, *refresh_io, show_progress="hidden")  # a chart emptied first is drawn now
     ctx.on_load.append((refresh_now, forced, refresh_io[1]))
-    for widget in view:
-        widget.input(refresh_now, forced, refresh_io[1], show_progress="hidden")
 
-    c["compare"].change(on_compare, [lang, c["compare"], *view], [c["overlay"], c["tb_command"]], show_progress="hidden")
+    compare_io = ([lang, c["compare"], c["runs_shown"], *view], [c["overlay"], c["tb_command"], c["runs_shown"]])
+    c["compare"].change(on_compare, *compare_io, show_progress="hidden").then(on_compare, *compare_io, show_progress="hidden")
 
-    def on_open(lg, run_id, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
+    def on_open(lg, run_id, shown, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
         hidden = gr.update(visible=False)
+        shown = dict(shown or {})
         if not run_id:
-            return "", None, [], "", hidden, hidden
+            shown["run"] = []
+            return "", None, [], "", hidden, hidden, shown
         try:
             run_dir = m.run_dir(run_id)
         except RunError as err:
-            return "", None, [], message("error", str(err)), hidden, hidden
+            shown["run"] = []
+            return "", None, [], message("error", str(err)), hidden, hidden, shown
         text = (run_dir / rundir.CONFIG).read_text(encoding="utf-8")
-        return (text, run_figure(m, run_dir, lg, smoothing, x), checkpoint_rows(ctx, run_dir), "",
-                hidden, gr.update(visible=True))
+        plot, _ = curveview.staged(run_figure(m, run_dir, lg, smoothing, x), shown, "run")
+        return text, plot, checkpoint_rows(ctx, run_dir), "", hidden, gr.update(visible=True), shown
 
-    open_out = [c["run_config"], c["run_plot"], c["ckpt_table"], c["runs_msg"], c["confirm"], c["run_details"]]
-    c["open"].input(on_open, [lang, c["open"], *view], open_out, show_progress="hidden")
+    open_out = [c["run_config"], c["run_plot"], c["ckpt_table"], c["runs_msg"], c["confirm"], c["run_details"],
+                c["runs_shown"]]
+    redraw = ([lang, c["open"], c["runs_shown"], *view], [c["run_plot"], c["runs_shown"]])
+    c["open"].input(on_open, [lang, c["open"], c["runs_shown"], *view], open_out, show_progress="hidden").then(
+        open_plot, *redraw, show_progress="hidden")  # a chart emptied first is drawn now
 
-    def on_select(lg, rows, smoothing, x, evt: gr.SelectData):
+    def on_select(lg, rows, shown, smoothing, x, evt: gr.SelectData):
         """A click on a row opens that run."""
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         try:
             run_id = rows.iloc[row, 0] if hasattr(rows, "iloc") else rows[row][0]
         except (IndexError, KeyError, TypeError):
             return (gr.skip(),) * (len(open_out) + 1)
-        return (run_id, *on_open(lg, run_id, smoothing, x))
+        return (run_id, *on_open(lg, run_id, shown, smoothing, x))
 
-    c["runs_table"].select(on_select, [lang, c["runs_table"], *view], [c["open"], *open_out], show_progress="hidden")
+    c["runs_table"].select(on_select, [lang, c["runs_table"], c["runs_shown"], *view], [c["open"], *open_out],
+                           show_progress="hidden").then(open_plot, *redraw, show_progress="hidden")
 
     def on_watch(lg, run_id):
         if not run_id:

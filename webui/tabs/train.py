@@ -103,6 +103,7 @@ def build(ctx) -> None:
         c["train_tab"] = tab
         c["timer"] = gr.Timer(TICK_S)
         c["view"] = gr.State({})
+        c["shown"] = gr.State({})  # plot -> the series its chart holds (curveview.staged); kept when the view resets
 
 
 def wire(ctx) -> None:
@@ -110,21 +111,30 @@ def wire(ctx) -> None:
     lang = c["lang"]
     fields = set(ctx.fields.values())
     outputs = [c["card"], c["loss_plot"], c["lr_plot"], c["log"], c["ckpt"], c["stop"], c["force"], c["resume"], c["view"],
-               c["metric"]]
+               c["metric"], c["shown"]]
 
     def run_choices():
         return [r.path.name for r in m.runs()]
 
     def tick(run_id, lang_, view, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step", metric="learning_rate",
-             show=curveview.curves.LOSS_SERIES):
+             show=curveview.curves.LOSS_SERIES, shown=None):
         show = tuple(show or ())
-        view = dict(view or {})
+        view, shown = dict(view or {}), dict(shown or {})
         out = {k: gr.skip() for k in outputs}
+        out[c["shown"]] = shown
+
+        def plots(series) -> bool:
+            """Both plots' updates; False where one was only emptied (curveview.staged) and needs the next tick."""
+            loss, whole = curveview.staged(curveview.loss_update(series, lang_, smoothing, x, show), shown, "loss")
+            lr, whole_lr = curveview.staged(curveview.metric_update(series, lang_, metric, x), shown, "lr")
+            out.update({c["loss_plot"]: loss, c["lr_plot"]: lr})
+            return whole and whole_lr
+
         if not run_id:
             card = run_card(lang_, None, None)
             if view.get("card") != card:
-                out.update({c["card"]: card, c["loss_plot"]: curveview.loss_update(None, lang_, smoothing, x, show),
-                            c["lr_plot"]: curveview.metric_update(None, lang_, metric, x), c["log"]: log_html(""),
+                plots(None)
+                out.update({c["card"]: card, c["log"]: log_html(""),
                             c["stop"]: gr.update(interactive=False), c["resume"]: gr.update(interactive=False),
                             c["ckpt"]: gr.update(choices=[], value=None)})
                 view = {"card": card}
@@ -147,9 +157,8 @@ def wire(ctx) -> None:
                 metric = "learning_rate"
             out[c["metric"]] = gr.update(choices=choices, value=metric)
         sig = (run_id, series.version, lang_, smoothing, x, metric, show)
-        if view.get("plots") != sig:
-            out[c["loss_plot"]] = curveview.loss_update(series, lang_, smoothing, x, show)
-            out[c["lr_plot"]] = curveview.metric_update(series, lang_, metric, x)
+        if view.get("plots") != sig and not plots(series):
+            sig = None  # drawn at the next tick, into the emptied charts
         log = run_dir / rundir.LOG
         log_sig = (run_id, log.stat().st_size if log.exists() else 0)
         if view.get("log") != log_sig:
@@ -166,10 +175,11 @@ def wire(ctx) -> None:
         out[c["view"]] = {"card": card, "plots": sig, "log": log_sig, "controls": controls, "stage": (info.stage, lang_)}
         return out
 
-    inputs = [c["run"], lang, c["view"], c["smoothing"], c["x_axis"], c["metric"], c["series"]]
+    inputs = [c["run"], lang, c["view"], c["smoothing"], c["x_axis"], c["metric"], c["series"], c["shown"]]
     c["timer"].tick(tick, inputs, outputs, show_progress="hidden", queue=False)
     for widget in (c["smoothing"], c["x_axis"], c["metric"], c["series"]):  # redraw at once, not at the next tick
-        widget.input(tick, inputs, outputs, show_progress="hidden", queue=False)
+        widget.input(tick, inputs, outputs, show_progress="hidden", queue=False).then(
+            tick, inputs, outputs, show_progress="hidden", queue=False)  # a chart emptied first is drawn now
 
     def save_plots(run_id, lang_):
         if not run_id:
