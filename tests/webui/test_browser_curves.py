@@ -1,5 +1,6 @@
 """The interactive curves in a real Chromium: hover a point of the loss plot and read its step and value, switch a
-series off and on, and drag to zoom into a range of steps."""
+series off and on, an eval that appears, drag to zoom into a range of steps, compare runs, switch the language;
+every series shown is drawn in its colour."""
 
 from __future__ import annotations
 
@@ -29,11 +30,20 @@ def _finished_run(workspace, run_id="20260101-000000-sft"):
 
 
 def _legend(page, plot: str) -> list[str]:
-    """The series drawn as lines (each line's accessible label names its series)."""
+    """The series drawn as lines in a colour (each line's accessible label names its series; a series missing from
+    the chart's colour scale gets a path without a stroke, which no one sees)."""
     # one read in the page: the plot redraws while it polls, so walking a locator list races the redraw
-    labels = page.locator(f"{plot} svg .mark-line path").evaluate_all(
-        "paths => paths.map(p => p.getAttribute('aria-label') || '')")
-    return sorted({m.group(1) for m in map(lambda a: re.search(r"series: (\w+)", a), labels) if m})
+    paths = page.locator(f"{plot} svg .mark-line path").evaluate_all(
+        "paths => paths.map(p => [p.getAttribute('aria-label') || '', p.getAttribute('stroke') || ''])")
+    return sorted({m.group(1) for label, stroke in paths
+                   for m in [re.search(r"series: ([\w-]+)", label)] if m and stroke not in ("", "none")})
+
+
+def _wait_legend(page, plot: str, want: list[str], timeout: float = 20) -> None:
+    deadline = time.time() + timeout
+    while _legend(page, plot) != sorted(want) and time.time() < deadline:
+        time.sleep(0.3)
+    assert _legend(page, plot) == sorted(want)
 
 
 def test_hover_reads_a_point_and_series_switch_off_and_on(tmp_path):
@@ -41,6 +51,7 @@ def test_hover_reads_a_point_and_series_switch_off_and_on(tmp_path):
 
     workspace = tmp_path / "ws"
     run_id = _finished_run(workspace)
+    other = _finished_run(workspace, "20260102-000000-sft")
     server = Server(workspace, tmp_path / "server.log")
     server.start()
     try:
@@ -52,10 +63,7 @@ def test_hover_reads_a_point_and_series_switch_off_and_on(tmp_path):
             page.locator("#run-card[data-state=completed]").wait_for()
             plot = page.locator("#loss-plot svg").first
             plot.wait_for()
-            deadline = time.time() + 30
-            while sorted(_legend(page, "#loss-plot")) != ["raw", "smoothed"] and time.time() < deadline:
-                time.sleep(0.3)
-            assert sorted(_legend(page, "#loss-plot")) == ["raw", "smoothed"]
+            _wait_legend(page, "#loss-plot", ["raw", "smoothed"], 30)
 
             # hover: the tooltip names the nearest point's series, step, value (titled Loss) and clock time
             box = page.locator("#loss-plot svg .mark-line path").first.bounding_box()
@@ -71,15 +79,14 @@ def test_hover_reads_a_point_and_series_switch_off_and_on(tmp_path):
 
             # series: switch the raw loss off, then on again
             page.locator("#train-series label", has_text="raw").click()
-            deadline = time.time() + 15
-            while _legend(page, "#loss-plot") != ["smoothed"] and time.time() < deadline:
-                time.sleep(0.3)
-            assert _legend(page, "#loss-plot") == ["smoothed"]
+            _wait_legend(page, "#loss-plot", ["smoothed"])
             page.locator("#train-series label", has_text="raw").click()
-            deadline = time.time() + 15
-            while sorted(_legend(page, "#loss-plot")) != ["raw", "smoothed"] and time.time() < deadline:
-                time.sleep(0.3)
-            assert sorted(_legend(page, "#loss-plot")) == ["raw", "smoothed"]
+            _wait_legend(page, "#loss-plot", ["raw", "smoothed"])  # back, and in its colour
+
+            # an eval that appears while the page watches is drawn too
+            with open(workspace / "runs" / run_id / rundir.METRICS, "a") as f:
+                f.write(json.dumps({"step": 5, "eval_loss": 1.5, "time": 1_800_000_011}) + "\n")
+            _wait_legend(page, "#loss-plot", ["eval", "raw", "smoothed"])
 
             # zoom: drag across the middle of the plot; the x axis then ends before step 10
             def x_labels():
@@ -97,6 +104,69 @@ def test_hover_reads_a_point_and_series_switch_off_and_on(tmp_path):
                 time.sleep(0.3)
             assert not x_labels() & {"10", "10.0"}, x_labels()
             page.screenshot(path=str(tmp_path / "curves.png"))
+
+            # compare two runs, one picked after the other: both drawn
+            page.get_by_role("tab", name="Runs").click()
+            page.locator("#runs-table [role=row]", has_text=other).first.wait_for()
+            for n, run in enumerate((run_id, other)):
+                page.locator("#compare-runs input").first.click()
+                page.keyboard.type(run)  # with a run picked, the list opens on what is typed
+                page.locator("#compare-runs").get_by_role("option", name=run).first.click()
+                page.keyboard.press("Escape")
+                _wait_legend(page, "#overlay-plot", [run_id, other][:n + 1])
+
+            # another language: the open run's curve and the Train tab's, under their Chinese names
+            page.locator("#runs-table [role=row]", has_text=run_id).first.locator("[role=gridcell]").first.click()
+            _wait_legend(page, "#run-plot", ["eval", "raw", "smoothed"])
+            page.locator("#lang input").click()
+            page.get_by_role("option", name="中文").click()
+            _wait_legend(page, "#run-plot", ["原始", "平滑", "评估"])
+            _wait_legend(page, "#overlay-plot", [run_id, other])
+            page.get_by_role("tab", name="训练").click()
+            _wait_legend(page, "#loss-plot", ["原始", "平滑", "评估"])
+            browser.close()
+    finally:
+        server.stop()
+
+
+def _eval_job(workspace, name: str, models: list[str]) -> None:
+    from engine.run import jobs
+
+    job = jobs.job_root("eval", workspace) / name
+    job.mkdir(parents=True)
+    (job / rundir.CONFIG).write_text("kind: eval\n")
+    rows = [{"model": m, "loss": 1.0, "perplexity": 2.7, "bleu-4": 10.0 + i, "rouge-1": 20.0 + i, "rouge-2": 5.0,
+             "rouge-l": 15.0 + i} for i, m in enumerate(models)]
+    jobs.write_result(job, {"rows": rows, "predictions": {}})
+    rundir.write_status(job, rundir.Status(state="completed", started_at=1_800_000_000, ended_at=1_800_000_010))
+
+
+def test_the_scores_chart_colours_the_models_of_every_job_shown(tmp_path):
+    """Gradio's chart keeps the colour domain of the rows it was built with; a second job's models must not be drawn
+    without colour."""
+    from playwright.sync_api import sync_playwright
+
+    workspace = tmp_path / "ws"
+    jobs_models = {"20260101-000000-eval": ["base (a)", "run-a/final"],
+                   "20260102-000000-eval": ["base (b)", "run-b/final", "run-c/final"]}
+    for name, models in jobs_models.items():
+        _eval_job(workspace, name, models)
+    server = Server(workspace, tmp_path / "server.log")
+    server.start()
+    try:
+        with sync_playwright() as p:
+            browser, page = open_page(p, server.url, height=1400)
+            page.get_by_role("tab", name="Evaluate").click()
+            for name, models in jobs_models.items():
+                pick(page, "#ev-job", name)
+                deadline, coloured = time.time() + 20, set()
+                while coloured != set(models) and time.time() < deadline:
+                    time.sleep(0.3)
+                    bars = page.locator("#ev-chart svg .mark-rect path").evaluate_all(
+                        "ps => ps.map(p => [p.getAttribute('aria-label') || '', p.getAttribute('fill') || ''])")
+                    coloured = {m.group(1) for label, fill in bars for m in [re.search(r"model: ([^;]+)", label)]
+                                if m and fill not in ("", "none")}
+                assert coloured == set(models), (name, coloured)
             browser.close()
     finally:
         server.stop()

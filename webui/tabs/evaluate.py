@@ -68,8 +68,12 @@ def comparison(result: dict | None) -> pd.DataFrame:
     return pd.DataFrame([[r["model"]] + [round(r[m], 4) if m in r else None for m in cols] for r in rows], columns=["model"] + cols)
 
 
-def chart(result: dict | None) -> pd.DataFrame:
+def chart(result: dict | None) -> pd.DataFrame | None:
+    """The scores chart's table; None while there are no results, so the chart is built from the first rows it gets
+    and takes its colours from their models (see curveview.staged)."""
     rows = (result or {}).get("rows", [])
+    if not rows:
+        return None
     shown = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "accuracy")
     return pd.DataFrame([{"model": r["model"], "metric": m, "value": r[m] * (100 if m not in shown else 1)} for r in rows
                          for m in shown + tuple(_harness_columns(rows)) if m in r],
@@ -145,7 +149,10 @@ def wire(ctx) -> None:
                 predictions(path, result, model))
 
     outs = [c["ev_status"], c["ev_table"], c["ev_chart"], c["ev_pred_model"], c["ev_preds"]]
-    c["ev_job"].change(show, [lang, c["ev_job"], c["ev_pred_model"]], outs)
+    # the chart is emptied first: Gradio's chart keeps the colour domain of the rows it was built with, so the models
+    # of another job would be drawn without colour (see curveview.staged)
+    c["ev_job"].change(lambda: None, None, c["ev_chart"], show_progress="hidden").then(
+        show, [lang, c["ev_job"], c["ev_pred_model"]], outs)
     c["ev_pred_model"].change(lambda lg, n, m: show(lg, n, m)[-1], [lang, c["ev_job"], c["ev_pred_model"]], c["ev_preds"])
 
     def poll(lg, name, model, shown):
