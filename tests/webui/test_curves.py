@@ -119,3 +119,6 @@ def test_every_plot_names_its_y_axis(tmp_path):
     assert curveview.metric_update(None, "zh", "learning_rate", "step")["y_title"] == curveview.words("zh")["lr"]
     assert curveview.metric_update(series, "en", "rewards/chosen,rewards/rejected", "step")["y_title"] == \
         "rewards/chosen, rewards/rejected"
+    # the legend's title too (the table's column name, "series", otherwise)
+    assert curveview.loss_update(series, "zh", 0.6, "step")["color_title"] == "曲线"
+    assert curveview.overlay_update([("run-a", series)], "en", 0.6, "step")["color_title"] == "Run"

@@ -59,7 +59,8 @@ def metric_choices(stage: str, lang: str) -> list[tuple[str, str]]:
     return [(t(lang, "plot.lr"), "learning_rate")] + [(", ".join(p), ",".join(p)) for p in stage_panels(stage)]
 
 
-def _update(rows: list[dict], colors: dict[str, str], x: str, title: str, lang: str, y_title: str = "") -> dict:
+def _update(rows: list[dict], colors: dict[str, str], x: str, title: str, lang: str, y_title: str = "",
+            legend: str = "plot.series") -> dict:
     """A plot's new table. The page rebuilds a chart (axes, colour domain, legend) only when one of its settings
     changes, and swaps the rows in otherwise: so the colour map holds exactly the series drawn, and a series that
     appears or goes (the first points, an eval, a run switched on) changes it and rebuilds the chart."""
@@ -67,7 +68,7 @@ def _update(rows: list[dict], colors: dict[str, str], x: str, title: str, lang: 
     shown = {r["series"] for r in rows}
     # no rows: no table at all (an empty one leaves the chart without a colour domain once rows arrive)
     return gr.update(value=curves.frame(rows, x) if rows else None, x=x, color_map={k: v for k, v in colors.items() if k in shown},
-                     title=title, x_title=w[x], y_title=y_title)
+                     title=title, x_title=w[x], y_title=y_title, color_title=t(lang, legend))
 
 
 def staged(update: dict, shown: dict, plot: str) -> tuple[dict, bool]:
@@ -105,4 +106,4 @@ def overlay_update(runs, lang: str, smoothing: float, x: str) -> dict:
     rows = curves.overlay_rows(runs, smoothing)
     w = words(lang)
     return _update(rows, curves.run_colors([name for name, _ in runs]), x, w["compare"] if rows else w["pick"], lang,
-                   w["loss"])
+                   w["loss"], legend="runs.col.run")
