@@ -17,7 +17,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -370,6 +370,8 @@ def build_schema_fields(ctx, schema: type[BaseModel], fields: dict[str, tuple[st
     """The widgets of a job form (eval, export, chat settings) from its schema: ``fields`` maps each key to
     (locale key of its label, overrides: a widget the type does not say, ``elem_id``, gradio keyword arguments).
     Each widget goes into ``ctx.shared[prefix + key]``; bounds, defaults and help come from the schema."""
+    from .i18n import job_help
+
     defaults = schema()
     specs = {}
     for key, (label, over) in fields.items():
@@ -377,9 +379,9 @@ def build_schema_fields(ctx, schema: type[BaseModel], fields: dict[str, tuple[st
         kwargs = {k: over.pop(k) for k in list(over) if k not in ("widget", "step", "custom", "minimum", "maximum")}
         s = specs[key] = derive(schema, key, over)
         value = (values or {}).get(key, _value_of(defaults, key))
-        help_ = schema_field(schema, key).description or ""
-        w = widget(s, value, (choices or {}).get(key), **{"label": ctx.t(label), "info": help_, **kwargs})
-        ctx.shared[prefix + key] = ctx.translate(w, label=label)
+        help_ = partial(job_help, label=label, description=schema_field(schema, key).description or "")
+        w = widget(s, value, (choices or {}).get(key), **{"label": ctx.t(label), "info": help_(ctx.lang), **kwargs})
+        ctx.shared[prefix + key] = ctx.translate(w, label=label, info=help_)
     return specs
 
 

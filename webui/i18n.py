@@ -2,7 +2,8 @@
 
 The tables are data files (``locales/en.yaml``, ``locales/zh.yaml``). English field help is
 the run config's own description (declared once, in engine/run/config.py); other languages
-translate it in ``fields.<section.name>.info``. Imports no gradio.
+translate it in ``fields.<section.name>.info``; the job forms' help (Evaluate, Export) likewise comes from
+their schemas and is translated in ``<tab>.help.<name>``. Imports no gradio.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def field_info(lang: str, key: str) -> str:
         if info:
             return info
     return description(key)
+
+
+def job_help(lang: str, label: str, description: str) -> str:
+    """The help line of a job form's field (Evaluate, Export) whose label is the locale key ``label``
+    (``<section>.<name>``): English is the job schema's description; other languages translate it in
+    ``<section>.help.<name>``."""
+    if lang != DEFAULT and lang in LANGUAGES:
+        section, name = label.split(".", 1)
+        text = _lookup(table(lang), f"{section}.help.{name}")
+        if isinstance(text, str) and text:
+            return text
+    return description
 
 
 def choice_label(lang: str, key: str, value: Any) -> str:

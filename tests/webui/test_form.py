@@ -176,6 +176,11 @@ def test_chinese_covers_every_english_text_and_every_field():
     assert i18n.t("zh", "train.started", run="r1") == "已开始运行 r1。"
     assert i18n.choice_label("zh", "distributed.zero_stage", 0) == "0（关闭）"
     assert "node-a:0,1@node-b:0" in i18n.field_info("zh", "distributed.include")
+    from webui.tabs import evaluate, export
+
+    for rows in (evaluate.ROWS, (*export.ROWS, export.HUB)):  # the job forms' help, from their schemas in English
+        for label, _ in (field for row in rows for field in row.values()):
+            assert i18n.job_help("zh", label, "") and i18n.job_help("en", label, "english") == "english", label
 
 
 def test_no_locale_text_is_cut_at_a_comma():
