@@ -62,8 +62,8 @@ def metric_choices(stage: str, lang: str) -> list[tuple[str, str]]:
 def _update(rows: list[dict], colors: dict[str, str], x: str, title: str, lang: str, y_title: str = "",
             legend: str = "plot.series") -> dict:
     """A plot's new table. The page rebuilds a chart (axes, colour domain, legend) only when one of its settings
-    changes, and swaps the rows in otherwise: so the colour map holds exactly the series drawn, and a series that
-    appears or goes (the first points, an eval, a run switched on) changes it and rebuilds the chart."""
+    changes, and swaps the rows in otherwise; the colour map holds exactly the series drawn. A change of series
+    goes through :func:`staged`, since the rebuild reads the rows the chart had."""
     w = words(lang)
     shown = {r["series"] for r in rows}
     # no rows: no table at all (an empty one leaves the chart without a colour domain once rows arrive)

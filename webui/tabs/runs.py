@@ -128,10 +128,16 @@ def wire(ctx) -> None:
         shown = dict(shown or {})
         return *compare(lg, ids, shown, smoothing, x)[:2], shown
 
+    def compare_again(lg, ids, shown, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
+        """The overlay, after a change that may only have emptied it; nothing to do when its chart holds series."""
+        if (shown or {}).get("overlay"):
+            return gr.skip(), gr.skip(), shown
+        return on_compare(lg, ids, shown, smoothing, x)
+
     def open_plot(lg, run_id, shown, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
-        """The open run's curve (after an event that may only have emptied it)."""
+        """The open run's curve, after an event that may only have emptied it (nothing to do when it holds series)."""
         shown = dict(shown or {})
-        if not run_id:
+        if not run_id or shown.get("run"):
             return gr.skip(), shown
         try:
             plot, _ = curveview.staged(run_figure(m, m.run_dir(run_id), lg, smoothing, x), shown, "run")
@@ -182,7 +188,8 @@ def wire(ctx) -> None:
     ctx.on_load.append((refresh_now, forced, refresh_io[1]))
 
     compare_io = ([lang, c["compare"], c["runs_shown"], *view], [c["overlay"], c["tb_command"], c["runs_shown"]])
-    c["compare"].change(on_compare, *compare_io, show_progress="hidden").then(on_compare, *compare_io, show_progress="hidden")
+    c["compare"].change(on_compare, *compare_io, show_progress="hidden").then(compare_again, *compare_io,
+                                                                              show_progress="hidden")
 
     def on_open(lg, run_id, shown, smoothing=curveview.curves.DEFAULT_SMOOTHING, x="step"):
         hidden = gr.update(visible=False)
