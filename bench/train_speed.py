@@ -114,8 +114,9 @@ def main() -> int:
         sampler.done.set()
         wall = time.time() - t0
         rows = [r for r in rundir.read_metrics(run_dir) if "loss" in r]
-        said = [line.split("gradient checkpointing ", 1)[1] for line in rundir.log_tail(run_dir, 400).splitlines()
-                if "engine.train: gradient checkpointing " in line]
+        tail = rundir.log_tail(run_dir, 400).splitlines()
+        said = [line.split("gradient checkpointing ", 1)[1] for line in tail if "engine.train: gradient checkpointing " in line]
+        startup = [line.split("start-up: ", 1)[1] for line in tail if "start-up: " in line]
         planned = {"checkpointing": said[-1]} if said else {}
         if sampler.over:
             print(json.dumps({"out_of_budget": True, "rss_budget_gb": args.rss_budget_gb, "cutoff_len": args.cutoff_len,
@@ -141,6 +142,10 @@ def main() -> int:
             # CPU seconds of the training ranks (load, start-up included): less sensitive to other jobs than tokens/s
             "rank_cpu_s": round(sum(sampler.cpu.values()), 1),
             "wall_seconds_incl_launch": round(wall, 1),
+            # where the wall time outside the steps goes: launch to the first step's start, the last step's end to exit
+            "before_steps_s": round(last["time"] - last["elapsed_s"] - t0, 1),
+            "after_steps_s": round(t0 + wall - last["time"], 1),
+            **({"startup": startup[-1]} if startup else {}),
             "first_loss": round(rows[0]["loss"], 4),
             "last_loss": round(last["loss"], 4),
             **planned,
