@@ -70,19 +70,21 @@ def loss_colors(words: dict[str, str]) -> dict[str, str]:
     return {words["raw"]: RAW, words["smoothed"]: SMOOTH, words["eval"]: EVAL}
 
 
-def metric_rows(series: MetricSeries | None, keys: list[str], smoothing: float = 0.0) -> list[dict]:
-    """The learning rate or a stage's own metrics (rewards, margins, accuracy, KL, ...), one series per key."""
+def metric_rows(series: MetricSeries | None, keys: list[str], smoothing: float = 0.0,
+                names: dict[str, str] | None = None) -> list[dict]:
+    """The learning rate or a stage's own metrics (rewards, margins, accuracy, KL, ...), one series per key, named
+    ``names[key]`` (the key itself by default)."""
     if series is None:
         return []
     rows = []
     for key in keys:
         source = "eval" if key.startswith("eval_") else "train"
-        rows += _rows(series, key, key, source, smoothing=smoothing if source == "train" else None)
+        rows += _rows(series, key, (names or {}).get(key, key), source, smoothing=smoothing if source == "train" else None)
     return rows
 
 
-def metric_colors(keys: list[str]) -> dict[str, str]:
-    return {k: (LR if k == "learning_rate" else PALETTE[i % len(PALETTE)]) for i, k in enumerate(keys)}
+def metric_colors(keys: list[str], names: dict[str, str] | None = None) -> dict[str, str]:
+    return {(names or {}).get(k, k): (LR if k == "learning_rate" else PALETTE[i % len(PALETTE)]) for i, k in enumerate(keys)}
 
 
 def run_colors(names: list[str]) -> dict[str, str]:

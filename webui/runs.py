@@ -17,6 +17,7 @@ from typing import Callable
 
 from engine.run import jobs, launch, rundir
 from engine.run.config import ConfigError, RunConfig, load_config
+from engine.run.stages import batch_fill
 from engine.run.queue import CPU, QUEUE, Device, DeviceQueue, label, visible_devices  # noqa: F401 - the UI's names for them
 
 from .metrics import MetricSeries
@@ -45,7 +46,7 @@ class RunInfo:
     nodes: tuple[str, ...] = ()  # several machines: each node with the slots it runs ("node-a:0,1")
     world_size: int = 1
     warnings: tuple[str, ...] = ()  # status.json: what went wrong without stopping the run (a tracker, the context)
-    batch: str = ""  # status.json: what fills a training batch ("≤ 2,048 tokens", "4 examples")
+    batch: tuple[str, int] | None = None  # what fills a training batch: ("tokens", 2048) or ("examples", 4)
 
 
 def _node_info(cfg: RunConfig | None) -> dict:
@@ -133,9 +134,11 @@ class RunManager:
         queue = self.queue() if queue is None else queue
         stage = method = model = ""
         datasets: list[str] = []
+        batch = None
         if isinstance(cfg, RunConfig):
             stage, method, model = cfg.method.stage, cfg.method.finetuning_type, Path(cfg.model.path).name
             datasets = [Path(d).name for d in cfg.data.datasets]
+            batch = batch_fill(cfg)
         elif kind == "eval" and cfg is not None:
             model = ", ".join(Path(c).parent.name + "/" + Path(c).name for c in cfg.model.checkpoints) or Path(cfg.model.base).name
             datasets = [Path(d).name for d in cfg.data.datasets]
@@ -149,7 +152,7 @@ class RunManager:
             created_at=(run_dir / rundir.CONFIG).stat().st_ctime if (run_dir / rundir.CONFIG).exists() else 0.0,
             error=status.error, error_kind=status.error_kind, warnings=tuple(status.warnings), devices=tuple(sorted(self.run_devices(cfg))),
             queue_position=queue.index(run_dir) + 1 if run_dir in queue else None,
-            batch=str(getattr(status, "batch", None) or ""),
+            batch=batch,
             **_node_info(cfg),
         )
 

@@ -61,6 +61,15 @@ def message(kind: str, title: str, lines: list[str] | None = None) -> str:
     return f'<div class="wb-msg wb-msg-{kind}" role="status"><b>{esc(title)}</b>{body}</div>'
 
 
+def batch_words(lang: str, batch: tuple[str, int] | None) -> str:
+    """What fills a training batch, in the page's language: "4 examples", "≤ 2,048 tokens"."""
+    if batch is None:
+        return "–"
+    kind, n = batch
+    key = "train.batch_tokens" if kind == "tokens" else "train.batch_example" if n == 1 else "train.batch_examples"
+    return t(lang, key, n=f"{n:,}")
+
+
 def run_card(lang: str, info: RunInfo | None, series: MetricSeries | None, now: float | None = None) -> str:
     """The Train tab's status card: state, progress bar, numbers. Data attributes let tests read it."""
     if info is None:
@@ -84,7 +93,7 @@ def run_card(lang: str, info: RunInfo | None, series: MetricSeries | None, now: 
         ("train.memory", memory_cell(latest, info.devices)),
         ("train.epoch", f"{latest['epoch']:.2f}" if isinstance(latest.get("epoch"), (int, float)) else "–"),
         ("train.points", f"{series.points if series else 0}"),
-        ("train.batch", info.batch or "–"),
+        ("train.batch", batch_words(lang, info.batch)),
     ]
     cells = "".join(f'<div class="wb-stat"><span>{esc(t(lang, k))}</span><b data-k="{k.split(".")[1]}">{esc(v)}</b></div>'
                     for k, v in stats)

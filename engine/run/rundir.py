@@ -58,7 +58,6 @@ class Status(BaseModel):
     error: str | None = None
     error_kind: str | None = None
     warnings: list[str] = []  # problems that did not stop the run (a tracker that failed, an untrained context)
-    batch: str | None = None  # what fills a training batch: "≤ 2,048 tokens" (a token budget) or "4 examples"
 
 
 def atomic_write(path: str | Path, text: str) -> None:

@@ -33,6 +33,7 @@ class StageRow:
     fields: tuple[str, ...] = ()  # method fields only this stage reads, e.g. "method.beta"
     metrics: tuple[tuple[str, ...], ...] = ()  # panels drawn under the loss
     checks: Callable[[RunConfig], list[Problem]] = _no_checks
+    packed: bool = False  # its batches are packed token streams, so training.batch_by: tokens applies
 
 
 def _lm_head_adapter(cfg: RunConfig) -> list[Problem]:
@@ -86,8 +87,8 @@ def _rl_checks(cfg: RunConfig) -> list[Problem]:
 
 
 ROWS: tuple[StageRow, ...] = (
-    StageRow("sft", "sft", "supervised fine-tuning on conversations"),
-    StageRow("pt", "pretrain", "continued pretraining on plain text, packed"),
+    StageRow("sft", "sft", "supervised fine-tuning on conversations", packed=True),
+    StageRow("pt", "pretrain", "continued pretraining on plain text, packed", packed=True),
     StageRow("rm", "preference", "a reward model: a scalar score head trained on preference pairs",
              metrics=(("accuracy", "eval_accuracy"), ("margin", "eval_margin"))),
     StageRow("dpo", "preference", "direct preference optimisation on preference pairs",
@@ -121,6 +122,15 @@ def stages_of(key: str) -> list[str] | None:
     """The stages that read a stage-only field, or None for a field every stage reads."""
     names = [row.name for row in ROWS if key in row.fields]
     return names or None
+
+
+def batch_fill(cfg: RunConfig) -> tuple[str, int]:
+    """What fills one training batch per device: ("tokens", cutoff_len × per-device batch) with
+    ``training.batch_by: tokens`` on a packed stage, else ("examples", the per-device batch size)."""
+    t = cfg.training
+    if t.batch_by == "tokens" and STAGES[cfg.method.stage].packed:
+        return "tokens", cfg.data.cutoff_len * t.per_device_train_batch_size
+    return "examples", t.per_device_train_batch_size
 
 
 def stage_problems(cfg: RunConfig) -> list[Problem]:

@@ -211,10 +211,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     trainer = recompute_within(atomic_saves(stage.build_trainer(ctx, model), config_text, protected=earlier))
     from engine.train.stages import describe_batch
 
-    batch = describe_batch(cfg)
-    log.info("training batch per device: %s", batch)
-    if trainer_is_main():
-        rundir.update_status(run_dir, batch=batch)
+    log.info("training batch per device: %s", describe_batch(cfg))
     if cfg.training.report_to:
         from engine.train.trackers import guard_trackers
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.run.stages import STAGE_KINDS
+from engine.run.stages import STAGE_KINDS, batch_fill
 
 REWARD_NAME = "reward_model"  # GRPO logs the reward model's mean as rewards/<REWARD_NAME>/mean
 
@@ -49,18 +49,15 @@ def sft_data(ctx: StageContext) -> None:
 
 
 def token_budget(cfg) -> int | None:
-    """Tokens per training batch with ``training.batch_by: tokens`` (cutoff_len × per-device batch), else None."""
-    t = cfg.training
-    return cfg.data.cutoff_len * t.per_device_train_batch_size if t.batch_by == "tokens" else None
+    """Tokens per training batch with ``training.batch_by: tokens`` on a packed stage, else None."""
+    kind, n = batch_fill(cfg)
+    return n if kind == "tokens" else None
 
 
 def describe_batch(cfg) -> str:
-    """A training batch per device in words, for train.log and the run card."""
-    budget = token_budget(cfg) if STAGES[cfg.method.stage].build_trainer in (sft_trainer, pt_trainer) else None
-    if budget:
-        return f"≤ {budget:,} tokens"
-    n = cfg.training.per_device_train_batch_size
-    return f"{n} example{'s' if n != 1 else ''}"
+    """A training batch per device in words, for train.log (the run card says it in the page's language)."""
+    kind, n = batch_fill(cfg)
+    return f"≤ {n:,} tokens" if kind == "tokens" else f"{n} example{'s' if n != 1 else ''}"
 
 
 def sft_trainer(ctx: StageContext, model):

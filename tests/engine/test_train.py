@@ -59,7 +59,7 @@ def test_lora_sft_under_deepspeed(tiny_model, tmp_path):
     assert "[workbench]" in (run_dir / "train.log").read_text() and "deepspeed" in (run_dir / "train.log").read_text()
     status = rundir.read_status(run_dir)
     assert status.state == "completed" and status.step == 8 and status.pid and status.ended_at
-    assert status.batch == "4 examples"
+    assert "training batch per device: 4 examples" in (run_dir / "train.log").read_text()
     log = (run_dir / "train.log").read_text()
     assert "gradient checkpointing (auto): off (" in log  # plenty of memory here
     from engine.run.hardware import find_allocator
@@ -242,7 +242,7 @@ def test_zero2_two_cpu_ranks(tiny_model, tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "dist_world_size=2" in log and "world size 2" in log
     # token-budget batches under DeepSpeed: each rank its own batches of at most cutoff_len x batch tokens
-    assert rundir.read_status(run_dir).batch == "≤ 1,024 tokens" and log.count("batch per device: ≤ 1,024 tokens") == 2
+    assert log.count("batch per device: ≤ 1,024 tokens") == 2
     assert len(_losses(run_dir)) == 4
     assert (run_dir / "checkpoint-4" / "adapter_model.safetensors").is_file()
 

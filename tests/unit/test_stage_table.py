@@ -75,3 +75,19 @@ def test_checks_and_data_tabs_do_not_import_the_trainer_builders():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not {m for m in imported if m and (m.startswith(("torch", "trl")) or m == "engine.train.stages")}, rel
+
+
+def test_a_token_budget_fills_the_batches_of_packed_stages_only():
+    def cfg(stage, batch_by):
+        return RunConfig.model_validate({"model": {"path": "m"}, "method": {"stage": stage},
+                                         "data": {"datasets": ["d"], "cutoff_len": 512},
+                                         "training": {"per_device_train_batch_size": 4, "batch_by": batch_by}})
+
+    from engine.train.stages import describe_batch, token_budget
+
+    assert {row.name for row in stages.ROWS if row.packed} == {"sft", "pt"}
+    assert stages.batch_fill(cfg("sft", "tokens")) == ("tokens", 2048) and token_budget(cfg("pt", "tokens")) == 2048
+    assert describe_batch(cfg("sft", "tokens")) == "≤ 2,048 tokens"
+    for stage, batch_by in (("sft", "examples"), ("dpo", "tokens"), ("kto", "examples")):
+        assert stages.batch_fill(cfg(stage, batch_by)) == ("examples", 4) and token_budget(cfg(stage, batch_by)) is None
+        assert describe_batch(cfg(stage, batch_by)) == "4 examples"

@@ -116,6 +116,10 @@ def test_every_plot_names_its_y_axis(tmp_path):
     assert curveview.loss_update(series, "en", 0.6, "step")["y_title"] == "Loss"
     lr = curveview.metric_update(series, "en", "learning_rate", "step")
     assert lr["y_title"] == curveview.words("en")["lr"] and lr["y_title"] not in ("", "y")
+    # its legend names the series in the page's language too, with the colour kept
+    for lang in ("en", "zh"):
+        update = curveview.metric_update(series, lang, "learning_rate", "step")
+        assert set(update["value"]["series"]) == {curveview.words(lang)["lr"]} == set(update["color_map"])
     assert curveview.metric_update(None, "zh", "learning_rate", "step")["y_title"] == curveview.words("zh")["lr"]
     assert curveview.metric_update(series, "en", "rewards/chosen,rewards/rejected", "step")["y_title"] == \
         "rewards/chosen, rewards/rejected"

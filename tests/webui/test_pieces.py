@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import shlex
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -118,12 +119,16 @@ def test_run_card_exposes_progress_for_people_and_tests(tmp_path):
     series = MetricSeries(tmp_path)
     series.update()
     info = RunInfo(id="r1", path=tmp_path, state="running", step=2, total_steps=8, last_loss=1.5, started_at=100.0,
-                   model="m", datasets=["identity"], method="lora", devices=("cpu",), batch="≤ 2,048 tokens")
+                   model="m", datasets=["identity"], method="lora", devices=("cpu",), batch=("tokens", 2048))
     html = views.run_card("en", info, series, now=160.0)
     for attr in ('data-state="running"', 'data-step="2"', 'data-total="8"', 'data-points="1"', "width:25.00%",
                  '<b data-k="batch">≤ 2,048 tokens</b>'):
         assert attr in html
     assert "1:00" in html and "1.5000" in html  # elapsed, loss
+    assert '<b data-k="batch">≤ 2,048 个 token</b>' in views.run_card("zh", info, series, now=160.0)
+    for batch, en, zh in ((("examples", 4), "4 examples", "4 个样本"), (("examples", 1), "1 example", "1 个样本")):
+        assert f'<b data-k="batch">{en}</b>' in views.run_card("en", replace(info, batch=batch), series, now=160.0)
+        assert f'<b data-k="batch">{zh}</b>' in views.run_card("zh", replace(info, batch=batch), series, now=160.0)
     failed = views.run_card("zh", RunInfo(id="r1", path=tmp_path, state="failed", error="boom <x>",
                                           error_kind="out_of_memory"), None)
     assert "内存不足" in failed and "boom &lt;x&gt;" in failed  # the cause, translated kind, escaped

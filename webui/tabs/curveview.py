@@ -96,10 +96,11 @@ def loss_update(series, lang: str, smoothing: float, x: str, show=curves.LOSS_SE
 
 def metric_update(series, lang: str, metric: str, x: str) -> dict:
     keys = [k for k in (metric or "learning_rate").split(",") if k]
-    rows = curves.metric_rows(series, keys)
+    names = {"learning_rate": words(lang)["lr"]}  # the legend says it in the page's language; stage metrics keep TRL's names
+    rows = curves.metric_rows(series, keys, names=names)
     title = words(lang)["lr"] if keys == ["learning_rate"] else ", ".join(keys)
     # the y axis says what it shows (an empty y_title makes the chart print the column's name, "y")
-    return _update(rows, curves.metric_colors(keys), x, title if rows else words(lang)["waiting"], lang, title)
+    return _update(rows, curves.metric_colors(keys, names), x, title if rows else words(lang)["waiting"], lang, title)
 
 
 def overlay_update(runs, lang: str, smoothing: float, x: str) -> dict:
