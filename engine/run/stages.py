@@ -33,7 +33,7 @@ class StageRow:
     fields: tuple[str, ...] = ()  # method fields only this stage reads, e.g. "method.beta"
     metrics: tuple[tuple[str, ...], ...] = ()  # panels drawn under the loss
     checks: Callable[[RunConfig], list[Problem]] = _no_checks
-    packed: bool = False  # its batches are packed token streams, so training.batch_by: tokens applies
+    packed: bool = False  # trained by PackedTrainer on packed batches: batch_by: tokens and auto checkpointing apply
 
 
 def _lm_head_adapter(cfg: RunConfig) -> list[Problem]:

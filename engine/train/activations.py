@@ -33,10 +33,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from engine.run.hardware import CPU_FIXED, CPU_SLACK
+from engine.run.stages import ROWS
 
 log = logging.getLogger("engine.train.activations")
 PROBE_TOKENS = 64
-PLANNED_STAGES = ("sft", "pt")  # the stages trained by engine.train.loss.PackedTrainer
+PLANNED_STAGES = tuple(row.name for row in ROWS if row.packed)  # trained by engine.train.loss.PackedTrainer
 BUDGET_SHARE = 0.5  # of the memory free at start, when no budget is given: the rest is left for allocator slack
 OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2,
                          "adafactor": 4, "sgd": 0}  # per trained parameter, besides its gradient
