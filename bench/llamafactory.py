@@ -66,6 +66,8 @@ def main() -> int:
         }
         if args.quantization:
             cfg["quantization_bit"] = args.quantization
+        if args.bf16:  # transformers refuses bf16 on a CPU without bf16 units unless told the run is on the CPU
+            cfg["use_cpu"] = True
         (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
         env = {**psutil.Process().environ(), "DISABLE_VERSION_CHECK": "1", "HF_HUB_OFFLINE": "1"}
         t0 = time.time()

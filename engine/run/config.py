@@ -43,7 +43,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = Field(DEFAULT_MODEL, json_schema_extra={"path": "path"}, description="Local Hugging Face model directory (config.json + weights + tokenizer).")
     template: str = Field("auto", description="Chat template: 'auto' uses the tokenizer's own chat template, or a registry name such as chatml, llama3, alpaca.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype the weights are loaded in; 'auto' = float32 on CPU, bfloat16 on GPUs that support it.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Dtype the weights are loaded in; 'auto' = bfloat16 on GPUs that support it (else float16); on a CPU float32, or bfloat16 for a LoRA/QLoRA base when the run computes in bf16.")
     quantization: Quantization = Field("none", description="Load the base weights quantized with bitsandbytes: 4-bit NF4 or FP4, or 8-bit. QLoRA needs nf4/fp4/int8.")
     double_quant: bool = Field(True, description="4-bit only: also quantize the quantization constants (saves ~0.4 bit per weight).")
     trust_remote_code: bool = Field(False, description="Allow the model directory to run its own Python code. Off unless you trust the files.")

@@ -122,8 +122,8 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
 
     from engine.train.callbacks import GracefulStop, RunReporter, StartupClock
     from engine.data.templates import get_template
-    from engine.train.model_setup import (compute_dtype, load_base_model, load_tokenizer, resolve_precision,
-                                          setup_finetuning)
+    from engine.train.model_setup import (compute_dtype, frozen_base, load_base_model, load_tokenizer,
+                                          resolve_precision, setup_finetuning)
     from engine.train.saving import atomic_saves, save_final
     from engine.train.stages import STAGES, StageContext
     from engine.run.dslaunch import import_deepspeed
@@ -180,7 +180,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     from engine.run.hardware import allocator_in_use
 
     log.info("memory allocator: %s", allocator_in_use())
-    model = load_base_model(cfg.model, compute, attn=attn, head=stage.head)
+    model = load_base_model(cfg.model, compute, attn=attn, head=stage.head, frozen=frozen_base(cfg, stage.head))
     qcfg = getattr(model.config, "quantization_config", None)
     log.info("base model %s: quantization=%s, 4-bit=%s, 8-bit=%s, dtype=%s, compute dtype=%s", cfg.model.path,
              cfg.model.quantization, getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False),
@@ -193,10 +193,12 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
                              head=stage.head)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from engine.train.activations import apply_auto, recompute_cheap_parts, recompute_within
+    from engine.train.activations import apply_auto, lora_inputs_once, recompute_cheap_parts, recompute_within
 
     log.info("recomputed in the backward pass instead of kept: the outputs of %d norms and %d gated MLPs' act(gate) * up",
              *recompute_cheap_parts(model, norms=not is_deepspeed_zero3_enabled()))
+    if precision != "fp32" and (adapted := lora_inputs_once(model)):
+        log.info("LoRA inputs kept once under autocast (not cast to fp32 first): %d layers", adapted)
     if cfg.training.gradient_checkpointing == "auto":
         log.info("gradient checkpointing (auto): %s", apply_auto(ctx.args, model, cfg))
     clock.mark("model")

@@ -36,12 +36,23 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def resolve_dtype(model_cfg: ModelConfig) -> torch.dtype:
+def resolve_dtype(model_cfg: ModelConfig, frozen_compute: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the weights load in. ``auto``: bf16 (fp16 where bf16 is missing) on a GPU; fp32 on a CPU, except
+    for a frozen base (``frozen_compute``: the compute dtype of a LoRA or QLoRA run) that computes in bf16: its
+    products round the weights to bf16 anyway, so they load as bf16 (half the memory, no cast per step, and
+    activations in bf16), while PEFT keeps the adapters in fp32 (see :func:`frozen_base`)."""
     if model_cfg.dtype != "auto":
         return _DTYPES[model_cfg.dtype]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return torch.bfloat16 if frozen_compute == torch.bfloat16 else torch.float32
+
+
+def frozen_base(cfg, head: str = "lm") -> bool:
+    """Whether a run (a RunConfig) trains only adapters (LoRA, QLoRA) over base weights that stay as loaded: no
+    modules_to_save, no extended vocabulary, no new score head, which would train 16-bit weights."""
+    return (cfg.method.finetuning_type in ("lora", "qlora") and not cfg.method.modules_to_save.strip()
+            and not cfg.model.extend_vocab and head == "lm")
 
 
 def quantization_config(model_cfg: ModelConfig, compute_dtype: torch.dtype):
@@ -84,9 +95,10 @@ def rope_scaled_config(model_cfg: ModelConfig):
 
 
 def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = None, device_map=None, attn: str | None = None,
-                    head: str = "lm"):
+                    head: str = "lm", frozen: bool = False):
     """The base model with its language-model head, or with ``head="score"`` a scalar score head (a reward model:
-    sequence classification with one label, its new linear layer named ``score``)."""
+    sequence classification with one label, its new linear layer named ``score``). ``frozen``: a training run that
+    keeps these weights frozen (see :func:`resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -96,7 +108,7 @@ def load_base_model(model_cfg: ModelConfig, compute_dtype: torch.dtype | None = 
         # ZeRO-3 partitions the weights while they load (zero.Init), and sizes its batch from deepspeed.comm's
         # world size: on CPU ranks nothing has set deepspeed.comm up yet, so it would count one rank of several.
         deepspeed.init_distributed()
-    dtype = resolve_dtype(model_cfg)
+    dtype = resolve_dtype(model_cfg, compute_dtype if frozen else None)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     if attn:
         kwargs["attn_implementation"] = attn

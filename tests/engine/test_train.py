@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine.run import launch, rundir
@@ -85,6 +86,22 @@ def test_every_trainable_parameter_changes(tiny_model, tmp_path):
     last = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
     lora_b = [k for k in last if "lora_B" in k]
     assert lora_b and all(not (first[k] == last[k]).all() for k in last), "every adapter tensor must change"
+
+
+def test_a_bf16_lora_run_trains_fp32_adapters_over_a_bf16_base(tiny_model, tmp_path):
+    """precision bf16 (what auto picks on CPUs with bf16 units, and on GPUs): the frozen base loads as bf16, the
+    adapters train and save in fp32, and each adapted layer's input is kept once under autocast."""
+    from safetensors.torch import load_file
+
+    run_dir = _run(_cfg(tiny_model, tmp_path / "run", training={"max_steps": 2, "save_steps": 1, "precision": "bf16"}))
+    log = (run_dir / "train.log").read_text()
+    assert "dtype=torch.bfloat16, compute dtype=torch.bfloat16" in log, log
+    assert re.search(r"LoRA inputs kept once under autocast \(not cast to fp32 first\): [1-9]\d* layers", log)
+    first = load_file(run_dir / "checkpoint-1" / "adapter_model.safetensors")
+    last = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    assert last and {t.dtype for t in last.values()} == {torch.float32}
+    assert all(not torch.equal(first[k], last[k]) for k in last), "every adapter tensor must change"
+    assert all(math.isfinite(x) for x in _losses(run_dir).values())
 
 
 def test_qlora_4bit_run(tiny_model, tmp_path):
