@@ -8,7 +8,9 @@ chunk's logits live at a time (the fused-linear-cross-entropy idea of Liger-Kern
 - a plain ``nn.Linear`` head: :class:`FusedLinearCrossEntropy` computes each chunk's logits, its loss and, when
   gradients are needed, its gradients for the hidden states and the head right away; the backward pass only
   scales them. No matmul is repeated, so it costs what the plain path costs.
-- any other head (a LoRA- or modules_to_save-wrapped head, a quantized one, a ZeRO-3 partitioned one): each
+- a frozen ZeRO-3 partitioned linear head (LoRA under ZeRO-3): its weight is gathered once for the whole loss,
+  then as a plain head.
+- any other head (a LoRA- or modules_to_save-wrapped head, a quantized one, a trained ZeRO-3 partitioned one): each
   chunk runs under ``torch.utils.checkpoint``, which keeps only the chunk's hidden states and recomputes its
   logits in the backward pass (one more head projection).
 - on CUDA with ``liger-kernel`` installed, a plain head uses Liger's own Triton kernel instead.
@@ -101,6 +103,20 @@ def checkpointed_sum(head, hidden, target, rows):
     return total if total is not None else hidden.sum() * 0.0
 
 
+def gathered_sum(head, hidden, target, rows):
+    """The summed CE over a frozen ZeRO-3 linear head: its weight gathered once for the whole loss, then the fused
+    loss of a plain head. Per chunk, each head call would gather the weight again, in the forward pass and in the
+    recomputation, and ranks whose batches have different numbers of trained positions would then call DeepSpeed's
+    collectives different numbers of times (a mismatch or a hang); here every rank gathers once per batch."""
+    import deepspeed
+
+    params = [p for p in (head.weight, head.bias) if p is not None]
+    with deepspeed.zero.GatheredParameters(params):
+        bias = None if head.bias is None else head.bias.detach()
+        return FusedLinearCrossEntropy.apply(hidden, head.weight.detach(), bias, target, rows,
+                                             torch.is_grad_enabled() and hidden.requires_grad)
+
+
 def plain_linear(head) -> bool:
     """Whether ``head`` is an ordinary linear layer whose whole weight is here (not wrapped, quantized or partitioned)."""
     return (type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter
@@ -123,6 +139,9 @@ def token_loss_sum(head, hidden, target, rows: int | None = None):
             return out[0] if isinstance(out, tuple) else out
         grads = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
         return FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, target, rows, grads)
+    if (type(head) is torch.nn.Linear and hasattr(head.weight, "ds_id")
+            and not any(p.requires_grad for p in head.parameters())):
+        return gathered_sum(head, hidden, target, rows)
     return checkpointed_sum(head, hidden, target, rows)
 
 

@@ -264,6 +264,22 @@ def test_zero2_two_cpu_ranks(tiny_model, tmp_path):
     assert (run_dir / "checkpoint-4" / "adapter_model.safetensors").is_file()
 
 
+def test_zero3_lora_two_cpu_ranks_in_bf16(tiny_model, tmp_path):
+    """LoRA under ZeRO-3 (bf16, as on GPUs): the partitioned head's weight is gathered once per batch for the chunked
+    loss (per-chunk gathers failed checkpoint's recomputation check, and mismatched the ranks' collectives)."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tiny_model, tmp_path / "run", distributed={"num_processes": 2, "zero_stage": 3},
+               training={"max_steps": 2, "save_steps": 2, "precision": "bf16", "per_device_train_batch_size": 8})
+    run_dir = _run(cfg, timeout=600)
+    assert "dist_world_size=2" in (run_dir / "train.log").read_text()
+    losses = _losses(run_dir)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses.values())
+    weights = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
+    # whole adapter matrices gathered from both ranks, in fp32
+    assert len(weights) == 28 and all(min(t.shape) == 8 and t.dtype == torch.float32 for t in weights.values())
+
+
 def test_stop_right_after_start_reads_stopped(tiny_model, tmp_path):
     run_dir = launch.start(_cfg(tiny_model, tmp_path / "run"))
     time.sleep(1)  # the launcher is still starting: no trainer, no stop handler yet
