@@ -251,7 +251,10 @@ def test_zero3_two_nodes_saves_a_whole_adapter(loop, tiny_model, tmp_path, one_t
     from safetensors.torch import load_file
 
     weights = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
-    # whole matrices gathered from both nodes (rank 8 by the tiny model's 64/128 dims), not one node's shard
-    assert len(weights) == 28 and all(t.dim() == 2 and min(t.shape) == 8 and max(t.shape) in (64, 128) for t in weights.values())
+    # whole matrices gathered from both nodes (rank 8 by the tiny model's 64/128 dims, 32 for k and v: two key-value
+    # heads of 16), not one node's shard
+    assert len(weights) == 28 and all(t.dim() == 2 and min(t.shape) == 8 and max(t.shape) in (32, 64, 128)
+                                      for t in weights.values())
+    assert tuple(weights["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"].shape) == (32, 8)
     assert tuple(weights["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape) == (8, 128)
     assert _wait_gone(run_dir) == []
