@@ -194,8 +194,11 @@ def setup_finetuning(model, method: MethodConfig, gradient_checkpointing: bool, 
             model.get_submodule(_find_module(model, name)).requires_grad_(True)
     else:
         model.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def count(p) -> int:  # a ZeRO-3 parameter is partitioned while it loads: ds_numel is its whole size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model
 
