@@ -123,6 +123,12 @@ def plain_linear(head) -> bool:
             and head.weight.numel() == head.in_features * head.out_features and not hasattr(head.weight, "ds_id"))
 
 
+def frozen_partitioned(head) -> bool:
+    """Whether ``head`` is a linear layer partitioned by ZeRO-3 that does not train (a LoRA run's head)."""
+    return (type(head) is torch.nn.Linear and hasattr(head.weight, "ds_id")
+            and not any(p.requires_grad for p in head.parameters()))
+
+
 def liger_available(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
 
@@ -139,8 +145,7 @@ def token_loss_sum(head, hidden, target, rows: int | None = None):
             return out[0] if isinstance(out, tuple) else out
         grads = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
         return FusedLinearCrossEntropy.apply(hidden, head.weight, head.bias, target, rows, grads)
-    if (type(head) is torch.nn.Linear and hasattr(head.weight, "ds_id")
-            and not any(p.requires_grad for p in head.parameters())):
+    if frozen_partitioned(head):
         return gathered_sum(head, hidden, target, rows)
     return checkpointed_sum(head, hidden, target, rows)
 
