@@ -117,6 +117,9 @@ def main() -> int:
         tail = rundir.log_tail(run_dir, 400).splitlines()
         said = [line.split("gradient checkpointing ", 1)[1] for line in tail if "engine.train: gradient checkpointing " in line]
         startup = [line.split("start-up: ", 1)[1] for line in tail if "start-up: " in line]
+        # what `precision: auto` resolved to on this machine (engine/train/entry.py logs it)
+        chosen = [line.split("engine.train: precision ", 1)[1].split(",")[0] for line in tail
+                  if "engine.train: precision " in line]
         planned = {"checkpointing": said[-1]} if said else {}
         if sampler.over:
             print(json.dumps({"out_of_budget": True, "rss_budget_gb": args.rss_budget_gb, "cutoff_len": args.cutoff_len,
@@ -135,6 +138,7 @@ def main() -> int:
                         + (f" within {args.memory_gb} GB" if args.memory_gb else "")
                         + (", token-budget batches" if args.batch_by == "tokens" else "")
                         + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""),
+            **({"precision": chosen[-1]} if chosen else {}),
             "input_tokens": last["tokens"],
             "train_seconds": round(last["elapsed_s"], 1),
             "tokens_per_s": round(last["tokens"] / last["elapsed_s"], 1),
