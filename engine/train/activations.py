@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 
 import psutil
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from engine.run.hardware import CPU_FIXED, CPU_SLACK
 from engine.run.stages import ROWS
@@ -201,18 +200,20 @@ def recompute_within(trainer):
     return mix_in(trainer, _RecomputingLoss, "Recomputing")
 
 
-def _act_times_up(act, gate, up):
-    return act(gate) * up
+def _times(recipe, up):
+    return recipe() * up
 
 
 def _gated_mlp_forward(self, x):
     # as the model's own MLP (down(act(gate(x)) * up(x))), with act(gate) and the product recomputed in the
-    # backward pass: only gate(x) and up(x) are kept
-    if not torch.is_grad_enabled():
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    # backward pass from gate(x) and up(x), which are kept anyway (by the activation's and the product's backward):
+    # act(gate) once, shared by the product's recomputation and the product's own backward
     gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(_cheap(checkpoint(_act_times_up, self.act_fn, gate, up, use_reentrant=False),
-                                 _act_times_up, self.act_fn, gate, up))
+    act = _cheap(self.act_fn(gate), self.act_fn, gate)
+    recipe = recipe_for(act) if _registering[0] and torch.is_grad_enabled() else None
+    if recipe is None:
+        return self.down_proj(act * up)
+    return self.down_proj(_cheap(act * up, _times, recipe, up))
 
 
 def _norm_forward(forward):

@@ -160,3 +160,14 @@ def test_cheap_recompute_keeps_less_and_changes_nothing(tiny_model):
         loss.backward()
         return alive, len(refs)
     assert alive_after_forward(plain) == (6, 6) and alive_after_forward(patched) == (0, 6)
+
+    # act(gate) is recomputed once in the backward pass, for the product's recomputation and its own backward both
+    calls = []
+    for layer in patched.model.layers:
+        layer.mlp.act_fn.register_forward_hook(lambda *args: calls.append(1))
+    patched.zero_grad()
+    with cheap_recompute():
+        loss = patched(input_ids=ids, labels=ids).loss
+    assert len(calls) == 2  # the forward pass, one per layer
+    loss.backward()
+    assert len(calls) == 4 and torch.equal(loss.detach(), loss_a)
