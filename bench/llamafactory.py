@@ -8,6 +8,7 @@ LLaMA-Factory is not a dependency: install it into a separate venv first (its pi
     # unconditionally (for audio data only), so give it an empty package
     /tmp/lfvenv/bin/pip uninstall -y torchvision torchaudio
     mkdir -p /tmp/lfvenv/lib/python3.11/site-packages/torchaudio && touch /tmp/lfvenv/lib/python3.11/site-packages/torchaudio/__init__.py
+    /tmp/lfvenv/bin/pip install -c /tmp/c.txt bitsandbytes==0.50.2  # for --quantization 4 (ours uses the same)
     .venv/bin/python bench/llamafactory.py --venv /tmp/lfvenv [--bf16] [--quantization 4]
 
 Same workload as train_speed.py (shared/datasets/README.md), with LLaMA-Factory's defaults otherwise
