@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.run.checkpoint import safetensors_params
-from engine.run.hardware import CPU_FIXED, CPU_LIBRARIES, CPU_SLACK
+from engine.run.hardware import CPU_FIXED, CPU_LIBRARIES, CPU_SLACK, cpu_flags, cpu_has_bf16
 from engine.run.paths import exists
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,14 +123,32 @@ def kept_per_token_layer(i: ModelInfo) -> int:
     return 2 * i.hidden + 2 * q + 2 * kv + 2 * i.intermediate
 
 
+def kept_bytes(i: ModelInfo, half: bool) -> int:
+    """Bytes one decoder layer keeps per token: 4 per kept value in fp32; in 16 bits 2, except the two norms' inputs,
+    which the norm keeps as fp32 (the Llama-family RMSNorm computes in fp32). Within 4% of the engine's probe on the
+    default model either way (tests/webui/test_pieces.py)."""
+    return kept_per_token_layer(i) * 2 + 2 * i.hidden * 2 if half else kept_per_token_layer(i) * 4
+
+
+def computes_in_16_bits(precision: str, gpu: bool, flags: set[str] | None = None) -> bool:
+    """Whether ``training.precision`` trains in bf16 or fp16 here, as the rank resolves it
+    (engine.train.model_setup.resolve_precision): ``auto`` does on a GPU and on a CPU with bf16 units."""
+    if precision != "auto":
+        return precision in ("bf16", "fp16")
+    return gpu or cpu_has_bf16(cpu_flags() if flags is None else flags)
+
+
 def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cutoff: int, lora_rank: int,
                     freeze_layers: int, gradient_checkpointing: bool | str, gpu: bool,
-                    memory_gb: float = 0.0) -> dict[str, float]:
+                    memory_gb: float = 0.0, half: bool | None = None) -> dict[str, float]:
     """Peak memory in GiB (weights, gradients + optimizer, activations of the largest batch, and the total with the
     runtime's own) of one training process. ``gradient_checkpointing`` 'auto' checkpoints as many layers as
-    ``memory_gb`` needs (0: none, the most it takes), as the engine plans it."""
+    ``memory_gb`` needs (0: none, the most it takes), as the engine plans it. ``half``: the run computes in 16 bits
+    (:func:`computes_in_16_bits`; None: on a GPU only). Weights load in 16 bits on a GPU, and on a CPU for the
+    frozen base of a 16-bit LoRA or QLoRA run (engine.train.model_setup.resolve_dtype); else in fp32."""
     params = i.params or 0
-    wbytes = 2 if gpu else 4  # dtype auto: bf16 on GPUs, fp32 on the CPU
+    half = gpu if half is None else half
+    wbytes = 2 if gpu or (half and method in ("lora", "qlora")) else 4
     body = params - i.embed_params
     qbytes = {"nf4": 0.53, "fp4": 0.53, "int8": 1.0}.get(quantization)
     weights = (body * qbytes + i.embed_params * wbytes) if qbytes else params * wbytes
@@ -141,12 +159,13 @@ def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cu
     else:
         trainable = params
     # gradients in the training dtype + AdamW's two fp32 moments (+ fp32 master weights with bf16 on GPUs)
-    states = trainable * (wbytes + 8 + (4 if gpu and method in ("full", "freeze") else 0))
+    states = trainable * ((2 if gpu else 4) + 8 + (4 if gpu and method in ("full", "freeze") else 0))
     tokens = batch * cutoff
     # + one chunk's fp32 logits, softmax and gradient (the loss is computed a chunk at a time: engine/train/loss.py)
     loss = min(tokens, 256) * i.vocab * 12
-    full = tokens * i.layers * kept_per_token_layer(i) * wbytes
-    every = tokens * (i.layers * i.hidden + kept_per_token_layer(i)) * wbytes  # checkpointed: each layer's input
+    full = tokens * i.layers * kept_bytes(i, half)
+    # checkpointed: each layer's input, in the dtype of the residual stream (the weights')
+    every = tokens * (i.layers * i.hidden * wbytes + kept_bytes(i, half))
     fixed, slack = (0.4 * 2**30, 1.0) if gpu else (CPU_FIXED + CPU_LIBRARIES, CPU_SLACK)
     if gradient_checkpointing in (True, "on"):
         activations = every

@@ -61,12 +61,42 @@ def test_memory_estimate_keeps_what_training_keeps(default_model):
     model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     recompute_cheap_parts(model)
-    assert modelinfo.kept_per_token_layer(info) * 4 == pytest.approx(probe(model), rel=0.04)
+    assert modelinfo.kept_bytes(info, half=False) == modelinfo.kept_per_token_layer(info) * 4
+    assert modelinfo.kept_bytes(info, half=False) == pytest.approx(probe(model), rel=0.04)
     args = (info, "lora", "none", 4, 512, 8, 2)
     off, on = (modelinfo.estimate_memory(*args, gc, False)["total"] for gc in ("off", "on"))
     assert on < off == modelinfo.estimate_memory(*args, "auto", False)["total"]
     assert modelinfo.estimate_memory(*args, "auto", False, memory_gb=3.0)["total"] * 2**30 / 1e9 == pytest.approx(3.0)
     assert modelinfo.estimate_memory(*args, "auto", False, memory_gb=0.5)["total"] == on  # nothing fits: every layer
+
+
+def test_memory_estimate_in_bf16_on_a_cpu(default_model):
+    """A bf16 LoRA run on a CPU (what precision auto picks where the CPU has bf16 units) loads its frozen base in
+    bf16 and keeps bf16 activations: the estimate follows the engine's probe of that run, and the precision is
+    resolved as the rank resolves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.train.activations import lora_inputs_once, probe, recompute_cheap_parts
+
+    info = modelinfo.inspect_model(default_model)
+    model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    recompute_cheap_parts(model)
+    lora_inputs_once(model)
+    assert modelinfo.kept_bytes(info, half=True) == pytest.approx(probe(model, autocast=torch.bfloat16), rel=0.04)
+    args = (info, "lora", "none", 4, 512, 8, 2, "off", False)
+    fp32, bf16 = modelinfo.estimate_memory(*args, half=False), modelinfo.estimate_memory(*args, half=True)
+    assert bf16["weights"] == pytest.approx(fp32["weights"] / 2) and bf16["states"] == fp32["states"]  # fp32 adapters
+    assert bf16["activations"] < 0.7 * fp32["activations"]
+    full = (info, "full", "none", 4, 512, 8, 2, "off", False)
+    assert modelinfo.estimate_memory(*full, half=True)["weights"] == modelinfo.estimate_memory(*full)["weights"]
+    assert modelinfo.estimate_memory(*args) == fp32  # a CPU run computes in fp32 unless told otherwise
+    amx, avx2 = {"avx512f", "avx512_bf16", "amx_bf16"}, {"avx2", "fma"}
+    assert modelinfo.computes_in_16_bits("auto", False, amx) and not modelinfo.computes_in_16_bits("auto", False, avx2)
+    assert modelinfo.computes_in_16_bits("auto", True, avx2) and modelinfo.computes_in_16_bits("bf16", False, avx2)
+    assert not modelinfo.computes_in_16_bits("fp32", True, amx)
 
 
 def test_model_path_validation(tmp_path):

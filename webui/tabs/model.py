@@ -12,7 +12,7 @@ from engine.run.paths import PathRefused
 
 from .. import chatfmt, form
 from ..i18n import t
-from ..modelinfo import ROOT, ModelPathError, estimate_memory, human_count, inspect_model, local_models, resolve_model_path
+from ..modelinfo import ROOT, ModelPathError, computes_in_16_bits, estimate_memory, human_count, inspect_model, local_models, resolve_model_path
 from ..views import esc, message
 from .data import confined
 
@@ -33,7 +33,7 @@ def model_choices(ctx) -> list[str]:
 
 
 def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff, rank, freeze, gc, gpu: bool,
-              policy=None, memory_gb=0.0) -> str:
+              policy=None, memory_gb=0.0, precision: str = "auto") -> str:
     try:
         path = resolve_model_path(path_text, policy)
         info = inspect_model(path)
@@ -56,7 +56,7 @@ def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff,
             q = "nf4"
         try:
             est = estimate_memory(info, m, q, int(batch or 1), int(cutoff or 512), int(rank or 8), int(freeze or 1), gc, gpu,
-                                  float(memory_gb or 0))
+                                  float(memory_gb or 0), half=computes_in_16_bits(precision or "auto", gpu))
         except (TypeError, ValueError):
             continue
         cls = ' class="wb-current"' if m == method else ""
@@ -145,10 +145,11 @@ def wire(ctx) -> None:
     gpu = bool(ctx.manager.gpus)
     est_inputs = [lang, f["model.path"], f["method.finetuning_type"], f["model.quantization"],
                   f["training.per_device_train_batch_size"], f["data.cutoff_len"], f["method.lora_rank"],
-                  f["method.freeze_trainable_layers"], f["training.gradient_checkpointing"], f["training.memory_gb"]]
+                  f["method.freeze_trainable_layers"], f["training.gradient_checkpointing"], f["training.memory_gb"],
+                  f["training.precision"]]
 
-    def refresh_info(lg, path, method, quant, batch, cutoff, rank, freeze, gc, memory_gb):
-        return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu, ctx.policy, memory_gb)
+    def refresh_info(lg, path, method, quant, batch, cutoff, rank, freeze, gc, memory_gb, precision):
+        return info_html(lg, path, method, quant, batch, cutoff, rank, freeze, gc, gpu, ctx.policy, memory_gb, precision)
 
     ctx.on_load.append((refresh_info, est_inputs, c["model_info"], [comp.change for comp in est_inputs[1:]]))
     ctx.on_lang.append((refresh_info, est_inputs, c["model_info"]))
