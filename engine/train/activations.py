@@ -208,12 +208,12 @@ def _gated_mlp_forward(self, x):
     # as the model's own MLP (down(act(gate(x)) * up(x))), with act(gate) and the product recomputed in the
     # backward pass from gate(x) and up(x), which are kept anyway (by the activation's and the product's backward):
     # act(gate) once, shared by the product's recomputation and the product's own backward
+    if not (_registering[0] and torch.is_grad_enabled()):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
     gate, up = self.gate_proj(x), self.up_proj(x)
     act = _cheap(self.act_fn(gate), self.act_fn, gate)
-    recipe = recipe_for(act) if _registering[0] and torch.is_grad_enabled() else None
-    if recipe is None:
-        return self.down_proj(act * up)
-    return self.down_proj(_cheap(act * up, _times, recipe, up))
+    recipe = recipe_for(act)
+    return self.down_proj(act * up if recipe is None else _cheap(act * up, _times, recipe, up))
 
 
 def _norm_forward(forward):
