@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.run.checkpoint import safetensors_params
-from engine.run.hardware import CPU_FIXED, CPU_LIBRARIES, CPU_SLACK, cpu_flags, cpu_has_bf16
+from engine.run.hardware import CPU_FIXED, CPU_LIBRARIES, CPU_SLACK, computes_in_16_bits  # noqa: F401 - named in estimate_memory
 from engine.run.paths import exists
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,14 +128,6 @@ def kept_bytes(i: ModelInfo, half: bool) -> int:
     which the norm keeps as fp32 (the Llama-family RMSNorm computes in fp32). Within 4% of the engine's probe on the
     default model either way (tests/webui/test_pieces.py)."""
     return kept_per_token_layer(i) * 2 + 2 * i.hidden * 2 if half else kept_per_token_layer(i) * 4
-
-
-def computes_in_16_bits(precision: str, gpu: bool, flags: set[str] | None = None) -> bool:
-    """Whether ``training.precision`` trains in bf16 or fp16 here, as the rank resolves it
-    (engine.train.model_setup.resolve_precision): ``auto`` does on a GPU and on a CPU with bf16 units."""
-    if precision != "auto":
-        return precision in ("bf16", "fp16")
-    return gpu or cpu_has_bf16(cpu_flags() if flags is None else flags)
 
 
 def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cutoff: int, lora_rank: int,

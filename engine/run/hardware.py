@@ -69,6 +69,14 @@ def slow_bf16_on_cpu(flags: set[str] | None = None, gpu: bool | None = None) -> 
     return not gpu and bool(flags) and not cpu_has_bf16(flags)
 
 
+def computes_in_16_bits(precision: str, gpu: bool, flags: set[str] | None = None) -> bool:
+    """Whether ``training.precision`` trains in bf16 or fp16 here, as the rank resolves it
+    (engine.train.model_setup.resolve_precision, with torch): ``auto`` does on a GPU and on a CPU with bf16 units."""
+    if precision != "auto":
+        return precision in ("bf16", "fp16")
+    return gpu or cpu_has_bf16(cpu_flags() if flags is None else flags)
+
+
 # PyTorch's CPU launcher's order and jemalloc setting (torch/backends/xeon/run_cpu.py), with the versioned names
 # the runtime packages install (Debian: libtcmalloc-minimal4, libjemalloc2) besides the development links.
 ALLOCATORS = {"tcmalloc": ("libtcmalloc.so", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc_minimal.so.4"),

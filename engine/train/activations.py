@@ -207,9 +207,9 @@ def _times(recipe, up):
 def _gated_mlp_forward(self, x):
     # as the model's own MLP (down(act(gate(x)) * up(x))), with act(gate) and the product recomputed in the
     # backward pass from gate(x) and up(x), which are kept anyway (by the activation's and the product's backward):
-    # act(gate) once, shared by the product's recomputation and the product's own backward
-    # the same operations in the same order either way: a checkpointed layer's replay (outside the recomputing
-    # forward pass) must save what its forward pass saved
+    # act(gate) once, shared by the product's recomputation and the product's own backward. Both paths run the same
+    # operations in the same order: a checkpointed layer's replay (outside cheap_recompute) must save what its
+    # forward pass saved.
     gate, up = self.gate_proj(x), self.up_proj(x)
     if not (_registering[0] and torch.is_grad_enabled()):
         return self.down_proj(self.act_fn(gate) * up)

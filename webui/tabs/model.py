@@ -8,11 +8,12 @@ from pathlib import Path
 import gradio as gr
 
 from engine.data.templates import template_names
+from engine.run.hardware import computes_in_16_bits
 from engine.run.paths import PathRefused
 
 from .. import chatfmt, form
 from ..i18n import t
-from ..modelinfo import ROOT, ModelPathError, computes_in_16_bits, estimate_memory, human_count, inspect_model, local_models, resolve_model_path
+from ..modelinfo import ROOT, ModelPathError, estimate_memory, human_count, inspect_model, local_models, resolve_model_path
 from ..views import esc, message
 from .data import confined
 
@@ -49,14 +50,14 @@ def info_html(lang: str, path_text: str, method: str, quant: str, batch, cutoff,
         ("model.has_template", t(lang, "common.yes") if info.chat_template else t(lang, "common.no")),
     ]
     kv = "".join(f'<div class="wb-kv"><span>{esc(t(lang, k))}</span><b>{esc(v)}</b></div>' for k, v in facts)
-    rows = []
+    rows, half = [], computes_in_16_bits(precision or "auto", gpu)
     for m in METHODS:
         q = quant if m == "qlora" else "none"
         if m == "qlora" and q == "none":
             q = "nf4"
         try:
             est = estimate_memory(info, m, q, int(batch or 1), int(cutoff or 512), int(rank or 8), int(freeze or 1), gc, gpu,
-                                  float(memory_gb or 0), half=computes_in_16_bits(precision or "auto", gpu))
+                                  float(memory_gb or 0), half=half)
         except (TypeError, ValueError):
             continue
         cls = ' class="wb-current"' if m == method else ""
