@@ -262,22 +262,41 @@ def recompute_cheap_parts(model, norms: bool = True) -> tuple[int, int]:
     return patched_norms, patched_mlps
 
 
-def _lora_input_as_is(module, args):
-    x = args[0] if args else None
-    module.cast_input_dtype_enabled = not (torch.is_tensor(x) and torch.is_autocast_enabled(x.device.type))
+def _fused_lora_forward(self, x, *args, **kwargs):
+    # PEFT's vanilla LoRA (base(x) + lora_B(lora_A(dropout(x))) * scaling) with the last product, its scaling and the
+    # sum in one addmm; anything else (merged, disabled, several or mixed adapters, DoRA and other variants, a lora_B
+    # with a bias, ZeRO-3's partitioned weights) goes through PEFT's own forward
+    names = self.active_adapters
+    name = names[0] if len(names) == 1 else None
+    lora_B = self.lora_B[name] if name in self.lora_B else None
+    autocast = torch.is_tensor(x) and torch.is_autocast_enabled(x.device.type)
+    if (args or kwargs or lora_B is None or self.disable_adapters or self.merged or name in self.lora_variant
+            or lora_B.bias is not None or hasattr(lora_B.weight, "ds_id") or name not in self.lora_A):
+        return self._peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    if not autocast and not (result.dtype == x.dtype == lora_B.weight.dtype):
+        return self._peft_forward(x, *args, **kwargs)
+    h = self.lora_A[name](self.lora_dropout[name](x))
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.weight.t(),
+                      alpha=self.scaling[name])
+    return out.view(result.shape)
 
 
-def lora_inputs_once(model) -> int:
-    """Under autocast, keep one copy of each adapted layer's input, not two. PEFT casts a LoRA layer's input to the
-    adapter's dtype (fp32) before ``lora_A``, and autocast casts it back to 16 bits for the product: a second copy of
-    the input per adapted projection, kept for the backward pass (the default model in bf16, per token and layer:
-    23.7 KiB kept, 13.9 KiB without it). While autocast runs the cast is skipped (the product runs in autocast's
-    dtype either way, so no value changes); outside autocast PEFT casts as before. Returns how many layers do so."""
+def fused_lora(model) -> int:
+    """Each LoRA layer's adapter product added by one ``addmm``: ``base(x) + (A x)ᵀ Bᵀ · scaling`` without a separate
+    scaling and sum over the whole output (two full passes over each projection's output in the forward pass, and
+    the scaling's again in the backward pass). Under autocast the layer's input also meets ``lora_A`` as it is:
+    PEFT would cast it to the adapter's fp32 and autocast back to 16 bits, a second copy kept for the backward pass
+    (the default model in bf16, per token and layer: 23.7 KiB kept, 13.9 KiB without it); the product runs in
+    autocast's dtype either way. Returns how many layers do so; cases PEFT handles otherwise go through its own
+    forward."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")
+              and not hasattr(m, "_peft_forward")]
     for layer in layers:
-        layer.register_forward_pre_hook(_lora_input_as_is)
+        layer._peft_forward = layer.forward
+        layer.forward = types.MethodType(_fused_lora_forward, layer)
     return len(layers)
 
 

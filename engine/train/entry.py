@@ -193,12 +193,12 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
                              head=stage.head)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from engine.train.activations import apply_auto, lora_inputs_once, recompute_cheap_parts, recompute_within
+    from engine.train.activations import apply_auto, fused_lora, recompute_cheap_parts, recompute_within
 
     log.info("recomputed in the backward pass instead of kept: the outputs of %d norms and %d gated MLPs' act(gate) * up",
              *recompute_cheap_parts(model, norms=not is_deepspeed_zero3_enabled()))
-    if precision != "fp32" and (adapted := lora_inputs_once(model)):
-        log.info("LoRA inputs kept once under autocast (not cast to fp32 first): %d layers", adapted)
+    if adapted := fused_lora(model):
+        log.info("LoRA layers adding their product in one addmm (input kept once under autocast): %d", adapted)
     if cfg.training.gradient_checkpointing == "auto":
         log.info("gradient checkpointing (auto): %s", apply_auto(ctx.args, model, cfg))
     clock.mark("model")

@@ -78,13 +78,13 @@ def test_memory_estimate_in_bf16_on_a_cpu(default_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from engine.train.activations import lora_inputs_once, probe, recompute_cheap_parts
+    from engine.train.activations import fused_lora, probe, recompute_cheap_parts
 
     info = modelinfo.inspect_model(default_model)
     model = AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     recompute_cheap_parts(model)
-    lora_inputs_once(model)
+    fused_lora(model)
     assert modelinfo.kept_bytes(info, half=True) == pytest.approx(probe(model, autocast=torch.bfloat16), rel=0.04)
     args = (info, "lora", "none", 4, 512, 8, 2, "off", False)
     fp32, bf16 = modelinfo.estimate_memory(*args, half=False), modelinfo.estimate_memory(*args, half=True)
