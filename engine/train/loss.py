@@ -30,6 +30,7 @@ from transformers import Trainer
 
 IGNORE = -100
 CHUNK_BYTES = 32 * 2**20  # one chunk's fp32 logits: 170 rows of a 49k vocabulary
+TINY = 1e-30  # a target's probability below this is taken from the log-sum-exp instead (fp32 underflow)
 
 
 def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
@@ -51,26 +52,52 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        # the logits in the dtype F.linear would give them (autocast's, if on), in one buffer reused by every chunk,
+        # and their softmax in one fp32 buffer, filled and normalised in place: fresh buffers per chunk cost page
+        # faults on a CPU, and a log-sum-exp's separate max, subtraction, exp and sum each pass over the chunk
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.result_type(hidden, weight)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        shape = (min(rows, hidden.shape[0]), weight.shape[0])
+        probs = torch.empty(shape, dtype=torch.float32, device=hidden.device)
+        out = probs if dtype == torch.float32 else torch.empty(shape, dtype=dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], target[start:start + rows]
-            logits = F.linear(h, weight, bias).float()
+            p, logits = probs[:len(t)], out[:len(t)]
+            if b is None:
+                torch.mm(h.to(dtype), w.t(), out=logits)
+            else:
+                torch.addmm(b, h.to(dtype), w.t(), out=logits)
+            if out is not probs:
+                p.copy_(logits)
+            torch.ops.aten._softmax.out(p, -1, False, out=p)
             valid = t != IGNORE
             safe = t.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+            rows_ = torch.arange(len(t), device=t.device)
+            picked = p[rows_, safe]
+            # CE = -log softmax[target]; where that probability underflows, logsumexp(logits) - logits[target]
+            ce = -torch.log(picked)
+            low = (picked < TINY) & valid
+            if bool(low.any()):
+                exact = F.linear(h[low].to(dtype), w, b).float()
+                ce[low] = torch.logsumexp(exact, dim=-1) - exact.gather(1, safe[low][:, None]).squeeze(1)
+            total += torch.where(valid, ce, 0.0).sum()
             if not (need_h or need_w or need_b):
                 continue
-            # d(sum CE)/d logits = softmax - one_hot, zero on ignored rows; computed in place over the logits
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad[torch.arange(len(t), device=t.device), safe] -= 1.0
-            grad *= valid[:, None]
+            # d(sum CE)/d logits = softmax - one_hot, zero on ignored rows; computed in place over the softmax
+            p[rows_, safe] -= 1.0
+            if not bool(valid.all()):
+                p[~valid] = 0.0
             if need_h:
-                grad_h[start:start + rows] = grad.to(hidden.dtype) @ weight
+                grad = p if out is probs else logits.copy_(p)  # the logits' buffer, done with
+                if grad.dtype == grad_h.dtype:
+                    torch.mm(grad, w, out=grad_h[start:start + rows])
+                else:
+                    grad_h[start:start + rows] = grad @ w
             if need_w:
-                grad_w += grad.t() @ h.float()
+                grad_w.addmm_(p.t(), h.float())
             if need_b:
-                grad_b += grad.sum(0)
+                grad_b += p.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total

@@ -48,6 +48,33 @@ def test_fused_head_loss_and_grads_equal_plain():
         torch.testing.assert_close(a, b, **TOL)
 
 
+def test_fused_head_where_the_targets_probability_underflows():
+    """A target far below the top logits (probability under fp32's range): its loss comes from the log-sum-exp."""
+    head, h, target = _case(bias=False)
+    with torch.no_grad():
+        head.weight.mul_(40.0)
+    want = _plain(head, h, target)
+    assert want.item() > 1000  # some targets' softmax is 0 in fp32
+    want_grads = _grads(head, h, want)
+    got = token_loss_sum(head, h, target, rows=8)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(_grads(head, h, got), want_grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_fused_head_in_bf16_matches_the_plain_loss_of_bf16_logits():
+    """A bf16 head and hidden states: the logits are bf16 products (as F.linear gives them), the softmax fp32."""
+    head, h, target = _case(bias=False)
+    head = head.to(torch.bfloat16)
+    hb = h.detach().to(torch.bfloat16).requires_grad_()
+    want = F.cross_entropy(head(hb).float(), target, ignore_index=-100, reduction="sum")
+    (want_h,) = torch.autograd.grad(want, hb)
+    got = token_loss_sum(head, hb, target, rows=8)
+    (got_h,) = torch.autograd.grad(got, hb)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got_h.float(), want_h.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_wrapped_head_uses_checkpointed_chunks_with_equal_grads():
     head, h, target = _case(bias=False)
     wrapped = torch.nn.Sequential(head)  # not a plain Linear: each chunk is recomputed in the backward pass
