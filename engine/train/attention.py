@@ -69,11 +69,12 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
                                       is_causal=is_causal, **kwargs)
     gqa = getattr(module, "num_key_value_groups", 1) > 1
     dropout = dropout if module.training else 0.0
+    # split, not sliced: the backward pass of a split is one cat of the parts' gradients, where each slice's would
+    # be a zero-filled tensor of the whole row and a sum
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     parts = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                       scale=scaling, is_causal=True, enable_gqa=gqa)
-        for s, e in zip(bounds[:-1], bounds[1:])
-        if e > s
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
+        for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))
     ]
     out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
