@@ -111,8 +111,8 @@ def test_held_now_counts_weights_mapped_from_their_file(tmp_path):
 def test_cheap_recompute_keeps_less_and_changes_nothing(tiny_model):
     """Within cheap_recompute the norms' outputs and the gated MLP's act(gate) * up are recomputed in the backward
     pass: 2 x hidden + 2 x intermediate values less per token per layer (act(gate) and the product), the same loss
-    and gradients to the bit (Llama here, full fine-tuning; the Qwen2, Mistral and Gemma runs of
-    tests/engine/test_family_runs.py train so)."""
+    to the bit and the same gradients to fp32 rounding (Llama here, full fine-tuning; the Qwen2, Mistral and Gemma
+    runs of tests/engine/test_family_runs.py train so)."""
     import copy
 
     from engine.train.activations import cheap_recompute, recompute_cheap_parts
@@ -134,10 +134,14 @@ def test_cheap_recompute_keeps_less_and_changes_nothing(tiny_model):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     (loss_a, grads_a), (loss_b, grads_b) = run(plain), run(patched)
-    assert torch.equal(loss_a, loss_b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:  # the norms' own backward pass (activations._RMSNorm) rounds differently from autograd's
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6)
     saved = [saved_bytes(m, lambda m=m: m.model(input_ids=ids, position_ids=torch.arange(TOKENS)[None]))
              for m in (plain, patched)]
-    per_layer = 2 * config.hidden_size + 2 * config.intermediate_size  # fp32 values
+    # fp32 values: the two norms' outputs, act(gate) and the product; and the norms' normalised values, which
+    # autograd keeps for a trained weight's gradient and activations._RMSNorm recomputes from the input it keeps
+    per_layer = 4 * config.hidden_size + 2 * config.intermediate_size
     assert saved[0] - saved[1] == 2 * TOKENS * per_layer * 4
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids).logits, patched(input_ids=ids).logits)
