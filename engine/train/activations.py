@@ -304,16 +304,17 @@ def recompute_cheap_parts(model, norms: bool = True) -> tuple[int, int]:
 def _fused_lora_forward(self, x, *args, **kwargs):
     # PEFT's vanilla LoRA (base(x) + lora_B(lora_A(dropout(x))) * scaling) with the last product, its scaling and the
     # sum in one addmm; anything else (merged, disabled, several or mixed adapters, DoRA and other variants, a lora_B
-    # with a bias, ZeRO-3's partitioned weights) goes through PEFT's own forward
+    # with a bias or not linear (embeddings, convolutions), ZeRO-3's partitioned weights) goes through PEFT's own
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
     lora_B = self.lora_B[name] if name in self.lora_B else None
     autocast = torch.is_tensor(x) and torch.is_autocast_enabled(x.device.type)
-    if (args or kwargs or lora_B is None or self.disable_adapters or self.merged or name in self.lora_variant
-            or lora_B.bias is not None or hasattr(lora_B.weight, "ds_id") or name not in self.lora_A):
+    if (args or kwargs or type(lora_B) is not torch.nn.Linear or self.disable_adapters or self.merged
+            or name in self.lora_variant or lora_B.bias is not None or hasattr(lora_B.weight, "ds_id")
+            or name not in self.lora_A or not (autocast or x.dtype == lora_B.weight.dtype)):
         return self._peft_forward(x, *args, **kwargs)
     result = self.base_layer(x)
-    if not autocast and not (result.dtype == x.dtype == lora_B.weight.dtype):
+    if not (autocast or result.dtype == x.dtype):  # a base computing in another dtype: PEFT casts back (rare)
         return self._peft_forward(x, *args, **kwargs)
     h = self.lora_A[name](self.lora_dropout[name](x))
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.weight.t(),
