@@ -67,8 +67,8 @@ def main() -> int:
     verdicts = []
     for name in args.only.split(","):
         for project in ("workbench", "LLaMA-Factory"):
-            print(f"| {name} | {project} | {med(name, project, 'tokens_per_s')} | {med(name, project, 'peak_rss_gb')} GB"
-                  f" | {med(name, project, 'wall_seconds_incl_launch')} s |")
+            print(f"| {name} | {project} | {med(name, project, 'tokens_per_s'):.1f} |"
+                  f" {med(name, project, 'peak_rss_gb'):.2f} GB | {med(name, project, 'wall_seconds_incl_launch'):.1f} s |")
         speed = med(name, "workbench", "tokens_per_s") / med(name, "LLaMA-Factory", "tokens_per_s")
         rss = med(name, "workbench", "peak_rss_gb") / med(name, "LLaMA-Factory", "peak_rss_gb")
         wall = med(name, "workbench", "wall_seconds_incl_launch") / med(name, "LLaMA-Factory", "wall_seconds_incl_launch")
