@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.run.checkpoint import safetensors_params
-from engine.run.hardware import CPU_FIXED, CPU_LIBRARIES, CPU_SLACK, computes_in_16_bits  # noqa: F401 - named in estimate_memory
+from engine.run.hardware import CPU_FIXED, CPU_LIBRARIES, CPU_SLACK
 from engine.run.paths import exists
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def estimate_memory(i: ModelInfo, method: str, quantization: str, batch: int, cu
     """Peak memory in GiB (weights, gradients + optimizer, activations of the largest batch, and the total with the
     runtime's own) of one training process. ``gradient_checkpointing`` 'auto' checkpoints as many layers as
     ``memory_gb`` needs (0: none, the most it takes), as the engine plans it. ``half``: the run computes in 16 bits
-    (:func:`computes_in_16_bits`; None: on a GPU only). Weights load in 16 bits on a GPU, and on a CPU for the
+    (engine.run.hardware.computes_in_16_bits; None: on a GPU only). Weights load in 16 bits on a GPU, and on a CPU for the
     frozen base of a 16-bit LoRA or QLoRA run (engine.train.model_setup.resolve_dtype); else in fp32."""
     params = i.params or 0
     half = gpu if half is None else half

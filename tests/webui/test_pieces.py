@@ -93,10 +93,12 @@ def test_memory_estimate_in_bf16_on_a_cpu(default_model):
     full = (info, "full", "none", 4, 512, 8, 2, "off", False)
     assert modelinfo.estimate_memory(*full, half=True)["weights"] == modelinfo.estimate_memory(*full)["weights"]
     assert modelinfo.estimate_memory(*args) == fp32  # a CPU run computes in fp32 unless told otherwise
+    from engine.run.hardware import computes_in_16_bits
+
     amx, avx2 = {"avx512f", "avx512_bf16", "amx_bf16"}, {"avx2", "fma"}
-    assert modelinfo.computes_in_16_bits("auto", False, amx) and not modelinfo.computes_in_16_bits("auto", False, avx2)
-    assert modelinfo.computes_in_16_bits("auto", True, avx2) and modelinfo.computes_in_16_bits("bf16", False, avx2)
-    assert not modelinfo.computes_in_16_bits("fp32", True, amx)
+    assert computes_in_16_bits("auto", False, amx) and not computes_in_16_bits("auto", False, avx2)
+    assert computes_in_16_bits("auto", True, avx2) and computes_in_16_bits("bf16", False, avx2)
+    assert not computes_in_16_bits("fp32", True, amx)
 
 
 def test_model_path_validation(tmp_path):
