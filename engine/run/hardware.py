@@ -71,7 +71,8 @@ def slow_bf16_on_cpu(flags: set[str] | None = None, gpu: bool | None = None) -> 
 
 def computes_in_16_bits(precision: str, gpu: bool, flags: set[str] | None = None) -> bool:
     """Whether ``training.precision`` trains in bf16 or fp16 here, as the rank resolves it
-    (engine.train.model_setup.resolve_precision, with torch): ``auto`` does on a GPU and on a CPU with bf16 units."""
+    (engine.train.model_setup.resolve_precision, by the same flags): ``auto`` does on a GPU and on a CPU with bf16
+    units."""
     if precision != "auto":
         return precision in ("bf16", "fp16")
     return gpu or cpu_has_bf16(cpu_flags() if flags is None else flags)

@@ -8,18 +8,12 @@ import logging
 import torch
 
 from engine.data.encode import load_tokenizer  # noqa: F401 - the one tokenizer loader, torch-free for the web UI
+from engine.run import hardware
 from engine.run.config import MethodConfig, ModelConfig, TrainingConfig
 
 log = logging.getLogger("engine.train.model_setup")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_has_bf16() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks) or any(
-        getattr(torch._C._cpu, name, lambda: False)() for name in checks
-    )
 
 
 def resolve_precision(training: TrainingConfig) -> str:
@@ -28,7 +22,7 @@ def resolve_precision(training: TrainingConfig) -> str:
         return training.precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if hardware.cpu_has_bf16(hardware.cpu_flags()) else "fp32"  # the web UI's rule too
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.run.config import ModelConfig, TrainingConfig
-from engine.train import model_setup
+from engine.run import hardware
 from engine.train.model_setup import compute_dtype, quantization_config, resolve_precision
 
 
@@ -16,7 +16,7 @@ from engine.train.model_setup import compute_dtype, quantization_config, resolve
 def test_auto_precision(monkeypatch, cuda, bf16_gpu, bf16_cpu, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
-    monkeypatch.setattr(model_setup, "cpu_has_bf16", lambda: bf16_cpu)
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"} if bf16_cpu else {"avx2"})
     assert resolve_precision(TrainingConfig()) == expected
     assert resolve_precision(TrainingConfig(precision="fp32")) == "fp32"  # a chosen precision is kept
 
