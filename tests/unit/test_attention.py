@@ -72,3 +72,27 @@ def test_flex_keeps_examples_apart():
     b, _ = packed_flex_forward(module, q, k2, v2, None, **kw)
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_short_16_bit_examples_take_the_fp32_backward_with_the_same_numbers(monkeypatch):
+    """bf16 examples below FP32_BACKWARD_BELOW run the CPU flash kernel with its fp32 backward; longer ones plain SDPA.
+    Outputs and gradients match the fp32 computation on the same (bf16-rounded) inputs within bf16's precision."""
+    import engine.train.attention as attention
+
+    bounds = [0, 7, 120, 120 + attention.FP32_BACKWARD_BELOW + 5, 400]  # 7, 113 and 83 tokens short, 197 long
+    calls = []
+    apply = attention.CpuFlashAttention.apply
+    monkeypatch.setattr(attention.CpuFlashAttention, "apply", lambda q, *a: calls.append(q.shape[2]) or apply(q, *a))
+    module = SimpleNamespace(training=True, num_key_value_groups=3)
+    kw = dict(cu_seq_lens_q=torch.tensor(bounds), scaling=None)
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = (t.detach().to(torch.bfloat16).to(dtype).requires_grad_() for t in _inputs(bounds, 9, 3, 64))
+        out, _ = packed_sdpa_forward(module, q, k, v, None, **kw)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        (out.float() * weights).sum().backward()
+        assert out.dtype == q.grad.dtype == k.grad.dtype == dtype
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    assert calls == [7, 113, 83]  # the 16-bit run's short examples only
+    for name, bf16, fp32 in zip(("output", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(bf16.float(), fp32, rtol=2e-2, atol=2e-2 * fp32.abs().max().item(), msg=name)
