@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from engine.run.config import RunConfig
+from engine.run.hardware import computes_in_16_bits
 from webui import modelinfo, views
 from webui.metrics import MetricSeries
 from webui.runs import Device, RunInfo, RunManager
@@ -93,8 +94,6 @@ def test_memory_estimate_in_bf16_on_a_cpu(default_model):
     full = (info, "full", "none", 4, 512, 8, 2, "off", False)
     assert modelinfo.estimate_memory(*full, half=True)["weights"] == modelinfo.estimate_memory(*full)["weights"]
     assert modelinfo.estimate_memory(*args) == fp32  # a CPU run computes in fp32 unless told otherwise
-    from engine.run.hardware import computes_in_16_bits
-
     amx, avx2 = {"avx512f", "avx512_bf16", "amx_bf16"}, {"avx2", "fma"}
     assert computes_in_16_bits("auto", False, amx) and not computes_in_16_bits("auto", False, avx2)
     assert computes_in_16_bits("auto", True, avx2) and computes_in_16_bits("bf16", False, avx2)
