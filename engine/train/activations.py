@@ -302,8 +302,9 @@ def recompute_cheap_parts(model, norms: bool = True) -> tuple[int, int]:
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
-    # PEFT's vanilla LoRA (base(x) + lora_B(lora_A(dropout(x))) * scaling) with the last product, its scaling and the
-    # sum in one addmm; anything else (merged, disabled, several or mixed adapters, DoRA and other variants, a lora_B
+    # PEFT's vanilla LoRA (base(x) + lora_B(lora_A(dropout(x))) * scaling): over a frozen nn.Linear without dropout
+    # one _LoraLinear node; otherwise (quantized bases, dropout) the last product, its scaling and the sum in one
+    # addmm; anything else (merged, disabled, several or mixed adapters, DoRA and other variants, a lora_B
     # with a bias or not linear (embeddings, convolutions), ZeRO-3's partitioned weights) goes through PEFT's own
     names = self.active_adapters
     name = names[0] if len(names) == 1 else None
@@ -313,6 +314,12 @@ def _fused_lora_forward(self, x, *args, **kwargs):
             or name in self.lora_variant or lora_B.bias is not None or hasattr(lora_B.weight, "ds_id")
             or name not in self.lora_A or not (autocast or x.dtype == lora_B.weight.dtype)):
         return self._peft_forward(x, *args, **kwargs)
+    base, lora_A = self.base_layer, self.lora_A[name]
+    compute = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    if (type(base) is torch.nn.Linear and type(lora_A) is torch.nn.Linear and lora_A.bias is None
+            and type(self.lora_dropout[name]) is torch.nn.Identity and not base.weight.requires_grad
+            and base.weight.dtype == compute and (base.bias is None or not base.bias.requires_grad)):
+        return _LoraLinear.apply(x, base.weight, base.bias, lora_A.weight, lora_B.weight, self.scaling[name])
     result = self.base_layer(x)
     if not (autocast or result.dtype == x.dtype):  # a base computing in another dtype: PEFT casts back (rare)
         return self._peft_forward(x, *args, **kwargs)
@@ -322,14 +329,73 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return out.view(result.shape)
 
 
+ROW_BLOCK = 512
+
+
+def _frozen_product(a, b, bias=None):
+    """``a @ b (+ bias)`` for a frozen weight ``b``, in blocks of ROW_BLOCK rows where oneDNN would run it on one
+    thread of two. On a CPU with AMX, oneDNN's bf16 matmul (v3.12, ``amx_blocking_heuristics.cpp``,
+    ``find_best_blocking``) scores every split of the work, one thread included, against a bandwidth table in which
+    two cores sharing a matrix get less than one core alone; for [M, K] x [K, N] with K >= N and M >= N on two
+    threads it often picks one (the default model's [T, 1536] x [1536, 576] and [T, 576] x [576, 576] from about
+    T = 576 on: 1.3-1.7 TFLOP/s, against 2.3-2.9 in blocks of 512 rows, which run on both)."""
+    m, (k, n) = a.shape[0], b.shape
+    if not (m > ROW_BLOCK and k >= n >= ROW_BLOCK and a.dtype == torch.bfloat16 and a.device.type == "cpu"
+            and torch.get_num_threads() == 2):
+        return a @ b if bias is None else torch.addmm(bias, a, b)
+    out = a.new_empty(m, n)
+    for i in range(0, m, ROW_BLOCK):
+        if bias is None:
+            torch.mm(a[i:i + ROW_BLOCK], b, out=out[i:i + ROW_BLOCK])
+        else:
+            torch.addmm(bias, a[i:i + ROW_BLOCK], b, out=out[i:i + ROW_BLOCK])
+    return out
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``base(x) + scaling * (x Aᵀ) Bᵀ`` with a frozen ``nn.Linear`` base and PEFT's vanilla LoRA as one autograd
+    node, in the base weight's dtype: the adapter's product is added into the base's output in place in the forward
+    pass, and in the backward pass the adapter's share of the input's gradient is added into the base's (autograd
+    would compute both and then sum them: one more pass over the input's gradient, besides a node per cast, view,
+    product and sum).
+    The values are PEFT's under autocast (the same products in the same dtypes), to one rounding of the sums. Keeps
+    what PEFT keeps: the input, ``x Aᵀ`` and the adapter's 16-bit copies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+        dtype = weight.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        h = x2 @ a.t()
+        out = _frozen_product(x2, weight.t(), bias).addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, a, b, h)
+        ctx.scaling, ctx.shape, ctx.dtypes = scaling, x.shape, (x.dtype, lora_a.dtype, lora_b.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, a, b, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        gh = (g @ b).mul_(ctx.scaling)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _frozen_product(g, weight).addmm_(gh, a).view(ctx.shape).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[3]:
+            grad_a = (gh.t() @ x2).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[4]:
+            grad_b = (h.t() @ g).t().mul_(ctx.scaling).to(ctx.dtypes[2])
+        return grad_x, None, None, grad_a, grad_b, None
+
+
 def fused_lora(model) -> int:
     """Each LoRA layer's adapter product added by one ``addmm``: ``base(x) + (A x)ᵀ Bᵀ · scaling`` without a separate
     scaling and sum over the whole output (two full passes over each projection's output in the forward pass, and
     the scaling's again in the backward pass). Under autocast the layer's input also meets ``lora_A`` as it is:
     PEFT would cast it to the adapter's fp32 and autocast back to 16 bits, a second copy kept for the backward pass
     (the default model in bf16, per token and layer: 23.7 KiB kept, 13.9 KiB without it); the product runs in
-    autocast's dtype either way. Returns how many layers do so; cases PEFT handles otherwise go through its own
-    forward."""
+    autocast's dtype either way. Over a frozen ``nn.Linear`` base without dropout (LoRA's usual case) the whole layer
+    is one autograd node, :class:`_LoraLinear`. Returns how many layers do so; cases PEFT handles otherwise go
+    through its own forward."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")

@@ -200,7 +200,7 @@ def run(cfg: RunConfig, run_dir: Path, config_text: str) -> str:
     log.info("recomputed in the backward pass instead of kept: the outputs of %d norms and %d gated MLPs' act(gate) * up",
              *recompute_cheap_parts(model, norms=not is_deepspeed_zero3_enabled()))
     if adapted := fused_lora(model):
-        log.info("LoRA layers adding their product in one addmm (input kept once under autocast): %d", adapted)
+        log.info("LoRA layers adding their product in place (one node over a frozen linear base; input kept once under autocast): %d", adapted)
     if cfg.training.gradient_checkpointing == "auto":
         log.info("gradient checkpointing (auto): %s", apply_auto(ctx.args, model, cfg))
     clock.mark("model")

@@ -96,7 +96,7 @@ def test_a_bf16_lora_run_trains_fp32_adapters_over_a_bf16_base(tiny_model, tmp_p
     run_dir = _run(_cfg(tiny_model, tmp_path / "run", training={"max_steps": 2, "save_steps": 1, "precision": "bf16"}))
     log = (run_dir / "train.log").read_text()
     assert "dtype=torch.bfloat16, compute dtype=torch.bfloat16" in log, log
-    assert re.search(r"LoRA layers adding their product in one addmm \(input kept once under autocast\): [1-9]\d*", log)
+    assert re.search(r"LoRA layers adding their product in place \(one node over a frozen linear base; input kept once under autocast\): [1-9]\d*", log)
     first = load_file(run_dir / "checkpoint-1" / "adapter_model.safetensors")
     last = load_file(run_dir / "checkpoint-2" / "adapter_model.safetensors")
     assert last and {t.dtype for t in last.values()} == {torch.float32}

@@ -60,13 +60,13 @@ def test_a_frozen_base_loads_in_bf16_where_the_run_computes_in_bf16(tiny_model):
     assert load_base_model(ModelConfig(path=str(tiny_model)), torch.bfloat16).dtype == torch.float32
 
 
-def _lora_model(tiny_model, dtype):
+def _lora_model(tiny_model, dtype, dropout=0.0):
     from engine.run.config import MethodConfig
     from engine.train.activations import recompute_cheap_parts
     from engine.train.model_setup import load_base_model, setup_finetuning
 
     model = load_base_model(ModelConfig(path=str(tiny_model)), dtype, frozen=True)
-    model = setup_finetuning(model, MethodConfig(finetuning_type="lora"), gradient_checkpointing=False)
+    model = setup_finetuning(model, MethodConfig(finetuning_type="lora", lora_dropout=dropout), gradient_checkpointing=False)
     recompute_cheap_parts(model)  # as a run trains
     torch.manual_seed(0)
     for name, param in model.named_parameters():
@@ -83,15 +83,19 @@ def _loss_and_grads(model, ids, autocast):
     return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_lora_layers_compute_what_peft_computes(tiny_model, dtype):
+def test_fused_lora_layers_compute_what_peft_computes(tiny_model, dtype, dropout):
     """Each LoRA layer adds its product in one addmm: the loss and every adapter gradient are PEFT's own (to fp32
     rounding in fp32, to bf16 rounding under bf16 autocast, where the fused sum rounds once instead of twice);
     under autocast the layer's input is kept once, not twice (PEFT's fp32 cast skipped); a disabled adapter still
-    goes through PEFT's forward."""
+    goes through PEFT's forward. Without dropout each layer is one autograd node (base and adapter products, their
+    sums and gradients together); with it (here in eval mode, to compare) the adapter's product is added by addmm."""
     from engine.train.activations import fused_lora, probe
 
-    model = _lora_model(tiny_model, dtype)
+    model = _lora_model(tiny_model, dtype, dropout)
+    if dropout:
+        model.eval()
     half = dtype == torch.bfloat16
     ids = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(1))
     before, kept_before = _loss_and_grads(model, ids, half), probe(model, autocast=dtype if half else None)
@@ -109,7 +113,41 @@ def test_fused_lora_layers_compute_what_peft_computes(tiny_model, dtype):
     with torch.no_grad():
         layer = model.base_model.model.model.layers[0].self_attn.q_proj
         x = torch.randn(1, 5, layer.in_features, dtype=dtype)
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            node = layer(x.requires_grad_()).grad_fn
+        if dropout:  # the addmm's output, viewed in the input's shape
+            node = node.next_functions[0][0]
+        assert type(node).__name__ == ("AddmmBackward0" if dropout else "_LoraLinearBackward"), node
         with model.disable_adapter():
             assert torch.equal(layer(x), layer.base_layer(x))
         assert not torch.equal(layer(x), layer.base_layer(x))
         assert torch.isfinite(model(input_ids=ids).logits).all()  # bf16 without autocast: PEFT's own forward
+
+
+def test_frozen_bf16_products_on_two_threads_run_in_row_blocks_with_the_same_values():
+    """On two threads, a bf16 product with a frozen weight whose output is no wider than its input (oneDNN's AMX
+    heuristic would run it on one thread) is computed in blocks of ROW_BLOCK rows, to bf16 rounding the same values;
+    other widths, fp32 and other thread counts are one product."""
+    from engine.train.activations import ROW_BLOCK, _frozen_product
+
+    def products(a, b, bias=None):
+        with torch.profiler.profile() as prof:
+            out = _frozen_product(a, b, bias)
+        calls = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+        expected = a @ b if bias is None else torch.addmm(bias, a, b)
+        torch.testing.assert_close(out, expected)
+        return calls
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2 * ROW_BLOCK + 37, 768, generator=gen).bfloat16()
+    square, wide = torch.randn(768, 640, generator=gen).bfloat16(), torch.randn(768, 1536, generator=gen).bfloat16()
+    bias = torch.randn(640, generator=gen).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert products(a, square) == products(a, square, bias) == 3
+        assert products(a[:ROW_BLOCK], square) == products(a, wide) == products(a.float(), square.float()) == 1
+        torch.set_num_threads(1)
+        assert products(a, square) == 1
+    finally:
+        torch.set_num_threads(threads)
