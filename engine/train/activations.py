@@ -21,6 +21,7 @@ off it first, and on a CPU a share is kept for the allocator's slack.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -339,16 +340,14 @@ def _frozen_product(a, b, bias=None):
     two cores sharing a matrix get less than one core alone; for [M, K] x [K, N] with K >= N and M >= N on two
     threads it often picks one (the default model's [T, 1536] x [1536, 576] and [T, 576] x [576, 576] from about
     T = 576 on: 1.3-1.7 TFLOP/s, against 2.3-2.9 in blocks of 512 rows, which run on both)."""
+    product = torch.mm if bias is None else functools.partial(torch.addmm, bias)
     m, (k, n) = a.shape[0], b.shape
     if not (m > ROW_BLOCK and k >= n >= ROW_BLOCK and a.dtype == torch.bfloat16 and a.device.type == "cpu"
             and torch.get_num_threads() == 2):
-        return a @ b if bias is None else torch.addmm(bias, a, b)
+        return product(a, b)
     out = a.new_empty(m, n)
     for i in range(0, m, ROW_BLOCK):
-        if bias is None:
-            torch.mm(a[i:i + ROW_BLOCK], b, out=out[i:i + ROW_BLOCK])
-        else:
-            torch.addmm(bias, a[i:i + ROW_BLOCK], b, out=out[i:i + ROW_BLOCK])
+        product(a[i:i + ROW_BLOCK], b, out=out[i:i + ROW_BLOCK])
     return out
 
 
@@ -369,7 +368,7 @@ class _LoraLinear(torch.autograd.Function):
         h = x2 @ a.t()
         out = _frozen_product(x2, weight.t(), bias).addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, a, b, h)
-        ctx.scaling, ctx.shape, ctx.dtypes = scaling, x.shape, (x.dtype, lora_a.dtype, lora_b.dtype)
+        ctx.scaling, ctx.dtypes = scaling, (x.dtype, lora_a.dtype, lora_b.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -379,7 +378,7 @@ class _LoraLinear(torch.autograd.Function):
         gh = (g @ b).mul_(ctx.scaling)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _frozen_product(g, weight).addmm_(gh, a).view(ctx.shape).to(ctx.dtypes[0])
+            grad_x = _frozen_product(g, weight).addmm_(gh, a).view(*grad.shape[:-1], -1).to(ctx.dtypes[0])
         if ctx.needs_input_grad[3]:
             grad_a = (gh.t() @ x2).to(ctx.dtypes[1])
         if ctx.needs_input_grad[4]:
